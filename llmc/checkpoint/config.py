@@ -1,0 +1,131 @@
+"""The checkpoint's config.json, in TensorRT-LLM's schema.
+
+Keys follow TensorRT-LLM's `PretrainedConfig` so that a checkpoint written by llmc on a CPU box
+can feed TensorRT-LLM's own builder. llmc-only facts (format version, source, tokenizer) live
+under the "llmc" key, which TensorRT-LLM ignores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmc.errors import LlmcError
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
+
+
+@dataclass
+class Mapping:
+    world_size: int = 1
+    tp_size: int = 1
+    pp_size: int = 1
+
+
+@dataclass
+class QuantConfig:
+    quant_algo: str | None = None
+    kv_cache_quant_algo: str | None = None
+    group_size: int = 128
+    has_zero_point: bool = False
+    pre_quant_scale: bool = False
+    exclude_modules: list[str] | None = None
+    smoothquant_val: float | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    architecture: str
+    dtype: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    head_size: int = 0
+    max_position_embeddings: int = 2048
+    hidden_act: str = "silu"
+    norm_epsilon: float = 1e-5
+    position_embedding_type: str = "rope_gpt_neox"
+    rotary_base: float = 10000.0
+    rotary_scaling: dict[str, Any] | None = None
+    rotary_dim: int | None = None
+    attn_bias: bool = False
+    mlp_bias: bool = False
+    logits_dtype: str = "float32"
+    share_embedding_table: bool = False
+    tie_word_embeddings: bool = False
+    use_parallel_embedding: bool = False
+    sliding_window: int | None = None
+    mapping: Mapping = field(default_factory=Mapping)
+    quantization: QuantConfig = field(default_factory=QuantConfig)
+    llmc: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.head_size:
+            self.head_size = self.hidden_size // self.num_attention_heads
+
+    # --- derived sizes -------------------------------------------------------------------
+    @property
+    def tp_size(self) -> int:
+        return self.mapping.tp_size
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_size
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_size
+
+    def kv_cache_bytes_per_token(self, kv_dtype: str | None = None) -> int:
+        """2 (K and V) x layers x kv_heads x head_dim x bytes per element."""
+        algo = kv_dtype or self.quantization.kv_cache_quant_algo
+        nbytes = 1 if algo in ("FP8", "INT8", "fp8", "int8") else DTYPE_BYTES.get(self.dtype, 4)
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_size * nbytes
+
+    # --- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        d.update(extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str | Path = "config.json") -> "CheckpointConfig":
+        d = dict(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            mapping = Mapping(**{k: v for k, v in (d.pop("mapping", None) or {}).items()
+                                 if k in {"world_size", "tp_size", "pp_size"}})
+            qd = d.pop("quantization", None) or {}
+            qnames = {f.name for f in dataclasses.fields(QuantConfig)}
+            quant = QuantConfig(**{k: v for k, v in qd.items() if k in qnames})
+            known = {k: v for k, v in d.items() if k in names and k not in ("extra",)}
+            extra = {k: v for k, v in d.items() if k not in names}
+            return cls(**known, mapping=mapping, quantization=quant, extra=extra)
+        except TypeError as exc:
+            raise LlmcError(f"not a valid llmc/TensorRT-LLM checkpoint config ({exc})", source) from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CheckpointConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise LlmcError("missing config.json: not a checkpoint directory", path.parent) from None
+        except json.JSONDecodeError as exc:
+            raise LlmcError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from None
+        if not isinstance(data, dict) or "architecture" not in data:
+            raise LlmcError("not an llmc/TensorRT-LLM checkpoint config (no 'architecture' key)", path)
+        return cls.from_dict(data, path)

@@ -1,0 +1,103 @@
+"""Read and write checkpoints (config.json + rank{N}.safetensors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from llmc.checkpoint.config import CheckpointConfig
+from llmc.checkpoint import tensor_parallel as tpmod
+from llmc.errors import LlmcError
+
+
+def rank_file(directory: Path, rank: int) -> Path:
+    return directory / f"rank{rank}.safetensors"
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise LlmcError("missing rank file: checkpoint is incomplete", path)
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise LlmcError(f"corrupt or truncated safetensors file ({str(exc).splitlines()[0]})", path) from None
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint directory. Tensors are read lazily, one at a time."""
+
+    path: Path
+    config: CheckpointConfig
+
+    @property
+    def world_size(self) -> int:
+        return self.config.mapping.world_size
+
+    def rank_names(self, rank: int) -> list[str]:
+        with _open_safetensors(rank_file(self.path, rank)) as f:
+            return list(f.keys())
+
+    def iter_rank(self, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
+        path = rank_file(self.path, rank)
+        with _open_safetensors(path) as f:
+            for name in f.keys():
+                try:
+                    yield name, f.get_tensor(name)
+                except Exception as exc:
+                    raise LlmcError(f"cannot read tensor {name} ({exc})", path) from None
+
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        """All ranks merged back into single tensors (TensorRT-LLM names)."""
+        ranks = [dict(self.iter_rank(r)) for r in range(self.world_size)]
+        merged = {name: tpmod.merge(name, [r[name] for r in ranks], self.config) for name in ranks[0]}
+        if self.config.quantization.quant_algo is None:
+            from llmc.checkpoint.schema import expected_shapes
+
+            for name, shape in expected_shapes(self.config).items():
+                if name not in merged:
+                    raise LlmcError(f"missing tensor {name}", self.path)
+                if tuple(merged[name].shape) != shape:
+                    raise LlmcError(f"tensor {name} has shape {tuple(merged[name].shape)}, "
+                                    f"expected {shape}", self.path)
+        return merged
+
+    def size_on_disk(self) -> int:
+        from llmc.fsutil import dir_size
+
+        return dir_size(self.path)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.exists():
+        raise LlmcError("no such file or directory", path)
+    if not path.is_dir():
+        raise LlmcError("not a checkpoint directory", path)
+    cfg = CheckpointConfig.load(path / "config.json")
+    if "engine" in cfg.llmc:
+        raise LlmcError("this is an engine directory, not a checkpoint", path)
+    for rank in range(cfg.mapping.world_size):
+        with _open_safetensors(rank_file(path, rank)):
+            pass
+    return Checkpoint(path, cfg)
+
+
+def write_checkpoint(out_dir: str | Path, config: CheckpointConfig,
+                     rank_tensors: list[dict[str, torch.Tensor]]) -> None:
+    """Write config.json and one safetensors file per rank (in-memory; quantize uses this)."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    config.mapping.world_size = config.mapping.tp_size * config.mapping.pp_size
+    if len(rank_tensors) != config.mapping.world_size:
+        raise ValueError("one tensor dict per rank is required")
+    for rank, tensors in enumerate(rank_tensors):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(rank_file(out_dir, rank)),
+                  metadata={"format": "pt"})
+    config.save(out_dir / "config.json")

@@ -1,0 +1,1 @@
+"""The typer CLI: one small module per command, thin over library calls."""

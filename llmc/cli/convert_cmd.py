@@ -1,0 +1,25 @@
+"""`llmc convert`: Hugging Face directory or GGUF file -> TensorRT-LLM-layout checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def convert(
+    src: Path = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors) or a .gguf file."),
+    out: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
+    dtype: str = typer.Option("auto", help="auto (the source's dtype; float32 for GGUF) | float32 | float16 | bfloat16."),
+    tp_size: int = typer.Option(1, "--tp-size", help="Tensor-parallel ranks to shard into (must divide heads, KV heads and intermediate size)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT."),
+) -> None:
+    """Convert a model into a checkpoint: fused QKV, TensorRT-LLM names, dtype, TP shards."""
+    from rich.console import Console
+
+    from llmc.converters.convert import convert as run_convert
+
+    result = run_convert(src, out, dtype=dtype, tp_size=tp_size, force=force)
+    Console().print(f"[green]converted[/] {src} -> {result.out} "
+                    f"({result.config.architecture}, {result.num_params / 1e6:.1f}M params, "
+                    f"{result.config.dtype}, tp={tp_size}) in {result.seconds:.1f}s")

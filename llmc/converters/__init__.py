@@ -1,0 +1,1 @@
+"""Hugging Face / GGUF -> TensorRT-LLM-layout checkpoint conversion."""

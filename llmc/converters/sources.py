@@ -1,0 +1,257 @@
+"""Model sources: a Hugging Face directory or a single GGUF file, behind one interface.
+
+Both present the Hugging Face view (HF config dict, HF tensor names) so that the family name maps
+are written once. Tensors are read one at a time, so conversion streams.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from llmc.errors import LlmcError
+
+
+class ModelSource(Protocol):
+    path: Path
+    hf_config: dict[str, Any]
+
+    def names(self) -> set[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def tensor(self, name: str) -> torch.Tensor: ...
+    def write_tokenizer(self, out: Path) -> list[str]: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face directory
+# --------------------------------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json",
+                   "tokenizer.model", "vocab.json", "merges.txt")
+
+
+class HFSource:
+    def __init__(self, path: Path):
+        self.path = path
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise LlmcError("no config.json: not a Hugging Face model directory", path)
+        try:
+            self.hf_config = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise LlmcError(f"invalid JSON ({exc.msg} at line {exc.lineno})", cfg_path) from None
+        self._file_of = self._index_files()
+        self._handles: dict[Path, Any] = {}
+
+    def _index_files(self) -> dict[str, Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise LlmcError(f"invalid safetensors index ({exc})", index) from None
+            return {name: self.path / fname for name, fname in weight_map.items()}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise LlmcError("no *.safetensors weights found (pytorch .bin is not supported)", self.path)
+        mapping: dict[str, Path] = {}
+        for f in files:
+            for name in self._open(f).keys():
+                mapping[name] = f
+        return mapping
+
+    def _open(self, f: Path):
+        if f not in getattr(self, "_handles", {}):
+            from safetensors import safe_open
+
+            if not f.is_file():
+                raise LlmcError("missing safetensors shard named by the index", f)
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as exc:
+                raise LlmcError(f"corrupt or truncated safetensors file ({str(exc).splitlines()[0]})", f) from None
+            self._handles = getattr(self, "_handles", {})
+            self._handles[f] = handle
+        return self._handles[f]
+
+    def names(self) -> set[str]:
+        return set(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        f = self._file_of[name]
+        try:
+            return self._open(f).get_tensor(name)
+        except Exception as exc:
+            raise LlmcError(f"cannot read tensor {name} ({str(exc).splitlines()[0]})", f) from None
+
+    def write_tokenizer(self, out: Path) -> list[str]:
+        import shutil
+
+        copied = []
+        for fname in TOKENIZER_FILES:
+            if (self.path / fname).is_file():
+                shutil.copy2(self.path / fname, out / fname)
+                copied.append(fname)
+        return copied
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF file
+# --------------------------------------------------------------------------------------------
+# llama.cpp tensor names -> Hugging Face names (llama architecture).
+GGUF_TENSOR_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+# GGUF metadata (after the "<arch>." prefix) -> HF config key.
+GGUF_CONFIG_KEYS = {
+    "block_count": "num_hidden_layers",
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "rope.freq_base": "rope_theta",
+    "vocab_size": "vocab_size",
+}
+
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# llama.cpp permutes q/k rows of Llama models for its RoPE kernel; undo that (Qwen2 is stored as-is).
+GGUF_PERMUTED_QK = {"llama"}
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Inverse of llama.cpp's convert_hf_to_gguf `permute` of q/k projection rows."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFSource:
+    def __init__(self, path: Path):
+        import gguf
+
+        self.path = path
+        try:
+            self._reader = gguf.GGUFReader(str(path))
+        except Exception as exc:
+            raise LlmcError(f"not a readable GGUF file ({str(exc).splitlines()[0]})", path) from None
+        arch = _field(self._reader, "general.architecture")
+        if arch not in GGUF_ARCHITECTURES:
+            raise LlmcError(f"unsupported GGUF architecture {arch!r}; supported: "
+                            f"{', '.join(sorted(GGUF_ARCHITECTURES))}", path)
+        self.arch = arch
+        cfg: dict[str, Any] = {"architectures": [GGUF_ARCHITECTURES[arch]], "hidden_act": "silu",
+                               "dtype": "float32"}
+        for key, hf_key in GGUF_CONFIG_KEYS.items():
+            value = _field(self._reader, f"{arch}.{key}")
+            if value is not None:
+                cfg[hf_key] = value
+        tokens = self._reader.fields.get("tokenizer.ggml.tokens")
+        if "vocab_size" not in cfg and tokens is not None:
+            cfg["vocab_size"] = len(tokens.data)
+        self._tensors = {}
+        for t in self._reader.tensors:
+            for pattern, hf in GGUF_TENSOR_NAMES.items():
+                name = _match_layer_name(t.name, pattern, hf)
+                if name:
+                    self._tensors[name] = t
+                    break
+        cfg["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+        for key in ("bos_token_id", "eos_token_id"):
+            value = _field(self._reader, f"tokenizer.ggml.{key}")
+            if value is not None:
+                cfg[key] = int(value)
+        self.hf_config = cfg
+
+    def names(self) -> set[str]:
+        return set(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        import gguf
+
+        t = self._tensors[name]
+        try:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as exc:
+            raise LlmcError(f"cannot dequantize {t.name} ({t.tensor_type.name}: {exc})", self.path) from None
+        w = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(self.shape(name))
+        if self.arch in GGUF_PERMUTED_QK:
+            if name.endswith("q_proj.weight"):
+                w = _unpermute(w, self.hf_config["num_attention_heads"])
+            elif name.endswith("k_proj.weight"):
+                w = _unpermute(w, self.hf_config["num_key_value_heads"])
+        return w
+
+    def write_tokenizer(self, out: Path) -> list[str]:
+        """Rebuild tokenizer.json etc. from the GGUF vocabulary (via transformers' converter)."""
+        import logging
+
+        from transformers import AutoTokenizer
+
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except Exception as exc:
+            raise LlmcError(f"cannot rebuild the tokenizer from GGUF metadata ({exc})", self.path) from None
+        template = _field(self._reader, "tokenizer.chat_template")
+        if template:
+            tok.chat_template = template
+        tok.save_pretrained(str(out))
+        gen = {k: self.hf_config[k] for k in ("bos_token_id", "eos_token_id") if k in self.hf_config}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        return sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".jinja", ".txt"))
+
+
+def _match_layer_name(name: str, pattern: str, target: str) -> str | None:
+    if "{i}" not in pattern:
+        return target if name == pattern else None
+    head, tail = pattern.split("{i}")
+    if name.startswith(head) and name.endswith(tail):
+        idx = name[len(head): len(name) - len(tail)]
+        if idx.isdigit():
+            return target.replace("{i}", idx)
+    return None
+
+
+def open_source(src: str | Path) -> ModelSource:
+    path = Path(src)
+    if not path.exists():
+        raise LlmcError("no such file or directory", path)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise LlmcError("expected a Hugging Face model directory or a .gguf file", path)
+        return GGUFSource(path)
+    return HFSource(path)

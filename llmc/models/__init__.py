@@ -1,0 +1,1 @@
+"""The reference PyTorch model over a checkpoint (calibration, evaluation, parity)."""
