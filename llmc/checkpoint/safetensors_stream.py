@@ -51,7 +51,7 @@ class StreamingSafetensorsWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise RuntimeError(f"{name}: got {tensor.dtype}{tuple(tensor.shape)}, planned {dtype}{shape}")
         t = tensor.detach().contiguous().cpu()
-        self._file.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._file.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no copy
         self._next += 1
 
     def close(self) -> None:

@@ -192,6 +192,10 @@ class GGUFSource:
             if value is not None:
                 cfg[key] = int(value)
         self.hf_config = cfg
+        self._chat_template = _field(self._reader, "tokenizer.chat_template")
+        # The parsed metadata (one numpy view per vocabulary entry and merge) costs ~170 MB for a
+        # 49k vocabulary; everything needed from it is read above, so let it go before streaming.
+        self._reader.fields.clear()
 
     def names(self) -> set[str]:
         return set(self._tensors)
@@ -203,11 +207,21 @@ class GGUFSource:
         import gguf
 
         t = self._tensors[name]
+        shape = self.shape(name)
+        out = np.empty(shape, dtype=np.float32)
+        rows = out.reshape(-1, shape[-1])
+        raw = t.data.reshape(rows.shape[0], -1)
+        # Dequantize a few MB of rows at a time: gguf's dequantizers allocate several float
+        # intermediates the size of their input, which would triple the peak on big tensors.
+        step = max(1, (4 << 20) // (4 * shape[-1]))
         try:
-            data = gguf.quants.dequantize(t.data, t.tensor_type)
+            for start in range(0, rows.shape[0], step):
+                chunk = gguf.quants.dequantize(raw[start:start + step], t.tensor_type)
+                rows[start:start + step] = chunk.reshape(-1, shape[-1])
         except Exception as exc:
             raise LlmcError(f"cannot dequantize {t.name} ({t.tensor_type.name}: {exc})", self.path) from None
-        w = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(self.shape(name))
+        data = out
+        w = torch.from_numpy(data).reshape(self.shape(name))
         if self.arch in GGUF_PERMUTED_QK:
             if name.endswith("q_proj.weight"):
                 w = _unpermute(w, self.hf_config["num_attention_heads"])
@@ -226,9 +240,8 @@ class GGUFSource:
             tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         except Exception as exc:
             raise LlmcError(f"cannot rebuild the tokenizer from GGUF metadata ({exc})", self.path) from None
-        template = _field(self._reader, "tokenizer.chat_template")
-        if template:
-            tok.chat_template = template
+        if self._chat_template:
+            tok.chat_template = self._chat_template
         tok.save_pretrained(str(out))
         gen = {k: self.hf_config[k] for k in ("bos_token_id", "eos_token_id") if k in self.hf_config}
         (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

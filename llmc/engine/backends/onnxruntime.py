@@ -1,0 +1,127 @@
+"""ONNX Runtime (CPU) execution of an engine graph, with the KV pool bound once.
+
+- The pool is one numpy allocation ([layers, 2, num_blocks, block_size, kv_size]); each layer's
+  key/value slice is wrapped as an OrtValue without copying and bound both as the graph's pool
+  input and as the matching `.out` output, so the in-graph ScatterND writes new K/V in place.
+  Bindings persist across steps: a step binds only its small index arrays and the logits buffer.
+- FP8 pools are uint8 buffers handed to ORT as float8e4m3fn tensors (same bytes).
+- Session options: intra-op threads = physical cores, sequential execution, all graph
+  optimisations (QDQ -> int8 GEMM and blocked-int4 DequantizeLinear -> MatMulNBits fusions).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto
+
+from llmc.errors import LlmcError
+
+POOL_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT8: np.int8,
+           TensorProto.FLOAT8E4M3FN: np.uint8, TensorProto.BFLOAT16: np.uint16}
+
+# MatMulNBits accuracy level for fused INT4 weights: 4 = int8 activations inside the kernel (fast,
+# ~1e-3 relative error), 0/1 = fp32 compute (matches the fake-quant reference to ~1e-6).
+DEFAULT_INT4_ACCURACY_LEVEL = 4
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # pragma: no cover
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+def session_options(threads: int | None = None, int4_accuracy_level: int | None = None,
+                    optimized_model_path: str | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or physical_cores()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    level = DEFAULT_INT4_ACCURACY_LEVEL if int4_accuracy_level is None else int4_accuracy_level
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+    if optimized_model_path:
+        so.optimized_model_filepath = optimized_model_path
+    return so
+
+
+class OrtKVPool:
+    """The runtime-owned KV pool: one buffer, per-layer key/value views, OrtValues over them."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_size: int, onnx_type: int):
+        import onnxruntime as ort
+
+        self.num_blocks = num_blocks
+        self.onnx_type = onnx_type
+        np_dtype = POOL_NP[onnx_type]
+        self.buffer = np.zeros((num_layers, 2, num_blocks, block_size, kv_size), np_dtype)
+        self.ortvalues: list[tuple] = []
+        for layer in range(num_layers):
+            pair = []
+            for kind in range(2):
+                view = self.buffer[layer, kind]
+                if onnx_type in (TensorProto.FLOAT8E4M3FN, TensorProto.BFLOAT16):
+                    ov = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(view, onnx_type)
+                else:
+                    ov = ort.OrtValue.ortvalue_from_numpy(view)
+                pair.append(ov)
+            self.ortvalues.append(tuple(pair))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buffer.nbytes)
+
+    def key(self, layer: int) -> np.ndarray:
+        """[num_blocks, block_size, kv_size] view of a layer's keys (raw storage dtype)."""
+        return self.buffer[layer, 0]
+
+    def value(self, layer: int) -> np.ndarray:
+        return self.buffer[layer, 1]
+
+
+class OrtSession:
+    def __init__(self, model_path: Path, vocab_size: int, threads: int | None = None,
+                 int4_accuracy_level: int | None = None):
+        import onnxruntime as ort
+
+        so = session_options(threads, int4_accuracy_level)
+        try:
+            self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # an unreadable or incompatible model is a user-facing problem
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise LlmcError(f"ONNX Runtime {ort.__version__} cannot load this engine ({msg})", model_path) from None
+        self.io = self.sess.io_binding()
+        self.vocab_size = vocab_size
+        self.pool: OrtKVPool | None = None
+        self._logits = np.empty((0, vocab_size), np.float32)
+        self._keep: list = []
+
+    def bind_pool(self, pool: OrtKVPool) -> None:
+        for layer, (k, v) in enumerate(pool.ortvalues):
+            for kind, ov in (("key", k), ("value", v)):
+                self.io.bind_ortvalue_input(f"kv_pool.{layer}.{kind}", ov)
+                self.io.bind_ortvalue_output(f"kv_pool.{layer}.{kind}.out", ov)
+        self.pool = pool
+
+    def run(self, feeds: dict[str, np.ndarray], num_logits: int) -> np.ndarray:
+        if self.pool is None:
+            raise RuntimeError("allocate_kv_pool() before step()")
+        io = self.io
+        for name, arr in feeds.items():
+            io.bind_cpu_input(name, arr)
+        if self._logits.shape[0] < num_logits:
+            self._logits = np.empty((max(num_logits, 2 * self._logits.shape[0]), self.vocab_size), np.float32)
+        out = self._logits[:num_logits]
+        io.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        self._keep = [feeds]  # inputs must outlive the run
+        self.sess.run_with_iobinding(io)
+        return out

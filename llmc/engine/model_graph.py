@@ -1,0 +1,153 @@
+"""The decoder graph: one ONNX graph for every step (prefill, decode, or both mixed).
+
+Inputs (T = packed tokens of all sequences in the step, no padding):
+    input_ids [T], positions [T]                      int64
+    kv_write_index [T, 2]                             int64 (block, offset) of each new token
+    attn_q_index_b [R_b*Qt_b], attn_kv_blocks_b [R_b, MB_b], attn_q_pos_b [R_b, Qt_b]
+                                                      int64, per attention bucket b
+    attn_out_index [T]                                int64, row slot of each packed token
+    logits_index [S]                                  int64, tokens whose logits are wanted
+    kv_pool.{l}.{key,value} [num_blocks, bs, kvH*hd]  KV dtype, the runtime's pool
+Outputs:
+    logits [S, vocab] float32
+    kv_pool.{l}.{key,value}.out                       bound to the same buffers as the inputs
+
+Per layer: RMSNorm -> ONE qkv MatMul (+bias) -> RoPE on q and k together -> paged attention
+(KV write + fused Attention) -> dense -> residual -> RMSNorm -> ONE gate+up MatMul -> SiLU*up ->
+proj -> residual. Logits are computed only for `logits_index` rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto
+
+from llmc.checkpoint.config import CheckpointConfig
+from llmc.engine.graph import DATA_FILE, GraphBuilder
+from llmc.engine.weights import WeightReader, kv_quant, np32
+from llmc.errors import UnsupportedError
+from llmc.plugins.attention import AttentionDims, KVPool, emit_paged_attention, emit_step_masks, step_inputs
+from llmc.plugins.base import Target
+from llmc.plugins.gated_mlp import emit_gated_mlp
+from llmc.plugins.linear import LinearSpec, emit_linear
+from llmc.plugins.rmsnorm import emit_rmsnorm
+from llmc.plugins.rope import emit_rope, emit_rope_tables
+
+
+@dataclass
+class GraphSpec:
+    """What the runtime needs to know about a built graph (stored in the engine config)."""
+
+    num_layers: int
+    num_buckets: int
+    block_size: int
+    kv_size: int
+    kv_dtype: str            # "float32" | "float16" | "bfloat16" | "int8" | "fp8"
+    kv_pool_onnx_type: int
+    compute_dtype: str
+    max_positions: int
+    attention: str
+    backend: str
+    weight_bytes: int = 0
+    node_count: int = 0
+    op_counts: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+DTYPE_OF = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+
+
+def check_supported(cfg: CheckpointConfig) -> None:
+    if cfg.mapping.pp_size != 1:
+        raise UnsupportedError("pipeline-parallel checkpoints are not supported by the engine builder")
+    if cfg.hidden_act not in ("silu", "swiglu"):
+        raise UnsupportedError(f"hidden_act {cfg.hidden_act!r}: the engine implements SiLU-gated MLPs only")
+    if cfg.position_embedding_type not in ("rope_gpt_neox", "rope"):
+        raise UnsupportedError(f"position_embedding_type {cfg.position_embedding_type!r} is not supported")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise UnsupportedError("num_attention_heads must be a multiple of num_key_value_heads")
+    if getattr(cfg, "mlp_bias", False):
+        raise UnsupportedError("MLP biases are not supported by the engine builder")
+
+
+def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target: Target, out_dir: Path,
+                *, block_size: int, max_positions: int, num_buckets: int = 2,
+                kv_cache_dtype: str | None = "auto") -> tuple[onnx.ModelProto, GraphSpec]:
+    """Emit the graph; weights stream into out_dir/model.onnx.data. Returns (model, spec).
+
+    The returned ModelProto references its weights externally; save it next to the data file.
+    """
+    check_supported(cfg)
+    reader = WeightReader(tensors, cfg)
+    kvq = kv_quant(cfg) if kv_cache_dtype in (None, "auto") else (None if kv_cache_dtype == "float" else kv_cache_dtype)
+    if kvq is not None and cfg.quantization.kv_cache_quant_algo is None:
+        raise UnsupportedError("--kv-cache-dtype int8/fp8 needs a checkpoint calibrated with a KV-cache "
+                               "scale (llmc quantize --kv-cache ...)")
+    d = AttentionDims(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size, block_size,
+                      cfg.sliding_window if cfg.sliding_window and cfg.sliding_window < max_positions else None)
+    g = GraphBuilder(out_dir / DATA_FILE)
+    i64 = TensorProto.INT64
+    input_ids = g.input("input_ids", i64, ["num_tokens"])
+    positions = g.input("positions", i64, ["num_tokens"])
+    write_index, buckets, out_index = step_inputs(g, num_buckets)
+    logits_index = g.input("logits_index", i64, ["num_logits"])
+
+    # Step-level values shared by every layer.
+    cos, sin = emit_rope_tables(g, target, cfg, positions, max_positions)
+    emit_step_masks(g, target, d, buckets)
+
+    emb_t = tensors["transformer.vocab_embedding.weight"]
+    emb = g.weight("transformer.vocab_embedding.weight", np32(emb_t), target.dtype)
+    x = g.op("Gather", [emb, input_ids], name="embed", axis=0)
+
+    qk_heads = d.num_heads + d.num_kv_heads
+    for i in range(cfg.num_hidden_layers):
+        lw = reader.layer(i)
+        p = f"transformer.layers.{i}"
+        h = emit_rmsnorm(g, target, x, lw.input_layernorm, cfg.norm_epsilon, f"{p}.input_layernorm")
+        qkv = emit_linear(g, target, h, lw.qkv, f"{p}.attention.qkv")
+        qk, v = g.op("Split", [qkv, g.const([d.q_size + d.kv_size, d.kv_size])], n_out=2,
+                     name=f"l{i}_qkv_split", axis=-1)
+        qk3 = g.op("Reshape", [qk, g.const([0, qk_heads, d.head_dim])], name=f"l{i}_qk_heads")
+        qk3 = emit_rope(g, qk3, cos, sin, d.head_dim, f"l{i}_rope")
+        q3, k3 = g.op("Split", [qk3, g.const([d.num_heads, d.num_kv_heads])], n_out=2, name=f"l{i}_qk_split", axis=1)
+        q = g.op("Reshape", [q3, g.const([0, d.q_size])], name=f"l{i}_q")
+        k = g.op("Reshape", [k3, g.const([0, d.kv_size])], name=f"l{i}_k")
+        pool = KVPool(g, target, d, i, kvq or "float", lw.kv_cache_scale)
+        attn = emit_paged_attention(g, target, d, pool, q, k, v, write_index, buckets, out_index)
+        attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
+        x = g.op("Add", [x, attn], name=f"l{i}_residual_attn")
+        h = emit_rmsnorm(g, target, x, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")
+        m = emit_gated_mlp(g, target, h, lw.gate_up, lw.proj, f"{p}.mlp")
+        x = g.op("Add", [x, m], name=f"l{i}_residual_mlp")
+
+    last = g.op("Gather", [x, logits_index], name="logits_rows", axis=0)
+    last = emit_rmsnorm(g, target, last, np32(tensors["transformer.ln_f.weight"]), cfg.norm_epsilon,
+                        "transformer.ln_f")
+    lm_t = tensors.get("lm_head.weight")
+    tied = lm_t is None or (lm_t.shape == emb_t.shape and lm_t.dtype == emb_t.dtype and torch.equal(lm_t, emb_t))
+    if tied:  # share the embedding table: Gemm with transB reads it as [V, h]
+        logits = g.op("Gemm", [last, emb], name="lm_head", transB=1)
+    else:
+        logits = emit_linear(g, target, last, reader.linear("lm_head"), "lm_head")
+    if target.dtype != TensorProto.FLOAT:
+        logits = g.op("Cast", [logits], name="logits_fp32", to=TensorProto.FLOAT)
+    g.op("Identity", [logits], name="logits_out", outputs=["logits"])
+    g.output("logits", TensorProto.FLOAT, ["num_logits", cfg.vocab_size])
+
+    model = g.model(doc="llmc engine graph")
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    kv_name = kvq if (kvq and target.kv_storage == "native") else DTYPE_OF[target.dtype]
+    spec = GraphSpec(cfg.num_hidden_layers, num_buckets, block_size, d.kv_size, kv_name,
+                     int(pool.pool_type), DTYPE_OF[target.dtype], max_positions, target.attention,
+                     target.backend, g.weight_bytes, len(model.graph.node), counts)
+    return model, spec

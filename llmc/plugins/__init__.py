@@ -1,0 +1,12 @@
+"""Fused-op emitters for the engine graph.
+
+Each emitter writes one logical op (RMSNorm, RoPE, paged attention, gated MLP, quantized linear)
+into a `GraphBuilder` and knows how to lower itself for each backend: the `Target` it is given
+says whether the graph is for ONNX Runtime (CPU) or TensorRT, the compute dtype, and which
+attention form to use. Lowerings only use standard-domain ONNX ops, so one graph format serves
+both backends; `llmc.engine.trt_compat` checks the TensorRT-bound ones.
+"""
+
+from llmc.plugins.base import Target
+
+__all__ = ["Target"]

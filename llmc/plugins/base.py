@@ -1,0 +1,43 @@
+"""What an emitter needs to know about the backend it lowers for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnx import TensorProto
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Lowering choices for one engine graph.
+
+    backend:   "onnxruntime" or "tensorrt" (the tensorrt-llm backend does not use the graph).
+    dtype:     ONNX element type of activations and float weights (FLOAT on ORT CPU; FLOAT16 /
+               BFLOAT16 on TensorRT by default).
+    attention: "fused" (one standard ONNX Attention node, opset 23; ORT CPU, TensorRT >= 10.14)
+               or "decomposed" (MatMul/Softmax; exact, for TensorRT < 10.14).
+    fp8:       "qdq" (FP8 Q/DQ around the matmul; TensorRT fuses it into an FP8 GEMM) or
+               "emulate" (ORT CPU has no FP8 GEMM: weights dequantized from their exact FP8 values
+               at build time, activations rounded through a saturating Cast to float8e4m3fn).
+    kv_storage: "native" (the pool holds int8 / float8e4m3fn) or "fake" (TensorRT's Gather and
+               ScatterND take no INT8/FP8 tensors: the pool keeps the compute dtype and stores
+               exactly the dequantized values, so numerics match but memory does not shrink).
+    """
+
+    backend: str = "onnxruntime"
+    dtype: int = TensorProto.FLOAT
+    attention: str = "fused"
+    fp8: str = "emulate"
+    kv_storage: str = "native"
+
+    @property
+    def is_trt(self) -> bool:
+        return self.backend == "tensorrt"
+
+    @classmethod
+    def for_backend(cls, backend: str, dtype: int | None = None, attention: str = "fused") -> "Target":
+        if backend == "tensorrt":
+            return cls(backend, TensorProto.FLOAT16 if dtype is None else dtype, attention, "qdq", "fake")
+        return cls(backend, TensorProto.FLOAT if dtype is None else dtype, attention, "emulate", "native")

@@ -1,0 +1,25 @@
+"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight.
+
+ONNX Runtime: the standard opset-23 `RMSNormalization` node (one kernel). TensorRT's ONNX parser
+has no RMSNormalization importer, so for TensorRT it is lowered to Pow/ReduceMean/Add/Sqrt/Div/
+Mul, the pattern TensorRT's normalization fusion recognises. Both are exact to float rounding.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmc.engine.graph import GraphBuilder
+from llmc.plugins.base import Target
+
+
+def emit_rmsnorm(g: GraphBuilder, t: Target, x: str, weight: np.ndarray, eps: float, name: str) -> str:
+    w = g.weight(f"{name}.weight", weight.astype(np.float32), t.dtype)
+    if not t.is_trt:
+        return g.op("RMSNormalization", [x, w], name=name, axis=-1, epsilon=float(eps))
+    sq = g.op("Pow", [x, g.const(np.float32(2.0), t.dtype)], name=f"{name}_sq")
+    mean = g.op("ReduceMean", [sq, g.const([-1])], name=f"{name}_mean", keepdims=1)
+    var = g.op("Add", [mean, g.const(np.float32(eps), t.dtype)], name=f"{name}_eps")
+    rms = g.op("Sqrt", [var], name=f"{name}_rms")
+    normed = g.op("Div", [x, rms], name=f"{name}_div")
+    return g.op("Mul", [normed, w], name=name)

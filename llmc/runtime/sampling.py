@@ -1,0 +1,163 @@
+"""Token sampling over numpy logits, and stop-string detection.
+
+Pure numpy: the model step returns logits for the rows that need them, and sampling a handful
+of rows on the host is cheap next to the forward pass; keeping it out of the graph lets every
+request in a batch have its own temperature / top-k / top-p / seed.
+
+Reproducibility: each request gets its own `numpy.random.Generator` seeded from its `seed`,
+consuming exactly one uniform draw per sampled token. A request's tokens therefore do not depend
+on which other requests share its batch, nor on preemption and recomputation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import numpy as np
+
+from llmc.errors import LlmcError
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings. temperature == 0 means greedy; top_k == 0 means off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop)
+        if not self.temperature >= 0:  # also rejects NaN
+            raise LlmcError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise LlmcError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise LlmcError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise LlmcError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(s == "" for s in self.stop):
+            raise LlmcError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        # top_k == 1 keeps only the argmax, so it is greedy whatever the temperature.
+        return self.temperature == 0 or self.top_k == 1
+
+
+def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Probabilities of one row after temperature, top-k, then top-p (the HF order).
+
+    top-p keeps the smallest set of most likely tokens whose mass reaches top_p, and always at
+    least the most likely one, so a tiny top_p degrades to greedy instead of an empty support.
+    """
+    x = np.asarray(logits, dtype=np.float64) / params.temperature
+    vocab = x.shape[-1]
+    if 0 < params.top_k < vocab:
+        keep = np.argpartition(x, vocab - params.top_k)[vocab - params.top_k :]
+        masked = np.full_like(x, -np.inf)
+        masked[keep] = x[keep]
+        x = masked
+    x = x - np.max(x)
+    p = np.exp(x)
+    p /= p.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        csum = np.cumsum(p[order])
+        n_keep = int(np.searchsorted(csum, params.top_p, side="left")) + 1
+        drop = order[min(n_keep, vocab) :]
+        p[drop] = 0.0
+        p /= p.sum()
+    return p
+
+
+class Sampler:
+    """Samples one token per logits row; owns one seeded Generator per request.
+
+    Call `free(request_id)` when a request finishes so its generator is dropped.
+    """
+
+    def __init__(self) -> None:
+        self._rngs: dict[Hashable, np.random.Generator] = {}
+
+    def _rng(self, request_id: Hashable, seed: int | None) -> np.random.Generator:
+        rng = self._rngs.get(request_id)
+        if rng is None:
+            rng = self._rngs[request_id] = np.random.default_rng(seed)
+        return rng
+
+    def free(self, request_id: Hashable) -> None:
+        self._rngs.pop(request_id, None)
+
+    def sample(
+        self,
+        logits: np.ndarray,
+        params: Sequence[SamplingParams],
+        request_ids: Sequence[Hashable],
+    ) -> np.ndarray:
+        """logits [n, vocab] with row i belonging to request_ids[i] -> int64 token ids [n]."""
+        logits = np.asarray(logits)
+        if logits.ndim != 2 or not len(params) == len(request_ids) == logits.shape[0]:
+            raise ValueError(
+                f"logits {logits.shape} must be [n, vocab] with n == len(params) == len(request_ids) "
+                f"({len(params)}, {len(request_ids)})"
+            )
+        out = np.argmax(logits, axis=-1).astype(np.int64)  # greedy rows are done already
+        for i, (p, rid) in enumerate(zip(params, request_ids)):
+            if p.greedy:
+                continue
+            probs = filtered_probs(logits[i], p)
+            u = self._rng(rid, p.seed).random()
+            cdf = np.cumsum(probs)
+            # Inverse CDF: "first index whose CDF exceeds u" never lands on a zero-probability
+            # token (its CDF equals its predecessor's); the clamp only guards float rounding.
+            out[i] = min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), len(probs) - 1)
+        return out
+
+
+class StopChecker:
+    """Finds stop strings in incrementally decoded text.
+
+    Feed the whole text decoded so far to `check`; only the tail that could contain a new match
+    is searched, so the cost per call is independent of the text length. `safe_len` tells a
+    streaming server how much text it may emit without possibly splitting a stop string.
+    """
+
+    def __init__(self, stop: Sequence[str]):
+        self.stop = [s for s in stop if s]
+        self._max_len = max((len(s) for s in self.stop), default=0)
+        self._searched = 0  # text[:_searched] is known to contain no complete stop string
+        self.stopped = False
+
+    def check(self, text: str) -> str | None:
+        """Return the text truncated before the earliest stop string, or None if none appears."""
+        if not self.stop:
+            return None
+        start = max(0, min(self._searched, len(text)) - self._max_len + 1)
+        best: int | None = None
+        for s in self.stop:
+            j = text.find(s, start)
+            if j != -1 and (best is None or j < best):
+                best = j
+        self._searched = len(text)
+        if best is None:
+            return None
+        self.stopped = True
+        return text[:best]
+
+    def safe_len(self, text: str) -> int:
+        """Length of the prefix of `text` that cannot turn into part of a stop string."""
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return len(text) - hold
