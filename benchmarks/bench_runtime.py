@@ -1,0 +1,150 @@
+"""Serving benchmark (issue 5): llmc in-flight batching vs one-at-a-time vs transformers.
+
+One fixed workload, run side by side in one process: 32 requests, prompts of 16-256 real-text
+tokens (State of the Union speeches), 16-128 output tokens, EOS ignored. Compared:
+  - llmc, SmolLM2 engine in fp32 and in int4_awq, with in-flight batching (all requests queued
+    at t=0) and one request at a time;
+  - transformers generate() in fp32, one request at a time and in static batches of 8
+    (left-padded; a batch runs until its longest request is done).
+Prints a table and writes benchmarks/results/bench_runtime.json.
+
+    python benchmarks/bench_runtime.py [--num-requests 32] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import engine_for, write_results  # noqa: E402
+
+
+def llmc_run(engine: Path, work, one_at_a_time: bool) -> dict:
+    from llmc import bench as b
+    from llmc.runtime.llm import LLM
+
+    llm = LLM(engine)
+    b.run_workload(llm, b.make_workload(list(range(100, 400)), 2, (8, 8), (4, 4), 0, None))  # warm-up
+    m = b.run_workload(llm, work, concurrency=1 if one_at_a_time else None)
+    kv_tok = llm.engine.kv_bytes_per_block // llm.block_size
+    weights = b.engine_weight_bytes(engine)
+    m["mbu_b1"] = b.mbu(m, weights, kv_tok, BANDWIDTH, batch_size=1)
+    m["tokens"] = {i: o.output_token_ids for i, o in enumerate(sorted(m["_outputs"], key=lambda o: o.request_id))}
+    return m
+
+
+def hf_run(hf_model, work, batch: int) -> dict:
+    import torch
+
+    n = len(work.prompts)
+    ttft, tpot, total_out = [], [], 0
+    t0 = time.perf_counter()
+    for start in range(0, n, batch):
+        idx = list(range(start, min(n, start + batch)))
+        lens = [len(work.prompts[i]) for i in idx]
+        width = max(lens)
+        ids = torch.full((len(idx), width), 0, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):  # left padding
+            ids[r, width - lens[r]:] = torch.tensor(work.prompts[i])
+            mask[r, width - lens[r]:] = 1
+        new = max(work.output_lens[i] for i in idx)
+        s = time.perf_counter()
+        with torch.no_grad():
+            first = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1,
+                                      do_sample=False, pad_token_id=0)
+        t_first = time.perf_counter() - s
+        with torch.no_grad():
+            hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, pad_token_id=0)
+        t_all = time.perf_counter() - s - t_first
+        ttft += [t_first] * len(idx)
+        tpot.append((t_all - t_first) / max(1, new - 1))
+        total_out += sum(work.output_lens[i] for i in idx)
+    elapsed = time.perf_counter() - t0
+    # The TTFT probe re-runs the prefill; remove it from the wall time.
+    elapsed -= sum(ttft[::batch]) if batch > 1 else sum(ttft)
+    return {"output_tokens": total_out, "seconds": elapsed, "output_tokens_per_s": total_out / elapsed,
+            "ttft_s": {"p50": float(np.median(ttft))}, "tpot_s": {"p50": float(np.median(tpot))}}
+
+
+def main() -> None:
+    global BANDWIDTH
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="8 requests, shorter outputs (a smoke run)")
+    args = ap.parse_args()
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmc import bench as b
+    from llmc.tokenizer import load_tokenizer
+
+    n = 8 if args.quick else args.num_requests
+    out_range = (8, 32) if args.quick else (16, 128)
+    BANDWIDTH = b.measure_memory_bandwidth()
+    console = Console()
+    console.print("building engines (reused when unchanged)...")
+    engines = {"fp32": engine_for("smollm2-fp32"), "int4_awq": engine_for("smollm2-int4_awq")}
+    tok = load_tokenizer(engines["fp32"])
+    work = b.make_workload(b.corpus_tokens(tok, None), n, (16, 256), out_range, 0, None)
+    rows: dict[str, dict] = {}
+    for name, eng in engines.items():
+        console.print(f"llmc {name}: in-flight")
+        rows[f"llmc {name} in-flight"] = llmc_run(eng, work, one_at_a_time=False)
+        console.print(f"llmc {name}: one at a time")
+        rows[f"llmc {name} one-at-a-time"] = llmc_run(eng, work, one_at_a_time=True)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmc.default_model import default_gguf_path
+
+    g = default_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32).eval()
+    console.print("transformers fp32: one at a time")
+    rows["transformers fp32 one-at-a-time"] = hf_run(hf, work, 1)
+    console.print("transformers fp32: static batches of 8")
+    rows["transformers fp32 static-8"] = hf_run(hf, work, 8)
+
+    same = rows["llmc fp32 in-flight"]["tokens"] == rows["llmc fp32 one-at-a-time"]["tokens"]
+    hf1 = rows["transformers fp32 one-at-a-time"]
+    hf8 = rows["transformers fp32 static-8"]
+    inflight = rows["llmc fp32 in-flight"]
+    ratios = {
+        "fp32 in-flight / transformers one-at-a-time (throughput, floor 5x)":
+            inflight["output_tokens_per_s"] / hf1["output_tokens_per_s"],
+        "fp32 in-flight / transformers static-8 (throughput, floor 2.5x)":
+            inflight["output_tokens_per_s"] / hf8["output_tokens_per_s"],
+        "int4_awq single-stream TPOT / transformers fp32 TPOT (ceiling 0.333)":
+            rows["llmc int4_awq one-at-a-time"]["tpot_s"]["p50"] / hf1["tpot_s"]["p50"],
+        "fp32 single-stream TPOT / transformers fp32 TPOT (ceiling 1.0)":
+            rows["llmc fp32 one-at-a-time"]["tpot_s"]["p50"] / hf1["tpot_s"]["p50"],
+    }
+    t = Table(title=f"serving: {n} requests, prompts 16-256, outputs {out_range[0]}-{out_range[1]}, EOS ignored")
+    for col in ("system", "out tok/s", "TTFT p50 ms", "TPOT p50 ms", "peak KV blocks", "MBU b=1"):
+        t.add_column(col)
+    for name, r in rows.items():
+        t.add_row(name, f"{r['output_tokens_per_s']:.1f}", f"{r['ttft_s']['p50'] * 1e3:.1f}",
+                  f"{r['tpot_s']['p50'] * 1e3:.2f}", str(r.get("peak_kv_blocks", "-")),
+                  f"{r['mbu_b1'] * 100:.1f}%" if r.get("mbu_b1") else "-")
+    console.print(t)
+    for k, v in ratios.items():
+        console.print(f"{k}: [bold]{v:.2f}[/]")
+    console.print(f"greedy tokens identical, in-flight vs one-at-a-time (fp32): {same}")
+    clean = {k: {kk: vv for kk, vv in r.items() if not kk.startswith("_") and kk != "tokens"} for k, r in rows.items()}
+    path = write_results("bench_runtime", {"workload": {"requests": n, "input_len": [16, 256],
+                                                        "output_len": list(out_range)},
+                                           "memory_bandwidth_gb_s": BANDWIDTH / 1e9, "rows": clean,
+                                           "ratios": ratios, "inflight_matches_sequential": same})
+    console.print(f"wrote {path}")
+
+
+BANDWIDTH = 0.0
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Shared benchmark helpers: engines via the (resumable) pipeline, tables, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+WORK = Path(os.environ.get("LLMC_BENCH_WORK", ROOT / ".work"))
+
+
+def engine_for(recipe_name: str, **overrides: Any) -> Path:
+    """Build (or reuse, when unchanged) the engine of a shipped recipe; eval/run stages off."""
+    from llmc.pipeline import Pipeline
+    from llmc.recipes.schema import apply_overrides, load_recipe
+
+    sets = ["eval=null", "run.max_new_tokens=4", "run.prompts=[Hello]"]
+    sets += [f"{k}={v}" for k, v in overrides.items()]
+    recipe = apply_overrides(load_recipe(recipe_name), sets)
+    Pipeline(recipe, WORK / recipe_name, console=None, progress=False).run()
+    return WORK / recipe_name / "engine"
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    return {"python": sys.version.split()[0], "platform": platform.platform(),
+            "cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 1e9, 1)}
+
+
+def write_results(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **data}, indent=2, default=str) + "\n")
+    return path

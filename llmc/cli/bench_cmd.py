@@ -1,0 +1,112 @@
+"""`llmc bench`: throughput, TTFT/TPOT percentiles, KV use and bandwidth utilisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def bench(
+    engine_dir: Path = typer.Argument(..., help="Engine directory written by `llmc build`."),
+    num_requests: int = typer.Option(32, "--num-requests", help="Requests in the workload."),
+    input_len: str = typer.Option("16:256", "--input-len", help="Prompt length range A:B in tokens (uniform)."),
+    output_len: str = typer.Option("16:128", "--output-len", help="Output length range A:B in tokens (uniform; EOS ignored)."),
+    concurrency: int = typer.Option(None, "--concurrency", help="Closed loop: at most C requests in flight (default: all at once)."),
+    request_rate: float = typer.Option(None, "--request-rate", help="Open loop: Poisson arrivals at R requests/s."),
+    dataset: Path = typer.Option(None, "--dataset", help="Text or .jsonl ('prompt'/'text') to cut prompts from (default: built-in State of the Union text)."),
+    seed: int = typer.Option(0, help="Workload seed."),
+    kv_cache_mb: float = typer.Option(None, "--kv-cache-mb", help="KV pool size (default: enough for max_batch_size full sequences, within free memory)."),
+    max_batch_size: int = typer.Option(None, "--max-batch-size", help="Runtime cap on sequences per step (<= the engine's)."),
+    json_out: Path = typer.Option(None, "--json", help="Write all figures as JSON here."),
+    sweep: str = typer.Option(None, "--sweep", help="e.g. max-batch-size=1,2,4,8,16: run once per value; writes CSV/JSON and a throughput-latency PNG."),
+    sweep_out: Path = typer.Option(Path("bench-sweep"), "--sweep-out", help="Directory for the sweep's CSV, JSON and PNG."),
+) -> None:
+    """Benchmark an engine with in-flight batching over a reproducible workload."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmc import bench as b
+    from llmc.errors import LlmcError
+    from llmc.runtime.llm import LLM
+
+    if concurrency is not None and request_rate is not None:
+        raise LlmcError("give --concurrency or --request-rate, not both")
+    if num_requests < 1:
+        raise LlmcError("--num-requests must be >= 1")
+    in_range, out_range = b.parse_range(input_len, "--input-len"), b.parse_range(output_len, "--output-len")
+    values: list[int | None] = [max_batch_size]
+    if sweep:
+        key, _, vals = sweep.partition("=")
+        if key != "max-batch-size" or not vals:
+            raise LlmcError(f"--sweep supports max-batch-size=V1,V2,...; got {sweep!r}")
+        try:
+            values = [int(v) for v in vals.split(",")]
+        except ValueError:
+            raise LlmcError(f"--sweep values must be integers, got {vals!r}") from None
+    console = Console()
+    bandwidth = b.measure_memory_bandwidth()
+    rows = []
+    for value in values:
+        llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, max_batch_size=value)
+        tokens = b.corpus_tokens(llm.tokenizer, dataset)
+        work = b.make_workload(tokens, num_requests, in_range, out_range, seed, request_rate)
+        b.run_workload(llm, b.make_workload(tokens, 2, (8, 8), (4, 4), seed, None))  # warm-up
+        m = b.run_workload(llm, work, concurrency)
+        kv_tok = llm.engine.kv_bytes_per_block // llm.block_size
+        weights = b.engine_weight_bytes(engine_dir)
+        m["max_batch_size"] = llm.max_batch_size
+        m["mbu_decode"] = b.mbu(m, weights, kv_tok, bandwidth)
+        single = b.run_workload(llm, b.make_workload(tokens, 1, (64, 64), (32, 32), seed, None))
+        m["mbu_batch1_decode"] = b.mbu(single, weights, kv_tok, bandwidth, batch_size=1)
+        m["memory_bandwidth_gb_s"] = bandwidth / 1e9
+        rows.append(b.public(m))
+    table = Table(title=f"llmc bench: {engine_dir} ({num_requests} requests, in {input_len}, out {output_len})")
+    for col in ("max batch", "out tok/s", "req/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
+                "peak KV blocks", "preempt", "MBU decode", "MBU b=1"):
+        table.add_column(col)
+    fmt = lambda d: "/".join(f"{d[k] * 1e3:.1f}" for k in ("p50", "p90", "p99"))  # noqa: E731
+    for r in rows:
+        table.add_row(str(r["max_batch_size"]), f"{r['output_tokens_per_s']:.1f}", f"{r['requests_per_s']:.2f}",
+                      fmt(r["ttft_s"]), fmt(r["tpot_s"]), f"{r['peak_kv_blocks']}/{r['kv_blocks_total']}",
+                      str(r["preemptions"]), f"{(r['mbu_decode'] or 0) * 100:.1f}%",
+                      f"{(r['mbu_batch1_decode'] or 0) * 100:.1f}%")
+    console.print(table)
+    console.print(f"[dim]memory bandwidth {bandwidth / 1e9:.1f} GB/s (numpy copy)[/]")
+    if any(r["errors"] for r in rows):
+        console.print(f"[red]{sum(r['errors'] for r in rows)} requests failed[/]")
+    if json_out:
+        b.write_json(json_out, rows if sweep else rows[0])
+    if sweep:
+        _write_sweep(sweep_out, rows)
+        console.print(f"sweep written to {sweep_out}/sweep.{{csv,json,png}}")
+
+
+def _write_sweep(out: Path, rows: list[dict]) -> None:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from llmc.bench import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "sweep.json", rows)
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["max_batch_size", "output_tokens_per_s", "requests_per_s", "ttft_p50_ms", "tpot_p50_ms", "tpot_p99_ms"])
+        for r in rows:
+            w.writerow([r["max_batch_size"], r["output_tokens_per_s"], r["requests_per_s"],
+                        r["ttft_s"]["p50"] * 1e3, r["tpot_s"]["p50"] * 1e3, r["tpot_s"]["p99"] * 1e3])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["tpot_s"]["p50"] * 1e3 for r in rows], [r["output_tokens_per_s"] for r in rows], "o-")
+    for r in rows:
+        ax.annotate(f"b={r['max_batch_size']}", (r["tpot_s"]["p50"] * 1e3, r["output_tokens_per_s"]))
+    ax.set_xlabel("TPOT p50 (ms)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("throughput vs latency (max batch size sweep)")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=120)

@@ -1,0 +1,33 @@
+"""`llmc pipeline`: one command from a model to a measured engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def pipeline(
+    recipe: str = typer.Argument("default", help="A shipped recipe name (see `llmc recipes list`) or a YAML file."),
+    model: str = typer.Option(None, "--model", help="Override the recipe's model source (HF dir or .gguf)."),
+    workdir: Path = typer.Option(None, "-o", "--workdir", help="Where artifacts and stage records go (default: ./llmc-work/<recipe>)."),
+    set_: list[str] = typer.Option(None, "--set", help="Override an option: stage.option=value (repeatable), e.g. --set quantize.calib_size=32."),
+) -> None:
+    """Run convert, quantize, build, eval and run; skip stages whose inputs and options are unchanged."""
+    from rich.console import Console
+
+    from llmc.pipeline import Pipeline
+    from llmc.pipeline_report import print_report
+    from llmc.recipes.schema import apply_overrides, load_recipe
+
+    r = load_recipe(recipe)
+    overrides = list(set_ or [])
+    if model:
+        overrides.append(f"model={model}")
+    if overrides:
+        r = apply_overrides(r, overrides)
+    console = Console()
+    wd = workdir or Path("llmc-work") / r.name
+    console.print(f"[bold]llmc pipeline[/] {r.name}: {r.description}")
+    report = Pipeline(r, wd, console=console).run()
+    print_report(report, console)

@@ -1,0 +1,36 @@
+"""`llmc recipes list|show`: the presets shipped in llmc/recipes/."""
+
+from __future__ import annotations
+
+import typer
+
+recipes_app = typer.Typer(help="List and show the shipped pipeline recipes.", no_args_is_help=True)
+
+
+@recipes_app.command("list")
+def list_recipes() -> None:
+    """List shipped recipes (name, model, qformat, backend)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from llmc.recipes.schema import DEFAULT_RECIPE, load_recipe, shipped_recipes
+
+    t = Table(title="llmc recipes")
+    t.add_column("name", no_wrap=True)
+    for col in ("model", "qformat", "backend"):
+        t.add_column(col)
+    for name in sorted(shipped_recipes()):
+        r = load_recipe(name)
+        t.add_row(name + (" (default)" if name == DEFAULT_RECIPE else ""), r.model,
+                  r.quantize.qformat if r.quantize else "-", r.build.backend)
+    Console().print(t)
+
+
+@recipes_app.command("show")
+def show_recipe(name: str = typer.Argument(..., help="Recipe name or YAML path.")) -> None:
+    """Print a recipe with every default filled in (valid YAML you can copy and edit)."""
+    import yaml
+
+    from llmc.recipes.schema import load_recipe
+
+    typer.echo(yaml.safe_dump(load_recipe(name).model_dump(), sort_keys=False))

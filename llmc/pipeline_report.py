@@ -1,0 +1,33 @@
+"""The pipeline's closing report: stages (time, peak memory, size), accuracy and speed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _mib(n: int | None) -> str:
+    return "-" if not n else f"{n / 2**20:.0f} MiB"
+
+
+def print_report(report: dict[str, Any], console) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"pipeline {report['recipe']} ({report['workdir']})")
+    for col in ("stage", "status", "why", "time", "peak RSS", "artifact size"):
+        t.add_column(col)
+    for s in report["stages"]:
+        t.add_row(s["stage"], s["status"], s["reason"], f"{s['seconds']:.1f}s",
+                  _mib(s["peak_rss_bytes"]), _mib(s["artifact_bytes"]))
+    console.print(t)
+    res = report["results"]
+    if "eval" in res and res["eval"]:
+        e = res["eval"]
+        console.print(f"perplexity: unquantized checkpoint {e['baseline_ppl']:.3f} | engine "
+                      f"{e['engine_ppl']:.3f} ({e['delta_pct']:+.2f}%) over {e['tokens']} tokens")
+    run = res.get("run") or {}
+    for i, o in enumerate(run.get("outputs", [])):
+        console.print(f"[bold]Input [{i}]:[/] {o['prompt']!r}")
+        console.print(f"[bold]Output [{i}]:[/] {o['error'] or o['text']!r}")
+    if run:
+        console.print(f"speed: TTFT {run['ttft_ms']:.1f} ms | TPOT {run['tpot_ms']:.1f} ms | "
+                      f"{run['output_tokens_per_s']:.1f} output tokens/s")

@@ -1,0 +1,1 @@
+"""Named pipeline presets (YAML) shipped with the package, and their schema."""

@@ -1,0 +1,155 @@
+"""The recipe schema: every stage's options, with the same defaults as the CLI.
+
+Unknown keys are rejected (a typo must not silently fall back to a default), and every error
+names the field and the reason.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from llmc.errors import LlmcError
+
+DEFAULT_RECIPE = "smollm2-int4_awq"
+
+
+class _Stage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConvertStage(_Stage):
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
+    tp_size: int = Field(1, ge=1)
+
+
+class QuantizeStage(_Stage):
+    qformat: str
+    kv_cache_dtype: Literal["fp8", "int8"] | None = None
+    calib_data: str = "builtin:sotu"
+    calib_size: int = Field(64, ge=1)
+    calib_seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(4, ge=1)
+    group_size: int | None = Field(None, ge=8)
+    sq_alpha: float | None = Field(None, ge=0.0, le=1.0)
+    exclude: list[str] = Field(default_factory=list)
+    seed: int = 0
+
+    @field_validator("qformat")
+    @classmethod
+    def _known_qformat(cls, v: str) -> str:
+        from llmc.quantize.formats import QFORMATS
+
+        if v not in QFORMATS:
+            raise ValueError(f"unknown qformat {v!r}; choose from {', '.join(QFORMATS)}")
+        return v
+
+
+class BuildStage(_Stage):
+    backend: Literal["auto", "onnxruntime", "tensorrt", "tensorrt-llm"] = "onnxruntime"
+    paged_kv_cache: bool = True
+    inflight_batching: bool = True
+    tokens_per_block: int = Field(64, ge=1)
+    max_batch_size: int = Field(16, ge=1)
+    max_input_len: int | None = Field(None, ge=1)
+    max_seq_len: int | None = Field(None, ge=1)
+    max_num_tokens: int | None = Field(None, ge=1)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class EvalStage(_Stage):
+    data: str = "builtin:brown"
+    seq_len: int = Field(256, ge=8)
+    max_chunks: int | None = Field(32, ge=1)
+
+
+class RunStage(_Stage):
+    prompts: list[str] = Field(min_length=1)
+    max_new_tokens: int = Field(48, ge=1)
+    chat: bool = True
+
+
+class Recipe(_Stage):
+    name: str
+    description: str = ""
+    model: str = Field(description="builtin:smollm2, or a Hugging Face directory / .gguf path (override with --model)")
+    convert: ConvertStage = Field(default_factory=ConvertStage)
+    quantize: QuantizeStage | None = None
+    build: BuildStage = Field(default_factory=BuildStage)
+    eval: EvalStage | None = Field(default_factory=EvalStage)
+    run: RunStage
+
+
+def _format_error(exc: ValidationError, source: object) -> LlmcError:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return LlmcError(f"invalid recipe: {loc}: {msg}{more}", source)
+
+
+def parse_recipe(data: Any, source: object) -> Recipe:
+    if not isinstance(data, dict):
+        raise LlmcError("invalid recipe: expected a mapping of stage -> options", source)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise _format_error(exc, source) from None
+
+
+def shipped_recipes() -> dict[str, Path]:
+    root = resources.files("llmc.recipes")
+    return {Path(p.name).stem: Path(str(p)) for p in root.iterdir() if p.name.endswith(".yaml")}
+
+
+def load_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise LlmcError("no such recipe file", path) from None
+    except yaml.YAMLError as exc:
+        raise LlmcError(f"invalid YAML ({str(exc).splitlines()[0]})", path) from None
+
+
+def load_recipe(name_or_path: str) -> Recipe:
+    """A shipped recipe by name, or a YAML file by path."""
+    shipped = shipped_recipes()
+    if name_or_path in ("default", ""):
+        name_or_path = DEFAULT_RECIPE
+    if name_or_path in shipped:
+        path = shipped[name_or_path]
+    else:
+        path = Path(name_or_path)
+        if not path.is_file():
+            raise LlmcError(f"no recipe named {name_or_path!r} and no such file; shipped recipes: "
+                            f"{', '.join(sorted(shipped))}")
+    return parse_recipe(load_yaml(path), path)
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """--set stage.option=value (value parsed as YAML, so 8, true, null and [a, b] work)."""
+    import yaml
+
+    data = recipe.model_dump()
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(parts):
+            raise LlmcError(f"--set expects stage.option=value, got {item!r}")
+        target = data
+        for p in parts[:-1]:
+            if target.get(p) is None:
+                target[p] = {}
+            target = target[p]
+            if not isinstance(target, dict):
+                raise LlmcError(f"--set {key}: {p} is not a stage")
+        try:
+            target[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            target[parts[-1]] = raw
+    return parse_recipe(data, "--set")

@@ -1,0 +1,276 @@
+"""The generation loop: scheduler + engine + sampler + tokenizer, one iteration at a time.
+
+`LLM` owns the KV block pool (sized from a memory budget), the block manager and the
+scheduler; each `step()` asks the scheduler what to run, packs it into one `StepBatch` (prefill
+chunks and decodes together, no padding), runs the engine once, samples, and streams tokens. It
+is small on purpose, like vLLM v1's engine core: everything clever lives in the scheduler and
+the graph.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Hashable, Iterable, Iterator
+
+import numpy as np
+
+from llmc.errors import LlmcError
+from llmc.runtime.kv_blocks import BlockManager, blocks_for_budget
+from llmc.runtime.sampling import Sampler, SamplingParams, StopChecker
+from llmc.runtime.scheduler import Request, Scheduler
+
+DEFAULT_KV_FRACTION = 0.3  # of available memory, when no --kv-cache-mb is given
+
+
+@dataclass
+class RequestOutput:
+    request_id: Hashable
+    prompt: str | None
+    prompt_token_ids: list[int]
+    output_token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    num_preemptions: int = 0
+    num_cached_tokens: int = 0
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.output_token_ids)
+        if n < 2 or self.finish_time is None or self.first_token_time is None:
+            return None
+        return (self.finish_time - self.first_token_time) / (n - 1)
+
+
+@dataclass
+class StepStats:
+    step: int
+    num_tokens: int
+    num_seqs: int
+    num_decode: int
+    seconds: float
+    used_blocks: int
+    kv_tokens_read: int  # sum of context lengths attended over in this step
+
+
+TokenCallback = Callable[[Hashable, int, str], None]  # (request_id, token_id, new_text)
+
+
+class LLM:
+    """Serve requests on a built engine with a paged KV cache and in-flight batching."""
+
+    def __init__(self, engine_dir: str | Path, kv_cache_mb: float | None = None,
+                 kv_fraction: float | None = None, max_batch_size: int | None = None,
+                 max_num_tokens: int | None = None, enable_prefix_caching: bool = True,
+                 num_blocks: int | None = None, num_threads: int | None = None):
+        from llmc.engine import load_engine
+        from llmc.tokenizer import eos_token_ids, load_tokenizer
+
+        self.engine = load_engine(engine_dir, **({"num_threads": num_threads} if num_threads else {}))
+        cfg = self.engine.config
+        self.max_batch_size = min(max_batch_size or cfg.max_batch_size, cfg.max_batch_size)
+        self.max_num_tokens = min(max_num_tokens or cfg.max_num_tokens, cfg.max_num_tokens)
+        self.max_seq_len = cfg.max_seq_len
+        self.max_input_len = cfg.max_input_len
+        self.block_size = cfg.tokens_per_block
+        per_block = self.engine.kv_bytes_per_block
+        if num_blocks is None:
+            if kv_cache_mb is not None:
+                budget = int(kv_cache_mb * 2**20)
+            else:
+                import psutil
+
+                budget = int(psutil.virtual_memory().available * (kv_fraction or DEFAULT_KV_FRACTION))
+                # No point in a pool larger than max_batch_size full-length sequences.
+                budget = min(budget, self.max_batch_size * -(-self.max_seq_len // self.block_size) * per_block)
+            num_blocks = blocks_for_budget(budget, per_block)
+        need = -(-self.max_seq_len // self.block_size)
+        if num_blocks < need:
+            raise LlmcError(f"KV cache budget holds {num_blocks} blocks of {self.block_size} tokens "
+                            f"({per_block} bytes each) but one max-length sequence ({self.max_seq_len} "
+                            f"tokens) needs {need}; raise --kv-cache-mb")
+        self.num_blocks = num_blocks
+        self.engine.allocate_kv_pool(num_blocks)
+        self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_num_tokens,
+                                   self.max_seq_len)
+        self.tokenizer = load_tokenizer(Path(engine_dir))
+        self.eos_ids = frozenset(eos_token_ids(Path(engine_dir)))
+        self.sampler = Sampler()
+        self._ids = itertools.count()
+        self._outputs: dict[Hashable, RequestOutput] = {}
+        self._params: dict[Hashable, SamplingParams] = {}
+        self._stops: dict[Hashable, StopChecker] = {}
+        self._text_offsets: dict[Hashable, int] = {}
+        self.step_stats: list[StepStats] = []
+        self._early_finished: list[RequestOutput] = []  # rejected at admission
+
+    # ---- requests ---------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        if chat:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: Hashable | None = None, chat: bool = False,
+                    arrival_time: float | None = None) -> Hashable:
+        """Queue a request; it joins the running batch at the next step.
+
+        Documented edge cases: a prompt longer than the engine's max_input_len fails that request
+        (finish_reason "error") and the others go on; an empty prompt is seeded with the BOS token
+        (or fails if the tokenizer has none); max_new_tokens is capped so prompt + output fits
+        max_seq_len, and such a request finishes with reason "length".
+        """
+        params = params or SamplingParams()
+        rid = request_id if request_id is not None else next(self._ids)
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.encode(prompt, chat) if isinstance(prompt, str) else [int(t) for t in prompt]
+        out = RequestOutput(rid, text, ids, arrival_time=arrival_time or time.perf_counter())
+        self._outputs[rid] = out
+        error = None
+        if not ids:
+            bos = self.tokenizer.bos_token_id
+            if bos is None:
+                error = "empty prompt and the tokenizer has no BOS token to start from"
+            else:
+                ids = out.prompt_token_ids = [bos]
+        if error is None and len(ids) > self.max_input_len:
+            error = (f"prompt has {len(ids)} tokens; this engine allows at most {self.max_input_len} "
+                     f"(rebuild with a larger --max-input-len)")
+        if error is not None:
+            out.finish_reason, out.error, out.finish_time = "error", error, time.perf_counter()
+            self._early_finished.append(out)
+            return rid
+        max_new = max(1, min(params.max_new_tokens, self.max_seq_len - len(ids)))
+        self._params[rid] = params
+        self._stops[rid] = StopChecker(params.stop)
+        self._text_offsets[rid] = 0
+        eos = frozenset() if params.ignore_eos else self.eos_ids
+        self.scheduler.add_request(Request(rid, ids, max_new, sampling_params=params, eos_token_ids=eos))
+        return rid
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one iteration ----------------------------------------------------------------------
+    def step(self, on_token: TokenCallback | None = None) -> list[RequestOutput]:
+        """Run one engine iteration; return the requests that finished in it."""
+        from llmc.engine.step import SeqSlice, StepBatch
+
+        sched = self.scheduler.schedule()
+        finished: list[RequestOutput] = []
+        if sched.is_empty:
+            return self._collect_finished(finished)
+        ids, pos, slots, seqs, logit_rows, logit_rids = [], [], [], [], [], []
+        for rid, s in sched.scheduled.items():
+            start = len(ids)
+            ids += s.token_ids
+            pos += s.positions
+            slots += s.slot_mapping
+            seqs.append(SeqSlice(start, s.num_tokens, s.context_len, s.block_table))
+            if s.needs_logits:
+                logit_rows.append(len(ids) - 1)
+                logit_rids.append(rid)
+        batch = StepBatch(np.asarray(ids, np.int64), np.asarray(pos, np.int64),
+                          np.asarray(slots, np.int64), seqs, np.asarray(logit_rows, np.int64))
+        t0 = time.perf_counter()
+        logits = self.engine.step(batch) if logit_rows or seqs else None
+        now = time.perf_counter()
+        self.step_stats.append(StepStats(sched.step, len(ids), len(seqs),
+                                         sum(1 for s in sched.scheduled.values() if not s.is_prefill),
+                                         now - t0, self.block_manager.num_used_blocks,
+                                         sum(s.context_len for s in seqs)))
+        sampled: dict[Hashable, int] = {}
+        if logit_rids:
+            tokens = self.sampler.sample(logits, [self._params[r] for r in logit_rids], logit_rids)
+            sampled = {rid: int(t) for rid, t in zip(logit_rids, tokens)}
+        done = self.scheduler.update(sched, sampled)
+        for rid, tok in sampled.items():
+            out = self._outputs[rid]
+            if out.first_token_time is None:
+                out.first_token_time = now
+            out.output_token_ids.append(tok)
+            self._emit(rid, tok, on_token)
+        for req in done:
+            out = self._outputs[req.request_id]
+            out.finish_reason = out.finish_reason or req.finish_reason
+            out.error = out.error or req.error
+            out.num_preemptions = req.num_preemptions
+            self._finalise(req.request_id, now)
+            finished.append(out)
+        return self._collect_finished(finished)
+
+    def _emit(self, rid: Hashable, tok: int, on_token: TokenCallback | None) -> None:
+        out = self._outputs[rid]
+        if self._stops[rid].stopped:  # a stop string already ended it; drop trailing tokens
+            return
+        text = self.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
+        truncated = self._stops[rid].check(text)
+        if truncated is not None:
+            text = truncated
+            self.scheduler.finish_request(rid, "stop")
+        new = text[self._text_offsets[rid]:]
+        out.text = text
+        self._text_offsets[rid] = len(text)
+        if on_token is not None:
+            on_token(rid, tok, new)
+
+    def _finalise(self, rid: Hashable, now: float) -> None:
+        out = self._outputs[rid]
+        out.finish_time = now
+        self.sampler.free(rid)
+        self._params.pop(rid, None)
+        self._stops.pop(rid, None)
+        self._text_offsets.pop(rid, None)
+
+    def _collect_finished(self, finished: list[RequestOutput]) -> list[RequestOutput]:
+        """Add requests rejected at admission, and forget everything that finished."""
+        finished = self._early_finished + finished
+        self._early_finished = []
+        for out in finished:
+            self._outputs.pop(out.request_id, None)
+        return finished
+
+    # ---- convenience --------------------------------------------------------------------------
+    def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 chat: bool = False, on_token: TokenCallback | None = None) -> list[RequestOutput]:
+        """Run all prompts with in-flight batching; outputs in prompt order."""
+        prompts = list(prompts)
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        rids = [self.add_request(p, sp, chat=chat) for p, sp in zip(prompts, plist)]
+        results: dict[Hashable, RequestOutput] = {}
+        for out in self.run_until_done(on_token):
+            results[out.request_id] = out
+        return [results[r] for r in rids]
+
+    def run_until_done(self, on_token: TokenCallback | None = None) -> Iterator[RequestOutput]:
+        yield from self._collect_finished([])
+        while self.scheduler.has_unfinished():
+            yield from self.step(on_token)
+        yield from self._collect_finished([])
+
+    def stream(self, prompt: str, params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
+        """Yield text pieces of one request as they are generated (other requests keep running)."""
+        pieces: list[str] = []
+        rid = self.add_request(prompt, params, chat=chat)
+        while True:
+            done = self.step(lambda r, t, text: pieces.append(text) if r == rid and text else None)
+            yield from pieces
+            pieces.clear()
+            mine = [o for o in done if o.request_id == rid]
+            if mine:
+                if mine[0].error:
+                    raise LlmcError(mine[0].error)
+                return
