@@ -157,7 +157,7 @@ class Pipeline:
             from llmc.engine.options import BuildOptions
 
             opts = BuildOptions.from_dict({**r.build.model_dump(), "force": True})
-            res = build_engine(model_ckpt, engine, opts, progress=self.progress)
+            res = build_engine(model_ckpt, engine, opts, console=self.console)
             return {"backend": getattr(res, "backend", r.build.backend)}
 
         built = self.stage("build", r.build.model_dump(), upstream, engine, do_build)

@@ -94,11 +94,13 @@ class LLM:
                 # No point in a pool larger than max_batch_size full-length sequences.
                 budget = min(budget, self.max_batch_size * -(-self.max_seq_len // self.block_size) * per_block)
             num_blocks = blocks_for_budget(budget, per_block)
-        need = -(-self.max_seq_len // self.block_size)
-        if num_blocks < need:
-            raise LlmcError(f"KV cache budget holds {num_blocks} blocks of {self.block_size} tokens "
-                            f"({per_block} bytes each) but one max-length sequence ({self.max_seq_len} "
-                            f"tokens) needs {need}; raise --kv-cache-mb")
+            need = -(-self.max_seq_len // self.block_size)
+            if num_blocks < need:
+                raise LlmcError(f"KV cache budget holds {num_blocks} blocks of {self.block_size} tokens "
+                                f"({per_block} bytes each) but one max-length sequence ({self.max_seq_len} "
+                                f"tokens) needs {need}; raise --kv-cache-mb")
+        # An explicit num_blocks may be smaller (tests force preemption that way): requests that
+        # can never fit are failed by the scheduler, the others queue or get preempted.
         self.num_blocks = num_blocks
         self.engine.allocate_kv_pool(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
