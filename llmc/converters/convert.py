@@ -22,7 +22,7 @@ from llmc.checkpoint.safetensors_stream import StreamingSafetensorsWriter
 from llmc.checkpoint.schema import expected_shapes
 from llmc.converters.family import Family
 from llmc.converters.hf_config import checkpoint_config, source_dtype
-from llmc.converters.registry import family_for
+from llmc.converters.registry import architecture_of, family_for
 from llmc.converters.sources import ModelSource, open_source
 from llmc.errors import LlmcError
 from llmc.fsutil import atomic_output_dir
@@ -101,7 +101,8 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", tp_size: int 
     if dtype not in DTYPE_CHOICES:
         raise LlmcError(f"unknown --dtype {dtype!r}; choose from {', '.join(DTYPE_CHOICES)}")
     source = open_source(src)
-    arch = (source.hf_config.get("architectures") or [None])[0]
+    arch = architecture_of(source.hf_config)
+    source.hf_config["architectures"] = [arch]
     family = family_for(arch, source.path)
     resolved_dtype = source_dtype(source.hf_config) if dtype == "auto" else dtype
     cfg = checkpoint_config(source.hf_config, family, resolved_dtype, source.path)

@@ -46,6 +46,8 @@ class Family:
     architectures: tuple[str, ...]
     name_map: dict[str, Source]
     attn_bias: bool = False
+    # HF `model_type` values, used when config.json has no `architectures` list.
+    model_types: tuple[str, ...] = ()
     # Extra config keys read from the HF config: checkpoint key -> HF key.
     extra_config: dict[str, str] = field(default_factory=dict)
     # Optional last-minute config adjustments (rarely needed).

@@ -26,6 +26,17 @@ def supported_architectures() -> list[str]:
     return sorted(families())
 
 
+def architecture_of(hf_config: dict) -> str | None:
+    """`architectures[0]`, or the family's architecture for a bare `model_type`."""
+    archs = hf_config.get("architectures") or []
+    if archs:
+        return archs[0]
+    for arch, family in families().items():
+        if hf_config.get("model_type") in family.model_types:
+            return arch
+    return hf_config.get("model_type")
+
+
 def family_for(architecture: str | None, source: object) -> Family:
     table = families()
     if architecture not in table:

@@ -2,4 +2,5 @@
 
 from llmc.converters.family import LLAMA_NAME_MAP, Family
 
-FAMILY = Family(name="llama", architectures=("LlamaForCausalLM",), name_map=LLAMA_NAME_MAP)
+FAMILY = Family(name="llama", architectures=("LlamaForCausalLM",), name_map=LLAMA_NAME_MAP,
+                model_types=("llama",))

@@ -6,5 +6,6 @@ FAMILY = Family(
     name="mistral",
     architectures=("MistralForCausalLM",),
     name_map=LLAMA_NAME_MAP,
+    model_types=("mistral",),
     extra_config={"sliding_window": "sliding_window"},
 )

@@ -7,4 +7,5 @@ FAMILY = Family(
     architectures=("Qwen2ForCausalLM",),
     name_map={**LLAMA_NAME_MAP, **QKV_BIAS_MAP},
     attn_bias=True,
+    model_types=("qwen2",),
 )
