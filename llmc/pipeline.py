@@ -166,12 +166,17 @@ class Pipeline:
             ev = r.eval
 
             def do_eval():
-                from llmc.evaluate import evaluate_path
+                from llmc.evaluate import compare
 
-                base = evaluate_path(ckpt, ev.data, seq_len=ev.seq_len, max_chunks=ev.max_chunks)
-                eng = evaluate_path(engine, ev.data, seq_len=ev.seq_len, max_chunks=ev.max_chunks)
-                return {"baseline_ppl": base.perplexity, "engine_ppl": eng.perplexity,
-                        "delta_pct": 100 * (eng.perplexity / base.perplexity - 1), "tokens": eng.num_tokens}
+                paths = [ckpt, *([model_ckpt] if model_ckpt != ckpt else []), engine]
+                res = compare(paths, ev.data, seq_len=ev.seq_len, max_chunks=ev.max_chunks,
+                              progress=self.progress)
+                base, eng = res[0].perplexity, res[-1].perplexity
+                out = {"baseline_ppl": base, "engine_ppl": eng, "delta_pct": 100 * (eng / base - 1),
+                       "tokens": res[-1].tokens, "data": res[-1].data}
+                if len(res) == 3:
+                    out["checkpoint_ppl"] = res[1].perplexity
+                return out
 
             results["eval"] = self.stage("eval", ev.model_dump(), _hash(conv.key, built.key), None, do_eval).result
         run = r.run

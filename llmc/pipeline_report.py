@@ -22,8 +22,10 @@ def print_report(report: dict[str, Any], console) -> None:
     res = report["results"]
     if "eval" in res and res["eval"]:
         e = res["eval"]
-        console.print(f"perplexity: unquantized checkpoint {e['baseline_ppl']:.3f} | engine "
-                      f"{e['engine_ppl']:.3f} ({e['delta_pct']:+.2f}%) over {e['tokens']} tokens")
+        simulated = f" | quantized checkpoint (simulated) {e['checkpoint_ppl']:.3f}" if "checkpoint_ppl" in e else ""
+        console.print(f"perplexity on {e.get('data', '?')} ({e['tokens']} tokens): unquantized checkpoint "
+                      f"{e['baseline_ppl']:.3f}{simulated} | engine {e['engine_ppl']:.3f} "
+                      f"({e['delta_pct']:+.2f}% vs unquantized)")
     run = res.get("run") or {}
     for i, o in enumerate(run.get("outputs", [])):
         console.print(f"[bold]Input [{i}]:[/] {o['prompt']!r}")

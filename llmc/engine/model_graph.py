@@ -31,7 +31,8 @@ from llmc.checkpoint.config import CheckpointConfig
 from llmc.engine.graph import DATA_FILE, GraphBuilder
 from llmc.engine.weights import WeightReader, kv_quant, np32
 from llmc.errors import UnsupportedError
-from llmc.plugins.attention import AttentionDims, KVPool, emit_paged_attention, emit_step_masks, step_inputs
+from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_paged_attention, emit_step_masks,
+                                    emit_write_index, step_inputs)
 from llmc.plugins.base import Target
 from llmc.plugins.gated_mlp import emit_gated_mlp
 from llmc.plugins.linear import LinearSpec, emit_linear
@@ -46,16 +47,22 @@ class GraphSpec:
     num_layers: int
     num_buckets: int
     block_size: int
-    kv_size: int
+    num_kv_heads: int
+    head_dim: int
     kv_dtype: str            # "float32" | "float16" | "bfloat16" | "int8" | "fp8"
     kv_pool_onnx_type: int
     compute_dtype: str
     max_positions: int
-    attention: str
+    attention: list            # per bucket: "fused" | "decomposed"
+    bucket_kinds: list         # per bucket: "decode" (Qt = 1 rows) | "any"
     backend: str
     weight_bytes: int = 0
     node_count: int = 0
     op_counts: dict = field(default_factory=dict)
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,12 +103,13 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     i64 = TensorProto.INT64
     input_ids = g.input("input_ids", i64, ["num_tokens"])
     positions = g.input("positions", i64, ["num_tokens"])
-    write_index, buckets, out_index = step_inputs(g, num_buckets)
+    write_index, buckets, out_index = step_inputs(g, target, num_buckets)
     logits_index = g.input("logits_index", i64, ["num_logits"])
 
     # Step-level values shared by every layer.
     cos, sin = emit_rope_tables(g, target, cfg, positions, max_positions)
     emit_step_masks(g, target, d, buckets)
+    scatter_index = emit_write_index(g, d, write_index)
 
     emb_t = tensors["transformer.vocab_embedding.weight"]
     emb = g.weight("transformer.vocab_embedding.weight", np32(emb_t), target.dtype)
@@ -119,9 +127,9 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
         qk3 = emit_rope(g, qk3, cos, sin, d.head_dim, f"l{i}_rope")
         q3, k3 = g.op("Split", [qk3, g.const([d.num_heads, d.num_kv_heads])], n_out=2, name=f"l{i}_qk_split", axis=1)
         q = g.op("Reshape", [q3, g.const([0, d.q_size])], name=f"l{i}_q")
-        k = g.op("Reshape", [k3, g.const([0, d.kv_size])], name=f"l{i}_k")
+        v3 = g.op("Reshape", [v, g.const([0, d.num_kv_heads, d.head_dim])], name=f"l{i}_v")
         pool = KVPool(g, target, d, i, kvq or "float", lw.kv_cache_scale)
-        attn = emit_paged_attention(g, target, d, pool, q, k, v, write_index, buckets, out_index)
+        attn = emit_paged_attention(g, target, d, pool, q, k3, v3, scatter_index, buckets, out_index)
         attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
         x = g.op("Add", [x, attn], name=f"l{i}_residual_attn")
         h = emit_rmsnorm(g, target, x, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")
@@ -147,7 +155,8 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     for n in model.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     kv_name = kvq if (kvq and target.kv_storage == "native") else DTYPE_OF[target.dtype]
-    spec = GraphSpec(cfg.num_hidden_layers, num_buckets, block_size, d.kv_size, kv_name,
-                     int(pool.pool_type), DTYPE_OF[target.dtype], max_positions, target.attention,
-                     target.backend, g.weight_bytes, len(model.graph.node), counts)
+    spec = GraphSpec(cfg.num_hidden_layers, num_buckets, block_size, d.num_kv_heads, d.head_dim, kv_name,
+                     int(pool.pool_type), DTYPE_OF[target.dtype], max_positions,
+                     [bk.impl for bk in buckets], bucket_kinds(num_buckets), target.backend,
+                     g.weight_bytes, len(model.graph.node), counts)
     return model, spec

@@ -13,7 +13,7 @@ Defaults (None means "derived from the model"):
     dtype              auto      float32 on ONNX Runtime CPU; the checkpoint's dtype (fp32 -> fp16) on TensorRT
     kv_cache_dtype     auto      the checkpoint's KV quantization (int8/fp8) or the compute dtype
     attention          auto      fused (standard ONNX Attention); decomposed = MatMul/Softmax
-    attention_buckets  2         attention groups per step (decode rows vs prefill rows / short vs long)
+    attention_buckets  3         attention groups per step: 2 decode groups split by context length + 1 for prefill rows
     graph_only         False     TensorRT: write and check model.onnx, skip the engine build
     timing_cache       None      TensorRT timing cache file (read if present, updated after the build)
     trt_opt_level      3         TensorRT builder optimisation level (0-5)
@@ -47,7 +47,7 @@ class BuildOptions:
     dtype: str = "auto"
     kv_cache_dtype: str = "auto"
     attention: str = "auto"
-    attention_buckets: int = 2
+    attention_buckets: int = 3
     graph_only: bool = False
     timing_cache: str | None = None
     trt_opt_level: int = 3

@@ -1,15 +1,14 @@
 """Engine config.json: what was built, from what, by which toolchain; and the load-time check.
 
 An engine directory's config.json has
-    architecture            (so `load_checkpoint` on an engine dir says "this is an engine")
+    <checkpoint keys>       the checkpoint config (TensorRT-LLM keys) at top level, with
+                            llmc.engine = true (so `load_checkpoint` on an engine dir says so)
     engine                  {format_version, backend, files, graph (GraphSpec), ...}
-    model                   the checkpoint config (TensorRT-LLM keys)
     build                   resolved BuildOptions
     memory_plan             bytes of weights, KV pool at the max settings, activations
     versions                llmc, onnx, onnxruntime, tensorrt, tensorrt_llm, python, numpy
     source                  {checkpoint: path, sha256: hash of config.json + rank files}
     build_command           the `llmc build ...` line that rebuilds it
-    llmc                    {"engine": true, ...}
 
 `check_compatible` refuses an engine of another format version or one whose toolchain cannot run
 here, with a one-line message that includes the rebuild command.
@@ -27,7 +26,7 @@ from typing import Any
 from llmc.errors import LlmcError
 
 ENGINE_FORMAT_VERSION = 1
-MIN_ONNXRUNTIME = (1, 22)   # standard Attention / RMSNormalization (opset 23) CPU kernels
+MIN_ONNXRUNTIME = (1, 23)   # standard Attention / RMSNormalization (opset 23) CPU kernels
 
 
 def _version(module: str) -> str | None:
@@ -79,7 +78,7 @@ def build_command(checkpoint: str | Path, engine_dir: str | Path, options: dict[
     """The CLI line that rebuilds this engine with the same options."""
     args = ["llmc", "build", str(checkpoint), "-o", str(engine_dir), "--force"]
     defaults = {"backend": "auto", "paged_kv_cache": True, "inflight_batching": True, "dtype": "auto",
-                "kv_cache_dtype": "auto", "attention": "auto", "attention_buckets": 2, "trt_opt_level": 3}
+                "kv_cache_dtype": "auto", "attention": "auto", "attention_buckets": 3, "trt_opt_level": 3}
     if options.get("backend") and options["backend"] != "auto":
         args += ["--backend", options["backend"]]
     if not options.get("paged_kv_cache", True):
@@ -157,3 +156,12 @@ def check_compatible(data: dict[str, Any], engine_dir: str | Path) -> None:
                             f"(TensorRT engines are version-locked); rebuild: {rebuild}", engine_dir)
     elif backend not in ("tensorrt-llm",):
         raise LlmcError(f"unknown engine backend {backend!r}; rebuild: {rebuild}", engine_dir)
+
+
+ENGINE_KEYS = ("engine", "build", "memory_plan", "versions", "source", "build_command", "tokenizer_files",
+               "build_seconds")
+
+
+def model_config_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint config part of an engine config.json."""
+    return {k: v for k, v in data.items() if k not in ENGINE_KEYS}

@@ -88,7 +88,8 @@ def _split(rows: _Rows) -> tuple[_Rows, _Rows] | None:
     return take(order[:k]), take(order[k:])
 
 
-def plan_rows(batch: StepBatch, block_size: int, num_buckets: int) -> list[_Rows]:
+def _rows(batch: StepBatch, block_size: int) -> tuple[_Rows, _Rows]:
+    """(decode rows: one per 1-token sequence, prefill rows: Qt-token chunks of the others)."""
     pos = batch.positions
     dec = _Rows(1, [], [], [], [])
     pre_seqs = []
@@ -100,23 +101,23 @@ def plan_rows(batch: StepBatch, block_size: int, num_buckets: int) -> list[_Rows
             dec.tables.append(s.block_table)
         elif s.query_len > 1:
             pre_seqs.append(s)
-    groups = [dec] if dec.starts else []
+    pre = _Rows(1, [], [], [], [])
     if pre_seqs:
-        qt = _choose_qt([s.query_len for s in pre_seqs])
-        pre = _Rows(qt, [], [], [], [])
+        pre.qt = _choose_qt([s.query_len for s in pre_seqs])
         for s in pre_seqs:
-            for r0 in range(0, s.query_len, qt):
-                n = min(qt, s.query_len - r0)
-                last = s.query_start + r0 + n - 1
+            for r0 in range(0, s.query_len, pre.qt):
+                n = min(pre.qt, s.query_len - r0)
                 pre.starts.append(s.query_start + r0)
                 pre.lens.append(n)
-                pre.nblocks.append(int(pos[last]) // block_size + 1)
+                pre.nblocks.append(int(pos[s.query_start + r0 + n - 1]) // block_size + 1)
                 pre.tables.append(s.block_table)
-        groups.append(pre)
-    if num_buckets == 1 and len(groups) == 2:  # one bucket: decode rows padded to the prefill Qt
-        d, p = groups
-        groups = [_Rows(p.qt, d.starts + p.starts, d.lens + p.lens, d.nblocks + p.nblocks, d.tables + p.tables)]
-    while 0 < len(groups) < num_buckets:
+    return dec, pre
+
+
+def _split_into(rows: _Rows, n: int) -> list[_Rows]:
+    """Split rows into at most n groups by context length, each split where it saves most work."""
+    groups = [rows]
+    while len(groups) < n:
         best = max(range(len(groups)), key=lambda i: groups[i].cost())
         parts = _split(groups[best])
         if parts is None:
@@ -125,7 +126,36 @@ def plan_rows(batch: StepBatch, block_size: int, num_buckets: int) -> list[_Rows
     return groups
 
 
-def step_feeds(batch: StepBatch, block_size: int, num_buckets: int) -> dict[str, np.ndarray]:
+def plan_rows(batch: StepBatch, block_size: int, kinds: list[str]) -> list[_Rows | None]:
+    """Rows for each attention bucket (None: unused this step).
+
+    kinds[b] is "decode" (1-token rows only) or "any". Decode rows go to the decode buckets, split
+    by context length so short sequences do not pay for the longest one; prefill rows go to the
+    "any" bucket. Without decode buckets every row shares the "any" bucket(s).
+    """
+    dec, pre = _rows(batch, block_size)
+    dec_ids = [b for b, k in enumerate(kinds) if k == "decode"]
+    any_ids = [b for b, k in enumerate(kinds) if k != "decode"]
+    plan: list[_Rows | None] = [None] * len(kinds)
+    if dec_ids:
+        if dec.starts:
+            for b, grp in zip(dec_ids, _split_into(dec, len(dec_ids))):
+                plan[b] = grp
+        if pre.starts:
+            for b, grp in zip(any_ids, _split_into(pre, len(any_ids))):
+                plan[b] = grp
+        return plan
+    if dec.starts and pre.starts:  # no decode bucket: decode rows ride along, padded to Qt
+        rows = _Rows(pre.qt, dec.starts + pre.starts, dec.lens + pre.lens, dec.nblocks + pre.nblocks,
+                     dec.tables + pre.tables)
+    else:
+        rows = dec if dec.starts else pre
+    for b, grp in zip(any_ids, _split_into(rows, len(any_ids))):
+        plan[b] = grp
+    return plan
+
+
+def step_feeds(batch: StepBatch, block_size: int, kinds: list[str]) -> dict[str, np.ndarray]:
     """The graph inputs for one step (pool tensors excluded: they stay bound)."""
     T = len(batch.input_ids)
     if T == 0:
@@ -139,14 +169,14 @@ def step_feeds(batch: StepBatch, block_size: int, num_buckets: int) -> dict[str,
         "kv_write_index": np.stack([slots // block_size, slots % block_size], 1),
         "logits_index": np.ascontiguousarray(batch.logits_indices, I64),
     }
-    groups = plan_rows(batch, block_size, num_buckets)
+    groups = plan_rows(batch, block_size, kinds)
     out_index = np.zeros(T, I64)
     covered = 0
     offset = 0
     pos = feeds["positions"]
-    for b in range(num_buckets):
-        if b < len(groups):
-            rows = groups[b]
+    for b in range(len(kinds)):
+        rows = groups[b]
+        if rows is not None:
             R, qt, mb = len(rows.starts), rows.qt, max(rows.nblocks)
             blocks = np.zeros((R, mb), I64)
             for r, (n, table) in enumerate(zip(rows.nblocks, rows.tables)):

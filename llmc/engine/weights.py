@@ -19,18 +19,9 @@ from llmc.plugins.linear import LinearSpec, concat_out
 
 LAYER = "transformer.layers.{i}."
 
-# quant_algo -> LinearSpec kind
-QUANT_KINDS = {
-    None: "float",
-    "FP8": "fp8",
-    "W8A8_SQ_PER_CHANNEL": "int8_sq",
-    "W8A8_SQ_PER_CHANNEL_PER_TENSOR_PLUGIN": "int8_sq",
-    "W8A8_SQ_PER_TENSOR_PLUGIN": "int8_sq",
-    "W8A16": "w8a16",
-    "W4A16": "w4a16",
-    "W4A16_AWQ": "int4_awq",
-    "W4A8_AWQ": "w4a8_awq",
-}
+# quant_algo values the builder accepts (the quantize package's reader defines their layout)
+QUANT_ALGOS = (None, "FP8", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A16",
+               "W4A16_AWQ", "W4A8_AWQ")
 KV_QUANT = {None: None, "INT8": "int8", "FP8": "fp8"}
 
 
@@ -50,11 +41,13 @@ class LayerWeights:
 
 
 def quant_kind(cfg: CheckpointConfig) -> str:
+    """A short name of the checkpoint's weight quantization ("float" when unquantized)."""
     algo = cfg.quantization.quant_algo
-    if algo not in QUANT_KINDS:
+    if algo not in QUANT_ALGOS:
         raise UnsupportedError(f"quant_algo {algo!r} is not supported by the engine builder "
-                               f"(supported: {', '.join(str(k) for k in QUANT_KINDS if k)})")
-    return QUANT_KINDS[algo]
+                               f"(supported: {', '.join(str(k) for k in QUANT_ALGOS if k)})")
+    return {None: "float", "FP8": "fp8", "W8A16": "w8a16", "W4A16_AWQ": "int4_awq",
+            "W4A8_AWQ": "w4a8_awq"}.get(algo, "int8_sq")
 
 
 def kv_quant(cfg: CheckpointConfig) -> str | None:
@@ -62,13 +55,6 @@ def kv_quant(cfg: CheckpointConfig) -> str | None:
     if algo not in KV_QUANT:
         raise UnsupportedError(f"kv_cache_quant_algo {algo!r} is not supported (INT8 or FP8)")
     return KV_QUANT[algo]
-
-
-def _excluded(cfg: CheckpointConfig, module: str) -> bool:
-    import fnmatch
-
-    pats = cfg.quantization.exclude_modules or []
-    return any(fnmatch.fnmatch(module, p) for p in pats)
 
 
 class WeightReader:
@@ -96,11 +82,9 @@ class WeightReader:
     def linear(self, prefix: str, bias: bool = False) -> LinearSpec:
         """prefix like 'transformer.layers.0.attention.qkv' (no trailing dot)."""
         b = np32(self.t[prefix + ".bias"]) if bias and (prefix + ".bias") in self.t else None
-        quantized = self.kind != "float" and (prefix + ".weight") in self.t and \
-            self.t[prefix + ".weight"].dtype not in (torch.float32, torch.float16, torch.bfloat16)
-        if not quantized:
+        if self._qread is None:
             return LinearSpec("float", np32(self.tensor(prefix + ".weight")), bias=b)
-        spec = from_qlinear(self._qread(self.t, prefix, self.cfg.quantization), self.kind, self.cfg)
+        spec = from_qlinear(self._qread(self.t, prefix, self.cfg.quantization))
         spec.bias = b
         return spec
 
@@ -123,40 +107,33 @@ class WeightReader:
 
 
 def _np(x) -> np.ndarray | None:
-    if x is None:
-        return None
-    if isinstance(x, torch.Tensor):
-        return np32(x) if x.is_floating_point() else x.detach().contiguous().numpy()
-    return np.asarray(x)
+    return None if x is None else np32(x)
 
 
-def _scalar(x) -> float | None:
-    if x is None:
-        return None
-    return float(np.asarray(_np(x), np.float32).reshape(-1)[0])
+def from_qlinear(q) -> LinearSpec:
+    """The quantize package's QLinear (canonical unpacked view) -> LinearSpec."""
+    act = None
+    if q.act_dtype == "int8":
+        act = "int8_token" if q.act_granularity == "token" else "int8"
+    elif q.act_dtype == "fp8":
+        act = "fp8"
+    scale = None if q.input_scale is None else float(q.input_scale.reshape(-1)[0])
+    pqs, bias = _np(q.pre_quant_scale), _np(q.bias)
+    if q.kind == "float":
+        return LinearSpec("float", np32(q.weight), act=None, pre_quant_scale=pqs, bias=bias)
+    if q.kind == "fp8":
+        return LinearSpec("fp8", np32(q.weight), _np(q.weight_scale), None, act, scale, pqs, bias)
+    if q.kind in ("int8_sq", "w8a16"):
+        return LinearSpec("int8", q.weight.numpy().astype(np.int8), _np(q.weight_scale), None, act, scale, pqs, bias)
+    if q.kind == "int4_awq":
+        return LinearSpec("int4", q.weight.numpy().astype(np.int8), _np(q.weight_scale), int(q.group_size),
+                          act, scale, pqs, bias)
+    if q.kind == "w4a8_awq":
+        # TensorRT-LLM's W4A8: the INT4 weight is converted to FP8 per group, fp8(q * s_group / s2),
+        # then scaled by s2. Store exactly those FP8 values.
 
+        from llmc.quantize.layout import fp8_round
 
-def from_qlinear(q, kind: str, cfg: CheckpointConfig) -> LinearSpec:
-    """Adapt the quantize package's QLinear (canonical unpacked view) to a LinearSpec."""
-    values = q.weight if hasattr(q, "weight") else q.values
-    if isinstance(values, torch.Tensor):
-        if values.dtype == torch.float8_e4m3fn:
-            values = values.float()
-        values = values.detach().contiguous().numpy()
-    values = np.asarray(values)
-    qkind = getattr(q, "kind", None) or kind
-    if qkind in ("fp8",) or values.dtype.kind == "f":
-        spec_kind = kind if kind in ("fp8",) else "fp8"
-        w = values.astype(np.float32)
-    else:
-        spec_kind = kind
-        w = values.astype(np.int8)
-    group = getattr(q, "group_size", None) or (cfg.quantization.group_size if "4" in kind else None)
-    return LinearSpec(
-        kind=spec_kind, weight=w,
-        weight_scale=_np(getattr(q, "weight_scale", None)),
-        input_scale=_scalar(getattr(q, "input_scale", None)),
-        pre_quant_scale=_np(getattr(q, "pre_quant_scale", None)),
-        weight_scale_2=_scalar(getattr(q, "weight_scale_2", None)),
-        group_size=group,
-    )
+        fp8_vals = fp8_round(q.weight.float() * q.expanded_weight_scale())
+        return LinearSpec("fp8", np32(fp8_vals), _np(q.weight_scale_2), None, act, scale, pqs, bias)
+    raise UnsupportedError(f"{q.prefix}: quantized kind {q.kind!r} is not supported by the engine builder")

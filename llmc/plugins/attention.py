@@ -1,27 +1,28 @@
 """Paged attention over packed tokens of many sequences, from standard ONNX ops.
 
 KV pool (owned by the runtime, bound once): per layer two tensors, key and value, each
-[num_blocks, block_size, kv_heads * head_dim] in the KV dtype. Position p of a sequence lives
-at block_table[p // block_size], offset p % block_size.
+[kv_heads, num_blocks, block_size, head_dim] in the KV dtype (head-major, see KVPool). Position p
+of a sequence lives at block block_table[p // block_size], offset p % block_size.
 
 Per step and per layer:
-1. Write: the new K/V rows of every packed token go to their slots with one ScatterND per pool
-   tensor (indices [T, 2] = (block, offset)). The ScatterND output is a graph output that the
-   runtime binds to the same buffer as the input pool, so ONNX Runtime updates it in place (its
-   ScatterND skips the copy when input and output alias): ~10 us, no pool copy.
-2. Read: query tokens are grouped into "rows" of Qt tokens of one sequence. Rows go into a fixed
-   number of buckets (2 by default: decode rows with Qt=1 and prefill rows; or, when a step has
-   only one kind, rows split by context length); each bucket has its own row count R, Qt and
-   block count MB, chosen by the runtime per step. A bucket gathers its rows' blocks
-   ([R, MB] block ids -> K [R, MB*bs, kvD]) and runs one attention over Q [R, Qt, H*hd] with a
-   boolean mask key_pos <= query_pos (and > query_pos - window for sliding-window models). The
-   work of a row is Qt x its bucket's context, so a step costs about sum(own context), not
-   batch x longest context.
+1. Write: the new K (after RoPE) and V of every packed token go to their slots with one ScatterND
+   per pool tensor (indices [T, kvH, 3] = (head, block, offset), built once per step). The
+   ScatterND output is a graph output that the runtime binds to the same buffer as the input
+   pool, so ONNX Runtime updates it in place (its ScatterND skips the copy when input and output
+   alias): ~10-30 us, independent of the pool size (measured up to 100 MB per tensor).
+2. Read: query tokens are grouped into "rows" of Qt tokens of one sequence, and rows into a fixed
+   number of buckets, each with its own row count R, Qt and block count MB chosen per step by
+   the runtime (llmc.engine.step): decode buckets take 1-token rows, split by context length so
+   short sequences do not pay for the longest one; the last bucket takes prefill chunks. A
+   bucket gathers its rows' blocks ([R, MB] block ids -> K/V [kvH, R, MB*bs, hd], one copy)
+   and runs attention with a boolean mask key_pos <= query_pos (and > query_pos - window for
+   sliding-window models). A row costs Qt x its bucket's context, not batch x total context.
 3. The buckets' outputs are concatenated and gathered back to packed token order.
 
-Attention itself is one standard `Attention` node (opset 23, GQA via q_num_heads/kv_num_heads,
-3-D inputs) where the backend has it (ONNX Runtime CPU; TensorRT >= 10.14), or an exact
-MatMul/Softmax decomposition (grouped heads share K/V without copying them).
+Attention itself: the standard `Attention` node (opset 23) for prefill rows (and everywhere on
+TensorRT >= 10.14); for decode rows on ONNX Runtime CPU an exact MatMul/Softmax form in which the
+G query heads of a group share their K/V head, so K/V are read once (ORT's Attention kernel runs
+one GEMV per query head: 1.8x slower at 16 rows x 576 keys, measured).
 """
 
 from __future__ import annotations
@@ -35,6 +36,51 @@ from llmc.engine.graph import GraphBuilder
 from llmc.plugins.base import Target
 
 KV_ONNX_TYPES = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
+
+
+def fp8_e4m3fn_table() -> np.ndarray:
+    """float32 value of every e4m3fn bit pattern (the two NaN patterns map to 0: never stored)."""
+    import ml_dtypes
+
+    vals = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    vals[np.isnan(vals)] = 0.0
+    return vals
+
+
+def emit_fp8_bits(g: GraphBuilder, t: Target, x: str, scale: str, name: str) -> str:
+    """x -> the uint8 bit pattern of fp8_e4m3fn(x / scale) (saturating, round to nearest even).
+
+    ONNX Runtime has no float8 ScatterND/Gather kernels, so an FP8 KV pool is stored as its bit
+    patterns in uint8. The rounding is one saturating Cast to float8e4m3fn (exactly
+    QuantizeLinear's); the bits are then assembled from the exact value v = +-2^e (1 + m/8)
+    (normal) or +-m 2^-9 (subnormal) with elementwise ops on the few new rows of the step.
+    """
+    f32 = t.dtype
+    c = lambda v: g.const(np.float32(v), f32)  # noqa: E731
+    q = g.op("Cast", [g.op("Div", [x, scale], name=f"{name}_div")], name=f"{name}_fp8",
+             to=TensorProto.FLOAT8E4M3FN, saturate=1)
+    v = g.op("Cast", [q], name=f"{name}_val", to=f32)
+    a = g.op("Abs", [v], name=f"{name}_abs")
+    sign = g.op("Where", [g.op("Less", [v, c(0.0)], name=f"{name}_neg"), c(128.0), c(0.0)], name=f"{name}_sign")
+    sub = g.op("Less", [a, c(2.0 ** -6)], name=f"{name}_is_sub")
+    safe = g.op("Max", [a, c(2.0 ** -6)], name=f"{name}_safe")
+    e = g.op("Floor", [g.op("Add", [g.op("Mul", [g.op("Log", [safe], name=f"{name}_log"), c(1.0 / np.log(2.0))],
+                                         name=f"{name}_log2"), c(0.01)], name=f"{name}_log2e")], name=f"{name}_e")
+    frac = g.op("Div", [safe, g.op("Pow", [c(2.0), e], name=f"{name}_p2")], name=f"{name}_frac")   # [1, 2)
+    normal = g.op("Add", [g.op("Mul", [g.op("Add", [e, c(7.0)], name=f"{name}_ebias"), c(8.0)], name=f"{name}_efield"),
+                          g.op("Mul", [g.op("Sub", [frac, c(1.0)], name=f"{name}_m1"), c(8.0)], name=f"{name}_m")],
+                  name=f"{name}_normal")
+    subn = g.op("Mul", [a, c(2.0 ** 9)], name=f"{name}_subn")
+    bits = g.op("Add", [g.op("Where", [sub, subn, normal], name=f"{name}_mag"), sign], name=f"{name}_bitsf")
+    return g.op("Cast", [bits], name=f"{name}_bits", to=TensorProto.UINT8)
+
+
+def emit_fp8_decode(g: GraphBuilder, t: Target, bits: str, scale: str, name: str) -> str:
+    """uint8 e4m3fn bit patterns -> float values * scale (a 256-entry lookup table)."""
+    table = g.const(fp8_e4m3fn_table(), t.dtype, hint="fp8_e4m3fn_table")
+    idx = g.op("Cast", [bits], name=f"{name}_idx", to=TensorProto.INT32)
+    vals = g.op("Gather", [table, idx], name=f"{name}_lut", axis=0)
+    return g.op("Mul", [vals, scale], name=name)
 
 
 @dataclass
@@ -63,36 +109,58 @@ class BucketInputs:
     q_index: str     # int64 [R*Qt]: packed token of each row slot (padding slots point at token 0)
     kv_blocks: str   # int64 [R, MB]: each row's block table (padded)
     q_pos: str       # int64 [R, Qt]: position of each row slot (padding: 0)
-    q_shape: str = ""    # int64 [3] = (R, Qt, H*hd), computed once per step
+    impl: str = "fused"  # "fused" | "decomposed"
+    q_shape: str = ""    # int64 [4] = (R, Qt, H, hd), computed once per step
     mask: str = ""       # bool mask for this bucket, computed once per step
 
 
-def step_inputs(g: GraphBuilder, num_buckets: int) -> tuple[str, list[BucketInputs], str]:
+def bucket_kinds(num_buckets: int) -> list[str]:
+    """Bucket roles: the last one takes any rows (prefill chunks); the others decode rows (Qt=1)."""
+    return ["any"] if num_buckets == 1 else ["decode"] * (num_buckets - 1) + ["any"]
+
+
+def bucket_impl(t: Target, kind: str) -> str:
+    """Decode rows: MatMul/Softmax on ORT CPU (its Attention kernel runs one GEMV per query head
+    and reads each K/V head G times; the grouped MatMul reads it once: 1.8x faster measured).
+    Prefill rows: the fused Attention node. TensorRT: fused everywhere unless it predates 10.14."""
+    if t.attention == "decomposed":
+        return "decomposed"
+    if t.attention == "fused" and t.is_trt:
+        return "fused"
+    return "decomposed" if (kind == "decode" and not t.is_trt) else "fused"
+
+
+def step_inputs(g: GraphBuilder, t: Target, num_buckets: int) -> tuple[str, list[BucketInputs], str]:
     """Declare the per-step attention inputs; returns (kv_write_index, buckets, attn_out_index)."""
     i64 = TensorProto.INT64
     write = g.input("kv_write_index", i64, ["num_tokens", 2])
     buckets = []
-    for b in range(num_buckets):
+    for b, kind in enumerate(bucket_kinds(num_buckets)):
         buckets.append(BucketInputs(
             g.input(f"attn_q_index_{b}", i64, [f"rows_{b}_x_qt"]),
             g.input(f"attn_kv_blocks_{b}", i64, [f"rows_{b}", f"blocks_{b}"]),
             g.input(f"attn_q_pos_{b}", i64, [f"rows_{b}", f"qt_{b}"]),
+            bucket_impl(t, kind),
         ))
     out_index = g.input("attn_out_index", i64, ["num_tokens"])
     return write, buckets, out_index
 
 
 def emit_step_masks(g: GraphBuilder, t: Target, d: AttentionDims, buckets: list[BucketInputs]) -> None:
-    """Per bucket, once per step: the query reshape target and the boolean attention mask."""
+    """Per bucket, once per step: the query reshape target and the boolean attention mask.
+
+    fused:      mask [R, 1, Qt, S]      (Attention's [batch, heads, q, kv], broadcast over heads)
+    decomposed: mask [1, R, G*Qt, S]    (scores are [kvH, R, G*Qt, S]: rows are (group, query))
+    """
     for b, bk in enumerate(buckets):
         qshape = g.op("Shape", [bk.q_pos], name=f"bucket{b}_rows_qt")
-        bk.q_shape = g.op("Concat", [qshape, g.const([d.q_size])], name=f"bucket{b}_q_shape", axis=0)
+        bk.q_shape = g.op("Concat", [qshape, g.const([d.num_heads, d.head_dim])], name=f"bucket{b}_q_shape", axis=0)
         mb = g.op("Gather", [g.op("Shape", [bk.kv_blocks], name=f"bucket{b}_kv_shape"), g.const(1)],
                   name=f"bucket{b}_mb", axis=0)
         keys = g.op("Mul", [mb, g.const(d.block_size)], name=f"bucket{b}_num_keys")
         kpos = g.op("Range", [g.const(0), keys, g.const(1)], name=f"bucket{b}_key_pos")
         qpos = bk.q_pos
-        if t.attention == "decomposed":  # rows of the score matrix are (group, query) pairs
+        if bk.impl == "decomposed":
             qpos = g.op("Tile", [qpos, g.const([1, d.groups])], name=f"bucket{b}_q_pos_groups")
         q3 = g.op("Unsqueeze", [qpos, g.const([-1])], name=f"bucket{b}_q_pos3")
         mask = g.op("LessOrEqual", [kpos, q3], name=f"bucket{b}_causal")
@@ -100,11 +168,30 @@ def emit_step_masks(g: GraphBuilder, t: Target, d: AttentionDims, buckets: list[
             lo = g.op("Sub", [q3, g.const(int(d.sliding_window))], name=f"bucket{b}_window_lo")
             mask = g.op("And", [mask, g.op("Greater", [kpos, lo], name=f"bucket{b}_in_window")],
                         name=f"bucket{b}_window")
-        bk.mask = g.op("Unsqueeze", [mask, g.const([1])], name=f"bucket{b}_mask")
+        axis = 0 if bk.impl == "decomposed" else 1
+        bk.mask = g.op("Unsqueeze", [mask, g.const([axis])], name=f"bucket{b}_mask")
+
+
+def emit_write_index(g: GraphBuilder, d: AttentionDims, write_index: str) -> str:
+    """[T, 2] (block, offset) -> ScatterND indices [T, kvH, 3] (head, block, offset), once per step."""
+    wi = g.op("Unsqueeze", [write_index, g.const([1])], name="kv_write_bo")                  # [T, 1, 2]
+    t_len = g.op("Gather", [g.op("Shape", [write_index], name="kv_write_shape"), g.const([0])],
+                 name="kv_write_T", axis=0)
+    shape_bo = g.op("Concat", [t_len, g.const([d.num_kv_heads, 2])], name="kv_write_bo_shape", axis=0)
+    bo = g.op("Expand", [wi, shape_bo], name="kv_write_bo_heads")                            # [T, kvH, 2]
+    heads = g.const(np.arange(d.num_kv_heads, dtype=np.int64).reshape(1, -1, 1))
+    shape_h = g.op("Concat", [t_len, g.const([d.num_kv_heads, 1])], name="kv_write_h_shape", axis=0)
+    hcol = g.op("Expand", [heads, shape_h], name="kv_write_heads")                           # [T, kvH, 1]
+    return g.op("Concat", [hcol, bo], name="kv_write_index_hbo", axis=-1)                    # [T, kvH, 3]
 
 
 class KVPool:
-    """Declares one layer's pool tensors and emits the quantize-on-write / dequantize-on-read."""
+    """Declares one layer's pool tensors and emits the quantize-on-write / dequantize-on-read.
+
+    Layout per tensor: [kv_heads, num_blocks, block_size, head_dim] (head-major): gathering a
+    row's blocks along axis 1 yields [kvH, R, MB*bs, hd] directly, the operand layout of the
+    grouped-query MatMuls, so a K/V element is copied exactly once per step (by the Gather).
+    """
 
     def __init__(self, g: GraphBuilder, t: Target, d: AttentionDims, layer: int, kv_dtype: str,
                  kv_scale: float | None):
@@ -115,11 +202,14 @@ class KVPool:
         native = self.quant is not None and t.kv_storage == "native"
         self.pool_type = KV_ONNX_TYPES[self.quant] if native else t.dtype
         self.native = native
+        self.fp8_bits = native and self.quant == "fp8" and not t.is_trt
+        if self.fp8_bits:
+            self.pool_type = TensorProto.UINT8
         if self.quant:
             self.scale = g.const(np.float32(kv_scale), t.dtype, hint=f"kv_scale_{layer}")
             self.zp = g.const(np.zeros((), np.float32) if self.quant == "fp8" else np.int8(0),
                               KV_ONNX_TYPES[self.quant], hint=f"kv_zp_{self.quant}")
-        shape = ["num_blocks", d.block_size, d.kv_size]
+        shape = [d.num_kv_heads, "num_blocks", d.block_size, d.head_dim]
         self.names = {}
         for kind in ("key", "value"):
             src = g.input(f"kv_pool.{layer}.{kind}", self.pool_type, shape)
@@ -128,9 +218,11 @@ class KVPool:
             self.names[kind] = (src, dst)
 
     def write(self, kind: str, new: str, write_index: str) -> str:
-        """ScatterND the new rows [T, kvD]; returns the updated pool (bound to the input buffer)."""
+        """ScatterND the new rows [T, kvH, hd]; returns the updated pool (bound to the input buffer)."""
         g = self.g
-        if self.quant:
+        if self.fp8_bits:
+            new = emit_fp8_bits(g, self.t, new, self.scale, f"l{self.layer}_{kind}_kvq")
+        elif self.quant:
             q = g.op("QuantizeLinear", [new, self.scale, self.zp], name=f"l{self.layer}_{kind}_kvq")
             new = q if self.native else g.op("DequantizeLinear", [q, self.scale, self.zp],
                                               name=f"l{self.layer}_{kind}_kvfq")
@@ -138,59 +230,66 @@ class KVPool:
         return g.op("ScatterND", [src, write_index, new], name=f"l{self.layer}_{kind}_write", outputs=[dst])
 
     def read(self, pool: str, kind: str, bk: BucketInputs, b: int) -> str:
-        """Gather a bucket's blocks: [R, MB*bs, kvD] in the compute dtype."""
+        """Gather a bucket's blocks: [kvH, R, MB*bs, hd] in the compute dtype."""
         g = self.g
-        blocks = g.op("Gather", [pool, bk.kv_blocks], name=f"l{self.layer}_b{b}_{kind}_gather", axis=0)
-        flat = g.op("Reshape", [blocks, g.const([0, -1, self.d.kv_size])], name=f"l{self.layer}_b{b}_{kind}")
-        if self.native:
-            flat = g.op("DequantizeLinear", [flat, self.scale, self.zp], name=f"l{self.layer}_b{b}_{kind}_dq")
+        blocks = g.op("Gather", [pool, bk.kv_blocks], name=f"l{self.layer}_b{b}_{kind}_gather", axis=1)
+        flat = g.op("Reshape", [blocks, g.const([0, 0, -1, self.d.head_dim])], name=f"l{self.layer}_b{b}_{kind}")
+        if self.fp8_bits:
+            flat = emit_fp8_decode(g, self.t, flat, self.scale, f"l{self.layer}_b{b}_{kind}_dq")
+        elif self.native:  # int8: Cast * scale is DequantizeLinear's arithmetic; a DQ here would be
+            # moved by ORT's QDQ propagation through the Transposes and mis-typed (ORT 1.31).
+            f = g.op("Cast", [flat], name=f"l{self.layer}_b{b}_{kind}_f", to=self.t.dtype)
+            flat = g.op("Mul", [f, self.scale], name=f"l{self.layer}_b{b}_{kind}_dq")
         return flat
 
 
-def _attend_fused(g: GraphBuilder, d: AttentionDims, q3: str, k: str, v: str, mask: str, name: str) -> str:
-    return g.op("Attention", [q3, k, v, mask], name=name, q_num_heads=d.num_heads,
-                kv_num_heads=d.num_kv_heads, scale=float(1.0 / np.sqrt(d.head_dim)))
+def _attend_fused(g: GraphBuilder, d: AttentionDims, q4: str, k: str, v: str, mask: str, name: str) -> str:
+    """One standard Attention node on 4-D operands; returns [R*Qt, H*hd]."""
+    qh = g.op("Transpose", [q4], name=f"{name}_q", perm=[0, 2, 1, 3])           # [R, H, Qt, hd]
+    kh = g.op("Transpose", [k], name=f"{name}_k", perm=[1, 0, 2, 3])            # [R, kvH, S, hd]
+    vh = g.op("Transpose", [v], name=f"{name}_v", perm=[1, 0, 2, 3])
+    y = g.op("Attention", [qh, kh, vh, mask], name=name, scale=float(1.0 / np.sqrt(d.head_dim)))
+    yt = g.op("Transpose", [y], name=f"{name}_out_t", perm=[0, 2, 1, 3])        # [R, Qt, H, hd]
+    return g.op("Reshape", [yt, g.const([-1, d.q_size])], name=f"{name}_rows")
 
 
-def _attend_decomposed(g: GraphBuilder, t: Target, d: AttentionDims, q3: str, k: str, v: str, mask: str,
+def _attend_decomposed(g: GraphBuilder, t: Target, d: AttentionDims, q4: str, k: str, v: str, mask: str,
                        name: str) -> str:
+    """Grouped-query attention as MatMul/Softmax; K/V [kvH, R, S, hd] are read in place."""
     kvh, grp, hd = d.num_kv_heads, d.groups, d.head_dim
-    # Q [R, Qt, H*hd] -> [R, kvH, G*Qt, hd]: heads of one group share a K/V head, no K/V copies.
-    q5 = g.op("Reshape", [q3, g.const([0, 0, kvh, grp, hd])], name=f"{name}_q5")
-    qt = g.op("Transpose", [q5], name=f"{name}_qt", perm=[0, 2, 3, 1, 4])
-    q4 = g.op("Reshape", [qt, g.const([0, kvh, -1, hd])], name=f"{name}_q4")
-    k4 = g.op("Reshape", [k, g.const([0, 0, kvh, hd])], name=f"{name}_k4")
-    kt = g.op("Transpose", [k4], name=f"{name}_kt", perm=[0, 2, 3, 1])          # [R, kvH, hd, S]
-    v4 = g.op("Reshape", [v, g.const([0, 0, kvh, hd])], name=f"{name}_v4")
-    vt = g.op("Transpose", [v4], name=f"{name}_vt", perm=[0, 2, 1, 3])          # [R, kvH, S, hd]
-    scores = g.op("MatMul", [q4, kt], name=f"{name}_qk")
-    scores = g.op("Mul", [scores, g.const(np.float32(1.0 / np.sqrt(hd)), t.dtype)], name=f"{name}_scale")
-    neg = g.const(np.float32(-np.inf), t.dtype)
-    scores = g.op("Where", [mask, scores, neg], name=f"{name}_mask")
+    q5 = g.op("Reshape", [q4, g.const([0, 0, kvh, grp, hd])], name=f"{name}_q5")  # [R, Qt, kvH, G, hd]
+    qt = g.op("Transpose", [q5], name=f"{name}_qt", perm=[2, 0, 3, 1, 4])          # [kvH, R, G, Qt, hd]
+    qg = g.op("Reshape", [qt, g.const([0, 0, -1, hd])], name=f"{name}_qg")         # [kvH, R, G*Qt, hd]
+    qs = g.op("Mul", [qg, g.const(np.float32(1.0 / np.sqrt(hd)), t.dtype)], name=f"{name}_qscale")
+    kt = g.op("Transpose", [k], name=f"{name}_kt", perm=[0, 1, 3, 2])              # [kvH, R, hd, S]
+    scores = g.op("MatMul", [qs, kt], name=f"{name}_qk")                           # [kvH, R, G*Qt, S]
+    scores = g.op("Where", [mask, scores, g.const(np.float32(-np.inf), t.dtype)], name=f"{name}_mask")
     probs = g.op("Softmax", [scores], name=f"{name}_softmax", axis=-1)
-    out = g.op("MatMul", [probs, vt], name=f"{name}_pv")                        # [R, kvH, G*Qt, hd]
-    o5 = g.op("Reshape", [out, g.const([0, kvh, grp, -1, hd])], name=f"{name}_o5")
-    ot = g.op("Transpose", [o5], name=f"{name}_ot", perm=[0, 3, 1, 2, 4])        # [R, Qt, kvH, G, hd]
-    return g.op("Reshape", [ot, g.const([0, 0, d.q_size])], name=name)
+    out = g.op("MatMul", [probs, v], name=f"{name}_pv")                            # [kvH, R, G*Qt, hd]
+    o5 = g.op("Reshape", [out, g.const([0, 0, grp, -1, hd])], name=f"{name}_o5")   # [kvH, R, G, Qt, hd]
+    ot = g.op("Transpose", [o5], name=f"{name}_ot", perm=[1, 3, 0, 2, 4])          # [R, Qt, kvH, G, hd]
+    return g.op("Reshape", [ot, g.const([-1, d.q_size])], name=f"{name}_rows")
 
 
 def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVPool, q: str, k_new: str,
                          v_new: str, write_index: str, buckets: list[BucketInputs], out_index: str) -> str:
-    """q [T, H*hd], k_new/v_new [T, kvD] -> attention output [T, H*hd] (packed order)."""
+    """q [T, H*hd], k_new/v_new [T, kvH, hd] -> attention output [T, H*hd] (packed order).
+
+    write_index: the [T, kvH, 3] ScatterND indices from `emit_write_index`.
+    """
     layer = pool.layer
     k_pool = pool.write("key", k_new, write_index)
     v_pool = pool.write("value", v_new, write_index)
     outs = []
     for b, bk in enumerate(buckets):
         qb = g.op("Gather", [q, bk.q_index], name=f"l{layer}_b{b}_q_rows", axis=0)
-        q3 = g.op("Reshape", [qb, bk.q_shape], name=f"l{layer}_b{b}_q")
+        q4 = g.op("Reshape", [qb, bk.q_shape], name=f"l{layer}_b{b}_q")            # [R, Qt, H, hd]
         kb = pool.read(k_pool, "key", bk, b)
         vb = pool.read(v_pool, "value", bk, b)
         name = f"l{layer}_b{b}_attention"
-        if t.attention == "fused":
-            y = _attend_fused(g, d, q3, kb, vb, bk.mask, name)
+        if bk.impl == "fused":
+            outs.append(_attend_fused(g, d, q4, kb, vb, bk.mask, name))
         else:
-            y = _attend_decomposed(g, t, d, q3, kb, vb, bk.mask, name)
-        outs.append(g.op("Reshape", [y, g.const([-1, d.q_size])], name=f"l{layer}_b{b}_rows_out"))
+            outs.append(_attend_decomposed(g, t, d, q4, kb, vb, bk.mask, name))
     cat = outs[0] if len(outs) == 1 else g.op("Concat", outs, name=f"l{layer}_attn_rows", axis=0)
     return g.op("Gather", [cat, out_index], name=f"l{layer}_attn_out", axis=0)

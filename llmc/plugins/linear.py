@@ -1,24 +1,31 @@
-"""Linear layers, float and quantized, as MatMul patterns backends accelerate.
+"""Linear layers, float and quantized, as MatMul patterns each backend accelerates.
 
-The canonical weight layout in `LinearSpec` is the checkpoint's [out, in]; the emitted MatMul
-weight is [in, out] (transposed once at build time). Per kind:
+A `LinearSpec` is a linear in canonical form: a weight format (float / int8 / int4 / fp8), an
+activation treatment (none / int8 static / int8 per-token / fp8 static), an optional pre-quant
+scale and bias. The emitted MatMul weight is [in, out] (transposed once at build time).
 
-- float:    MatMul(x, W).
-- int8_sq:  SmoothQuant W8A8. x * pre_quant_scale -> QuantizeLinear/DequantizeLinear (int8,
-            per-tensor, zero point 0) -> MatMul <- DequantizeLinear(W int8, per-output-channel
-            scale, axis 1, zero point 0). ONNX Runtime fuses this into its int8 GEMM; TensorRT
-            into an INT8 GEMM.
-- w8a16:    int8 weight-only, per-channel: MatMul(x, DequantizeLinear(W int8)).
-- int4_awq / w4a16: MatMul(x * pre_quant_scale, DequantizeLinear(W int4 [in,out], block scales
-            [in/g, out], axis 0, block_size g, no zero point)). ONNX Runtime fuses it into its
-            4-bit MatMul (MatMulNBits); TensorRT into its INT4 weight-only GEMM.
-- fp8:      TensorRT: FP8 Q/DQ on activations and weights. ONNX Runtime CPU (no FP8 GEMM): the
-            weight is dequantized at build time from its exact FP8 values (fp8 * scale in
-            float32: the same numbers the Q/DQ graph computes) and activations are rounded
-            through Div -> Cast(float8e4m3fn, saturate) -> Cast -> Mul, which is exactly
-            QuantizeLinear/DequantizeLinear's arithmetic.
-- w4a8_awq: INT4 block weights (block scale x weight_scale_2) and FP8 activations, lowered like
-            int4_awq for the weight and like fp8 for the activation.
+Weights
+- float: MatMul(x, W).
+- int8:  DequantizeLinear(W int8 [in, out], per-output-channel scale, axis 1, zero point 0).
+- int4:  DequantizeLinear(W int4 [in, out], block scales [in/g, out], axis 0, block_size g, no
+         zero point): opset-21 blocked DQ; ONNX Runtime fuses DQ+MatMul into MatMulNBits,
+         TensorRT into its INT4 weight-only GEMM.
+- fp8:   TensorRT: DequantizeLinear(W float8e4m3fn, scale). ONNX Runtime CPU has no FP8 GEMM
+         (DQ from FP8 runs but is 14-30x slower than fp32): the weight is dequantized at build
+         time from its exact FP8 values (fp8 * scale in float32, the same numbers DQ yields).
+Activations
+- int8 (SmoothQuant, static per-tensor): QuantizeLinear/DequantizeLinear, int8, zero point 0.
+  With int8 weights ONNX Runtime fuses Q/DQ + MatMul into its int8 GEMM; TensorRT likewise.
+- int8 per-token (dynamic): scale = max|x| / 127 per row, rounded with Div/Round/Clip/Mul (exact
+  fake quantization; neither backend takes non-constant per-axis activation scales in Q/DQ).
+- fp8 (static per-tensor): TensorRT: FP8 QuantizeLinear/DequantizeLinear (fused into the FP8
+  GEMM). ONNX Runtime CPU: Div -> Cast(float8e4m3fn, saturate) -> Cast -> Mul, which is exactly
+  QuantizeLinear/DequantizeLinear's arithmetic (round to nearest even, saturate at +-448).
+- pre_quant_scale (AWQ, SmoothQuant): one Mul on the activation before anything else.
+
+W4A8 AWQ is executed as TensorRT-LLM does: the INT4 weight becomes FP8 per group,
+fp8(q * s_group / s2), so the graph stores those FP8 values (one byte per weight) with the
+per-tensor scale s2 and treats the layer as FP8 x FP8.
 """
 
 from __future__ import annotations
@@ -31,29 +38,26 @@ from onnx import TensorProto
 from llmc.engine.graph import GraphBuilder, pack_int4
 from llmc.plugins.base import Target
 
-KINDS = ("float", "int8_sq", "w8a16", "int4_awq", "w4a16", "fp8", "w4a8_awq")
-FP8_MAX = 448.0
+WEIGHT_FORMATS = ("float", "int8", "int4", "fp8")
+ACTIVATIONS = (None, "int8", "int8_token", "fp8")
 
 
 @dataclass
 class LinearSpec:
-    """One linear in canonical form (all arrays numpy, weight [out, in]).
+    """One linear in canonical form (numpy; weight [out, in]).
 
-    weight: float32 for "float" and "fp8" (exact FP8 values, i.e. the unscaled e4m3 numbers);
-    int8 for int8 kinds; int8 holding values in [-8, 7] for int4 kinds.
-    weight_scale: [] / [out] / [out, in // group_size] (float32).
-    input_scale: per-tensor activation scale (int8_sq, fp8, w4a8_awq).
-    pre_quant_scale: [in], multiplied into the activation before the matmul (AWQ, SmoothQuant).
-    weight_scale_2: per-tensor second-level weight scale (w4a8_awq); folded into the block scales.
+    weight: float32 for "float" and "fp8" (fp8: the exact FP8 values, unscaled); int8 for "int8";
+    int8 holding values in [-8, 7] for "int4".
+    weight_scale: None (float) / [] / [out] / [out, in // group_size] float32.
     """
 
-    kind: str
+    wfmt: str
     weight: np.ndarray
     weight_scale: np.ndarray | None = None
+    group_size: int | None = None
+    act: str | None = None
     input_scale: float | None = None
     pre_quant_scale: np.ndarray | None = None
-    weight_scale_2: float | None = None
-    group_size: int | None = None
     bias: np.ndarray | None = None
 
     @property
@@ -64,56 +68,56 @@ class LinearSpec:
     def in_features(self) -> int:
         return int(self.weight.shape[1])
 
+    @property
+    def kind(self) -> str:
+        return self.wfmt if self.act is None else f"{self.wfmt}/{self.act}"
+
+    def scale_per_channel(self) -> np.ndarray:
+        """weight_scale as [out] (per-tensor scales broadcast)."""
+        s = np.asarray(self.weight_scale, np.float32)
+        return np.full(self.out_features, float(s.reshape(-1)[0]), np.float32) if s.size == 1 else s.reshape(-1)
+
     def dequantized(self) -> np.ndarray:
         """The float32 [out, in] weight this spec stands for."""
         w = self.weight.astype(np.float32)
-        if self.kind == "float":
+        if self.wfmt == "float":
             return w
         s = np.asarray(self.weight_scale, np.float32)
-        if self.weight_scale_2 is not None:
-            s = s * np.float32(self.weight_scale_2)
-        if s.ndim == 2 and s.shape[1] != w.shape[1]:  # block scales
+        if s.ndim == 2:  # block scales along the input dim
             g = w.shape[1] // s.shape[1]
             return (w.reshape(w.shape[0], -1, g) * s[:, :, None]).reshape(w.shape)
-        if s.ndim == 1:
-            return w * s[:, None]
-        return w * s
+        return w * self.scale_per_channel()[:, None]
 
 
 def concat_out(specs: list[LinearSpec]) -> LinearSpec:
     """Stack linears that share an input along the output dim (gated MLP fc + gate).
 
-    Per-tensor weight scales become per-channel vectors; activation scales and pre-quant scales
-    must agree (they do for llmc checkpoints: the reference model calibrates the fused gate_up).
+    Per-tensor weight scales become per-channel vectors. Activation treatment and pre-quant
+    scales must agree (they do for llmc checkpoints: the reference model calibrates gate_up
+    as one linear); otherwise ValueError.
     """
     first = specs[0]
-    if any(s.kind != first.kind for s in specs):
-        raise ValueError("cannot fuse linears of different quantization kinds")
+    for s in specs[1:]:
+        if s.wfmt != first.wfmt or s.act != first.act or s.group_size != first.group_size:
+            raise ValueError("linears sharing an input are quantized differently")
+        if s.input_scale != first.input_scale:
+            raise ValueError("linears sharing an input have different activation scales")
+        if (first.pre_quant_scale is None) != (s.pre_quant_scale is None) or (
+                first.pre_quant_scale is not None and not np.array_equal(first.pre_quant_scale, s.pre_quant_scale)):
+            raise ValueError("linears sharing an input have different pre-quant scales")
     weight = np.concatenate([s.weight for s in specs], 0)
     scale = None
     if first.weight_scale is not None:
-        parts = []
-        for s in specs:
-            ws = np.asarray(s.weight_scale, np.float32)
-            if s.weight_scale_2 is not None:
-                ws = ws * np.float32(s.weight_scale_2)
-            if ws.size == 1 and ws.ndim <= 1:
-                ws = np.full(s.out_features, float(ws.reshape(-1)[0]), np.float32)
-            parts.append(ws)
-        scale = np.concatenate(parts, 0)
-    input_scale = None
-    if first.input_scale is not None:
-        input_scale = max(float(s.input_scale) for s in specs)
-    pqs = first.pre_quant_scale
-    for s in specs[1:]:
-        if (pqs is None) != (s.pre_quant_scale is None) or (
-                pqs is not None and not np.array_equal(pqs, s.pre_quant_scale)):
-            raise ValueError("linears sharing an input have different pre-quant scales")
+        if np.asarray(first.weight_scale).ndim == 2:
+            scale = np.concatenate([np.asarray(s.weight_scale, np.float32) for s in specs], 0)
+        else:
+            scale = np.concatenate([s.scale_per_channel() for s in specs], 0)
     bias = None
     if any(s.bias is not None for s in specs):
         bias = np.concatenate([s.bias if s.bias is not None else np.zeros(s.out_features, np.float32)
                                for s in specs])
-    return LinearSpec(first.kind, weight, scale, input_scale, pqs, None, first.group_size, bias)
+    return LinearSpec(first.wfmt, weight, scale, first.group_size, first.act, first.input_scale,
+                      first.pre_quant_scale, bias)
 
 
 def _fake_quant_fp8(g: GraphBuilder, t: Target, x: str, scale: float, name: str) -> str:
@@ -121,11 +125,53 @@ def _fake_quant_fp8(g: GraphBuilder, t: Target, x: str, scale: float, name: str)
     if t.fp8 == "qdq":
         zp = g.const(np.zeros((), np.float32), TensorProto.FLOAT8E4M3FN)
         q = g.op("QuantizeLinear", [x, s, zp], name=f"{name}_aq")
-        return g.op("DequantizeLinear", [q, s], name=f"{name}_adq")
+        return g.op("DequantizeLinear", [q, s, zp], name=f"{name}_adq")
     scaled = g.op("Div", [x, s], name=f"{name}_adiv")
     q = g.op("Cast", [scaled], name=f"{name}_afp8", to=TensorProto.FLOAT8E4M3FN, saturate=1)
     back = g.op("Cast", [q], name=f"{name}_aback", to=t.dtype)
     return g.op("Mul", [back, s], name=f"{name}_adq")
+
+
+def _fake_quant_int8_token(g: GraphBuilder, t: Target, x: str, name: str) -> str:
+    amax = g.op("ReduceMax", [g.op("Abs", [x], name=f"{name}_aabs"), g.const([-1])], name=f"{name}_aamax",
+                keepdims=1)
+    s = g.op("Div", [amax, g.const(np.float32(127.0), t.dtype)], name=f"{name}_ascale")
+    zero = g.op("Equal", [amax, g.const(np.float32(0.0), t.dtype)], name=f"{name}_azero")
+    s = g.op("Where", [zero, g.const(np.float32(1.0), t.dtype), s], name=f"{name}_ascale_nz")
+    q = g.op("Round", [g.op("Div", [x, s], name=f"{name}_adiv")], name=f"{name}_around")
+    q = g.op("Clip", [q, g.const(np.float32(-128.0), t.dtype), g.const(np.float32(127.0), t.dtype)],
+             name=f"{name}_aclip")
+    return g.op("Mul", [q, s], name=f"{name}_adq")
+
+
+def _emit_matmul_integer(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, name: str) -> str:
+    """SmoothQuant with per-token dynamic int8 activations on ONNX Runtime: integer GEMM.
+
+    q = clamp(round(x / s_t), -128, 127) with s_t = max|x_row| / 127; y = (q @ W_q) * s_t * s_w.
+    MatMulInteger (uint8 - 128 x int8 -> int32) is exact and runs on ORT's int8 GEMM; TensorRT
+    has no MatMulInteger importer, so tensorrt targets use the fake-quant form instead.
+    """
+    amax = g.op("ReduceMax", [g.op("Abs", [x], name=f"{name}_aabs"), g.const([-1])], name=f"{name}_aamax",
+                keepdims=1)
+    s = g.op("Div", [amax, g.const(np.float32(127.0), t.dtype)], name=f"{name}_ascale")
+    zero = g.op("Equal", [amax, g.const(np.float32(0.0), t.dtype)], name=f"{name}_azero")
+    s = g.op("Where", [zero, g.const(np.float32(1.0), t.dtype), s], name=f"{name}_ascale_nz")
+    q = g.op("Round", [g.op("Div", [x, s], name=f"{name}_adiv")], name=f"{name}_around")
+    q = g.op("Clip", [q, g.const(np.float32(-128.0), t.dtype), g.const(np.float32(127.0), t.dtype)],
+             name=f"{name}_aclip")
+    # As uint8 with zero point 128 (exact: q + 128 - 128): ORT's u8s8 GEMM is 25-40x faster than
+    # its s8s8 path (measured, M = 1..256).
+    qu = g.op("Add", [q, g.const(np.float32(128.0), t.dtype)], name=f"{name}_aoffset")
+    q8 = g.op("Cast", [qu], name=f"{name}_auint8", to=TensorProto.UINT8)
+    w = g.weight(f"{name}.weight", np.ascontiguousarray(spec.weight.T.astype(np.int8)))
+    acc = g.op("MatMulInteger", [q8, w, g.const(np.uint8(128), TensorProto.UINT8, hint="a_zero_point_128")],
+               name=name)
+    y = g.op("Cast", [acc], name=f"{name}_acc_float", to=t.dtype)
+    y = g.op("Mul", [y, s], name=f"{name}_ascale_out")
+    y = g.op("Mul", [y, g.weight(f"{name}.weight_scale", spec.scale_per_channel(), t.dtype)], name=f"{name}_wscale")
+    if spec.bias is not None:
+        y = g.op("Add", [y, g.weight(f"{name}.bias", spec.bias.astype(np.float32), t.dtype)], name=f"{name}_bias")
+    return y
 
 
 def _fp8_bits(values: np.ndarray) -> bytes:
@@ -135,56 +181,50 @@ def _fp8_bits(values: np.ndarray) -> bytes:
 
 
 def emit_linear(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, name: str) -> str:
-    """x [..., in] -> [..., out] (+ bias)."""
-    k = spec.kind
+    """x [..., in] -> [..., out] (+ bias). The MatMul node is named `{name}_node`."""
     if spec.pre_quant_scale is not None:
-        x = g.op("Mul", [x, g.weight(f"{name}.pre_quant_scale", spec.pre_quant_scale.astype(np.float32), t.dtype)],
-                 name=f"{name}_smooth")
-    if k == "float" or (k == "fp8" and t.fp8 == "emulate"):
-        if k == "fp8":
-            x = _fake_quant_fp8(g, t, x, float(spec.input_scale), name)
-        w = g.weight(f"{name}.weight", spec.dequantized().T, t.dtype)
-        y = g.op("MatMul", [x, w], name=name)
-    elif k in ("int8_sq", "w8a16"):
-        if k == "int8_sq":
-            s = g.const(np.float32(spec.input_scale), t.dtype)
-            zp = g.const(np.int8(0), TensorProto.INT8)
-            q = g.op("QuantizeLinear", [x, s, zp], name=f"{name}_aq")
-            x = g.op("DequantizeLinear", [q, s, zp], name=f"{name}_adq")
-        w = g.weight(f"{name}.weight", spec.weight.T.astype(np.int8))
-        ws = np.asarray(spec.weight_scale, np.float32).reshape(-1)
-        if ws.size == 1:
-            ws = np.full(spec.out_features, ws[0], np.float32)
-        s_w = g.weight(f"{name}.weight_scale", ws, t.dtype)
-        zp_w = g.weight(f"{name}.weight_zero_point", np.zeros(spec.out_features, np.int8))
-        wd = g.op("DequantizeLinear", [w, s_w, zp_w], name=f"{name}_wdq", axis=1)
-        y = g.op("MatMul", [x, wd], name=name)
-    elif k in ("int4_awq", "w4a16", "w4a8_awq"):
-        if k == "w4a8_awq":
-            x = _fake_quant_fp8(g, t, x, float(spec.input_scale), name)
-        gs = int(spec.group_size)
-        wt = np.ascontiguousarray(spec.weight.T)  # [in, out]
-        w = g.raw_weight(f"{name}.weight", TensorProto.INT4, wt.shape, pack_int4(wt))
-        bs = np.asarray(spec.weight_scale, np.float32)
-        if spec.weight_scale_2 is not None:
-            bs = bs * np.float32(spec.weight_scale_2)
-        s_w = g.weight(f"{name}.weight_scale", np.ascontiguousarray(bs.T), t.dtype)  # [in/g, out]
-        wd = g.op("DequantizeLinear", [w, s_w], name=f"{name}_wdq", axis=0, block_size=gs)
-        y = g.op("MatMul", [x, wd], name=name)
-    elif k == "fp8":  # TensorRT: Q/DQ both sides
+        pqs = g.weight(f"{name}.pre_quant_scale", spec.pre_quant_scale.astype(np.float32), t.dtype)
+        x = g.op("Mul", [x, pqs], name=f"{name}_smooth")
+    if spec.act == "int8_token" and spec.wfmt == "int8" and not t.is_trt:
+        return _emit_matmul_integer(g, t, x, spec, name)
+    if spec.act == "int8":
+        s = g.const(np.float32(spec.input_scale), t.dtype)
+        zp = g.const(np.int8(0), TensorProto.INT8)
+        q = g.op("QuantizeLinear", [x, s, zp], name=f"{name}_aq")
+        x = g.op("DequantizeLinear", [q, s, zp], name=f"{name}_adq")
+    elif spec.act == "int8_token":
+        x = _fake_quant_int8_token(g, t, x, name)
+    elif spec.act == "fp8":
         x = _fake_quant_fp8(g, t, x, float(spec.input_scale), name)
+    elif spec.act is not None:
+        raise ValueError(f"unknown activation treatment {spec.act!r}")
+
+    w = spec.wfmt
+    if w == "float" or (w == "fp8" and t.fp8 == "emulate"):
+        wd = g.weight(f"{name}.weight", spec.dequantized().T, t.dtype)
+    elif w == "int8":
+        q = g.weight(f"{name}.weight", np.ascontiguousarray(spec.weight.T.astype(np.int8)))
+        s_w = g.weight(f"{name}.weight_scale", spec.scale_per_channel(), t.dtype)
+        zp_w = g.const(np.zeros(spec.out_features, np.int8), TensorProto.INT8, hint=f"{name}.weight_zero_point")
+        wd = g.op("DequantizeLinear", [q, s_w, zp_w], name=f"{name}_wdq", axis=1)
+    elif w == "int4":
+        wt = np.ascontiguousarray(spec.weight.T)  # [in, out]
+        q = g.raw_weight(f"{name}.weight", TensorProto.INT4, wt.shape, pack_int4(wt))
+        s_w = g.weight(f"{name}.weight_scale", np.ascontiguousarray(np.asarray(spec.weight_scale, np.float32).T),
+                       t.dtype)  # [in/g, out]
+        wd = g.op("DequantizeLinear", [q, s_w], name=f"{name}_wdq", axis=0, block_size=int(spec.group_size))
+    elif w == "fp8":  # TensorRT: FP8 DQ on the weight
         wt = np.ascontiguousarray(spec.weight.T)
-        w = g.raw_weight(f"{name}.weight", TensorProto.FLOAT8E4M3FN, wt.shape, _fp8_bits(wt))
-        ws = np.asarray(spec.weight_scale, np.float32).reshape(-1)
+        q = g.raw_weight(f"{name}.weight", TensorProto.FLOAT8E4M3FN, wt.shape, _fp8_bits(wt))
+        ws = np.asarray(spec.weight_scale, np.float32)
         if ws.size == 1:
-            s_w = g.const(np.float32(ws[0]), t.dtype)
-            wd = g.op("DequantizeLinear", [w, s_w], name=f"{name}_wdq")
+            wd = g.op("DequantizeLinear", [q, g.const(np.float32(ws.reshape(-1)[0]), t.dtype)], name=f"{name}_wdq")
         else:
-            s_w = g.weight(f"{name}.weight_scale", ws, t.dtype)
-            wd = g.op("DequantizeLinear", [w, s_w], name=f"{name}_wdq", axis=1)
-        y = g.op("MatMul", [x, wd], name=name)
+            s_w = g.weight(f"{name}.weight_scale", spec.scale_per_channel(), t.dtype)
+            wd = g.op("DequantizeLinear", [q, s_w], name=f"{name}_wdq", axis=1)
     else:
-        raise ValueError(f"unknown linear kind {k!r}")
+        raise ValueError(f"unknown weight format {w!r}")
+    y = g.op("MatMul", [x, wd], name=name)
     if spec.bias is not None:
         y = g.op("Add", [y, g.weight(f"{name}.bias", spec.bias.astype(np.float32), t.dtype)], name=f"{name}_bias")
     return y

@@ -31,6 +31,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Hashable, Mapping
 
+import numpy as np
+
 from llmc.errors import LlmcError
 from llmc.runtime.kv_blocks import BlockManager
 
@@ -139,8 +141,53 @@ class SchedulerOutput:
         """Requests that need a sampled token from this step, in `scheduled` order."""
         return [rid for rid, s in self.scheduled.items() if s.needs_logits]
 
+    def packed(self) -> PackedBatch:
+        """All scheduled tokens concatenated (no padding), as a packed engine step consumes them.
+
+        Row i of the engine's logits belongs to `logits_request_ids[i]`: the last fed token of
+        each request that needs logits.
+        """
+        seqs = list(self.scheduled.values())
+        lens = np.array([s.num_tokens for s in seqs], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if seqs else lens
+        flat = lambda attr: np.array([t for s in seqs for t in getattr(s, attr)], dtype=np.int64)  # noqa: E731
+        need = np.array([s.needs_logits for s in seqs], dtype=bool)
+        return PackedBatch(
+            input_ids=flat("token_ids"),
+            positions=flat("positions"),
+            slot_mapping=flat("slot_mapping"),
+            query_starts=starts,
+            query_lens=lens,
+            context_lens=np.array([s.context_len for s in seqs], dtype=np.int64),
+            block_tables=[s.block_table for s in seqs],
+            logits_indices=(starts + lens - 1)[need] if seqs else lens,
+            logits_request_ids=[s.request_id for s in seqs if s.needs_logits],
+        )
+
+
+@dataclass
+class PackedBatch:
+    """Numpy view of one step for a packed (varlen) model: maps 1:1 onto the engine's StepBatch."""
+
+    input_ids: np.ndarray  # int64 [T]
+    positions: np.ndarray  # int64 [T]
+    slot_mapping: np.ndarray  # int64 [T]
+    query_starts: np.ndarray  # int64 [S] offset of each sequence's tokens in the arrays above
+    query_lens: np.ndarray  # int64 [S]
+    context_lens: np.ndarray  # int64 [S]
+    block_tables: list[list[int]]  # [S]
+    logits_indices: np.ndarray  # int64 [L] token indices whose logits are needed
+    logits_request_ids: list[Hashable]  # [L] request of each logits row
+
 
 class Scheduler:
+    """FCFS continuous-batching scheduler over a `BlockManager` it drives exclusively.
+
+    Loop: `add_request()` any time; `out = schedule()`; run the model on `out`; sample for
+    `out.logits_request_ids`; `update(out, {request_id: token})`. Only `update()` advances
+    request state, so a step's plan can be inspected or discarded freely until then.
+    """
+
     def __init__(
         self,
         block_manager: BlockManager,
@@ -269,7 +316,7 @@ class Scheduler:
             block_table=list(bm.block_table(req.request_id)),
             num_computed_tokens=start,
             context_len=end,
-            needs_logits=end >= req.num_prompt_tokens,
+            needs_logits=end == req.num_tokens,
         )
 
     def schedule(self) -> SchedulerOutput:
@@ -323,7 +370,9 @@ class Scheduler:
                 break
             n = min(n, budget)
             if not bm.can_allocate(tokens, n):
-                if not self.running:  # the whole pool was free and it still did not fit
+                # Defensive: with add_request's checks this is unreachable today, but a request
+                # that does not fit in an empty pool must fail rather than block the queue forever.
+                if not self.running:
                     self._finish(
                         req,
                         "error",
@@ -365,9 +414,10 @@ class Scheduler:
         if output.step != self._step or (output.scheduled and not self._awaiting_update):
             raise RuntimeError(f"stale or already applied scheduler output (step {output.step})")
         live = [
-            (self._requests[rid], s)
+            (req, s)
             for rid, s in output.scheduled.items()
-            if rid in self._requests  # else finished (aborted) while the step ran
+            # else finished (aborted) while the step ran, possibly with its id already reused
+            if (req := self._requests.get(rid)) is not None and req.status is RequestStatus.RUNNING
         ]
         missing = [req.request_id for req, s in live if s.needs_logits and req.request_id not in sampled_tokens]
         if missing:  # checked before touching any state

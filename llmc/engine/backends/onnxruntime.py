@@ -1,7 +1,8 @@
 """ONNX Runtime (CPU) execution of an engine graph, with the KV pool bound once.
 
-- The pool is one numpy allocation ([layers, 2, num_blocks, block_size, kv_size]); each layer's
-  key/value slice is wrapped as an OrtValue without copying and bound both as the graph's pool
+- The pool is one numpy allocation ([layers, 2, kv_heads, num_blocks, block_size, head_dim]),
+  zero-filled and pre-faulted at allocation (first-touch page faults cost more than the writes);
+  each layer's key/value slice is wrapped as an OrtValue without copying and bound both as the graph's pool
   input and as the matching `.out` output, so the in-graph ScatterND writes new K/V in place.
   Bindings persist across steps: a step binds only its small index arrays and the logits buffer.
 - FP8 pools are uint8 buffers handed to ORT as float8e4m3fn tensors (same bytes).
@@ -20,11 +21,16 @@ from onnx import TensorProto
 from llmc.errors import LlmcError
 
 POOL_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT8: np.int8,
-           TensorProto.FLOAT8E4M3FN: np.uint8, TensorProto.BFLOAT16: np.uint16}
+           TensorProto.FLOAT8E4M3FN: np.uint8, TensorProto.UINT8: np.uint8, TensorProto.BFLOAT16: np.uint16}
 
 # MatMulNBits accuracy level for fused INT4 weights: 4 = int8 activations inside the kernel (fast,
 # ~1e-3 relative error), 0/1 = fp32 compute (matches the fake-quant reference to ~1e-6).
 DEFAULT_INT4_ACCURACY_LEVEL = 4
+
+# MatMulAddFusion would turn "MatMul -> residual Add" into Gemm before the QDQ fusions run, which
+# keeps ORT from fusing a blocked-INT4 DequantizeLinear + MatMul into MatMulNBits (dense and
+# proj stayed fp32-dequantized every step). The residual Add costs one pass over [T, hidden].
+DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
 
 
 def physical_cores() -> int:
@@ -57,13 +63,16 @@ def session_options(threads: int | None = None, int4_accuracy_level: int | None 
 class OrtKVPool:
     """The runtime-owned KV pool: one buffer, per-layer key/value views, OrtValues over them."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_size: int, onnx_type: int):
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 onnx_type: int):
         import onnxruntime as ort
 
         self.num_blocks = num_blocks
+        self.block_size = block_size
         self.onnx_type = onnx_type
         np_dtype = POOL_NP[onnx_type]
-        self.buffer = np.zeros((num_layers, 2, num_blocks, block_size, kv_size), np_dtype)
+        self.buffer = np.empty((num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim), np_dtype)
+        self.buffer.fill(0)  # commit and zero every page now, not on the first steps
         self.ortvalues: list[tuple] = []
         for layer in range(num_layers):
             pair = []
@@ -81,7 +90,7 @@ class OrtKVPool:
         return int(self.buffer.nbytes)
 
     def key(self, layer: int) -> np.ndarray:
-        """[num_blocks, block_size, kv_size] view of a layer's keys (raw storage dtype)."""
+        """[kv_heads, num_blocks, block_size, head_dim] view of a layer's keys (storage dtype)."""
         return self.buffer[layer, 0]
 
     def value(self, layer: int) -> np.ndarray:
@@ -95,14 +104,14 @@ class OrtSession:
 
         so = session_options(threads, int4_accuracy_level)
         try:
-            self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+            self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"],
+                                             disabled_optimizers=DISABLED_OPTIMIZERS)
         except Exception as exc:  # an unreadable or incompatible model is a user-facing problem
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise LlmcError(f"ONNX Runtime {ort.__version__} cannot load this engine ({msg})", model_path) from None
         self.io = self.sess.io_binding()
         self.vocab_size = vocab_size
         self.pool: OrtKVPool | None = None
-        self._logits = np.empty((0, vocab_size), np.float32)
         self._keep: list = []
 
     def bind_pool(self, pool: OrtKVPool) -> None:
@@ -118,9 +127,9 @@ class OrtSession:
         io = self.io
         for name, arr in feeds.items():
             io.bind_cpu_input(name, arr)
-        if self._logits.shape[0] < num_logits:
-            self._logits = np.empty((max(num_logits, 2 * self._logits.shape[0]), self.vocab_size), np.float32)
-        out = self._logits[:num_logits]
+        # A fresh array per step (callers may keep it); ORT writes straight into it. glibc serves
+        # repeated same-size allocations from its heap, so this costs no page faults after warm-up.
+        out = np.empty((num_logits, self.vocab_size), np.float32)
         io.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         self._keep = [feeds]  # inputs must outlive the run
         self.sess.run_with_iobinding(io)

@@ -1,0 +1,1 @@
+"""Engine backends: onnxruntime (CPU), tensorrt, tensorrt-llm (optional extras, imported lazily)."""

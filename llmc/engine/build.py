@@ -1,0 +1,197 @@
+"""The build stage: checkpoint -> engine directory (atomic).
+
+    build_engine(checkpoint_dir, out_dir, BuildOptions(...)) -> BuildResult
+
+1. Open and validate the checkpoint; resolve options (one-line LlmcError on settings that cannot
+   hold); pick the backend (`auto`: TensorRT when it and a CUDA device are usable, else ONNX
+   Runtime; an explicit `tensorrt` without them fails at once unless --graph-only).
+2. Print the memory plan (weights + KV pool at the max settings + activations).
+3. Inside `atomic_output_dir`: emit model.onnx (+ model.onnx.data, streamed), check it
+   (onnx.checker; the TensorRT compatibility table for tensorrt targets), build rank0.engine
+   (tensorrt) or hand the checkpoint to trtllm-build (tensorrt-llm), copy the tokenizer files,
+   write config.json with the version stamps. An interrupted build leaves no engine directory.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from onnx import TensorProto
+
+from llmc.errors import LlmcError, UnsupportedError
+from llmc.engine.options import BuildOptions
+from llmc.engine.stamps import (ENGINE_FORMAT_VERSION, build_command, checkpoint_hash, toolchain_versions,
+                                write_engine_config)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                   "vocab.json", "merges.txt")
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    config: dict[str, Any]
+    seconds: float
+    backend: str
+
+
+def resolve_backend(requested: str, graph_only: bool = False) -> str:
+    """auto -> tensorrt if usable else onnxruntime; explicit GPU backends fail at once if unusable."""
+    from llmc.engine.backends.tensorrt import tensorrt_status
+
+    if requested == "auto":
+        return "tensorrt" if tensorrt_status()[0] else "onnxruntime"
+    if requested == "tensorrt" and not graph_only:
+        ok, reason = tensorrt_status()
+        if not ok:
+            raise UnsupportedError(f"--backend tensorrt: {reason}. Use --graph-only to write and check the "
+                                   "TensorRT graph on this machine, or --backend onnxruntime")
+    if requested == "tensorrt-llm" and not graph_only:
+        from llmc.engine.backends.tensorrt_llm import trtllm_status
+
+        ok, reason, _ = trtllm_status()
+        if not ok:
+            raise UnsupportedError(f"--backend tensorrt-llm: {reason}")
+    return requested
+
+
+def compute_dtype(backend: str, requested: str, ckpt_dtype: str) -> str:
+    if requested != "auto":
+        return requested
+    if backend == "tensorrt":
+        return ckpt_dtype if ckpt_dtype in ("float16", "bfloat16") else "float16"
+    return "float32"
+
+
+def attention_impl(backend: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if backend == "tensorrt":
+        try:
+            import tensorrt as trt
+
+            from llmc.engine.trt_compat import ATTENTION_MIN_TRT, _ver
+
+            if _ver(trt.__version__) < _ver(ATTENTION_MIN_TRT):
+                return "decomposed"
+        except Exception:
+            pass
+    return "fused"
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions | None = None,
+                 log: Callable[[str], None] | None = None, console=None) -> BuildResult:
+    import onnx
+
+    from llmc.checkpoint.io import load_checkpoint
+    from llmc.engine.memory import plan_memory, render_plan
+    from llmc.engine.model_graph import build_graph, check_supported
+    from llmc.engine.weights import kv_quant, quant_kind
+    from llmc.fsutil import atomic_output_dir, check_output_dir
+    from llmc.plugins.base import Target
+
+    t0 = time.perf_counter()
+    log = log or (lambda msg: None)
+    options = options or BuildOptions()
+    ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.config
+    out = Path(out)
+    check_output_dir(out, options.force)
+    check_supported(cfg)
+    qkind = quant_kind(cfg)
+    opts = options.resolve(cfg.max_position_embeddings)
+    backend = resolve_backend(opts.backend, opts.graph_only)
+    dtype = compute_dtype(backend, opts.dtype, cfg.dtype)
+    attention = attention_impl(backend, opts.attention)
+    graph_backend = "tensorrt" if backend == "tensorrt" else "onnxruntime"
+    target = Target.for_backend(graph_backend, ONNX_DTYPES[dtype], attention)
+    kvq = kv_quant(cfg) if opts.kv_cache_dtype == "auto" else (None if opts.kv_cache_dtype == "float" else opts.kv_cache_dtype)
+    kv_dtype = kvq if (kvq and target.kv_storage == "native") else dtype
+    if backend == "tensorrt" and kvq:
+        log(f"note: TensorRT takes no {kvq.upper()} Gather/ScatterND, so the KV pool stores the "
+            f"dequantized {kvq} values in {dtype} (same numerics, no memory saving)")
+    tensors = ckpt.merged_tensors()
+    plan = plan_memory(tensors, cfg, opts, dtype, kv_dtype, fp8_dequantized=(target.fp8 == "emulate"))
+    render_plan(plan, opts, kv_dtype, console)
+    source_hash = checkpoint_hash(ckpt.path)
+
+    extra: dict[str, Any] = {}
+    with atomic_output_dir(out, force=opts.force) as tmp:
+        spec = None
+        files = ["config.json"]
+        if backend != "tensorrt-llm":
+            model, spec = build_graph(tensors, cfg, target, tmp, block_size=opts.tokens_per_block,
+                                      max_positions=opts.max_seq_len, num_buckets=opts.attention_buckets,
+                                      kv_cache_dtype=opts.kv_cache_dtype)
+            del tensors
+            onnx_path = tmp / "model.onnx"
+            onnx.save_model(model, str(onnx_path))
+            onnx.checker.check_model(str(onnx_path))
+            files += ["model.onnx", "model.onnx.data"]
+            log(f"graph: {spec.node_count} nodes, {spec.weight_bytes / 2**20:.1f} MiB of weights")
+            if backend == "tensorrt":
+                from llmc.engine.trt_compat import assert_trt_compatible
+
+                trt_version = None
+                try:
+                    import tensorrt as trt
+
+                    trt_version = trt.__version__
+                except Exception:
+                    pass
+                assert_trt_compatible(model, trt_version)
+                log("TensorRT compatibility check: ok")
+                if not opts.graph_only:
+                    from llmc.engine.backends.tensorrt import build_trt_engine
+
+                    extra["tensorrt"] = build_trt_engine(onnx_path, tmp / "rank0.engine", opts, spec, qkind, log)
+                    files.append("rank0.engine")
+            del model
+        else:
+            del tensors
+            if not opts.graph_only:
+                from llmc.engine.backends.tensorrt_llm import build_with_trtllm
+
+                extra["tensorrt_llm"] = build_with_trtllm(ckpt.path, tmp, opts, cfg.quantization.quant_algo, log)
+                files.append("trtllm/")
+        tok = copy_tokenizer(ckpt.path, tmp)
+        model_cfg = cfg.to_dict()
+        data = {
+            **model_cfg,  # the checkpoint config at top level, like TensorRT-LLM engine configs
+            "llmc": {**(model_cfg.get("llmc") or {}), "engine": True, "engine_format_version": ENGINE_FORMAT_VERSION},
+            "engine": {
+                "format_version": ENGINE_FORMAT_VERSION,
+                "backend": backend,
+                "graph_only": bool(opts.graph_only and backend in ("tensorrt", "tensorrt-llm")),
+                "files": files + tok,
+                "compute_dtype": dtype,
+                "kv_cache_dtype": kv_dtype,
+                "quantization": qkind,
+                "graph": spec.to_dict() if spec is not None else None,
+                **extra,
+            },
+            "build": opts.to_dict(),
+            "memory_plan": plan.to_dict(),
+            "versions": toolchain_versions(tensorrt=backend != "onnxruntime"),
+            "source": {"checkpoint": str(ckpt.path.resolve()), "hash": source_hash},
+            "build_command": build_command(ckpt.path, out, opts.to_dict() | {"backend": opts.backend}),
+            "tokenizer_files": tok,
+            "build_seconds": round(time.perf_counter() - t0, 3),
+        }
+        write_engine_config(tmp, data)
+    return BuildResult(out, data, time.perf_counter() - t0, backend)

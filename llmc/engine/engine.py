@@ -1,0 +1,192 @@
+"""The engine step API (see docs/interfaces.md).
+
+    engine = load_engine(engine_dir)           # refuses unknown formats with a rebuild hint
+    pool = engine.allocate_kv_pool(num_blocks) # runtime-owned, bound once
+    logits = engine.step(StepBatch(...))       # float32 [len(logits_indices), vocab]
+
+`step()` returns a new float32 array each call (ONNX Runtime writes into it directly). Host work
+per step is the small index arrays of `step_feeds`; the pool and the weights are never copied.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmc.checkpoint.config import CheckpointConfig
+from llmc.errors import LlmcError, UnsupportedError
+from llmc.engine.step import StepBatch, step_feeds
+from llmc.engine.stamps import check_compatible, read_engine_config
+
+KV_ELEM = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
+
+
+@dataclass
+class EngineConfig:
+    """Model + build facts an engine runs with (attribute access; `raw` is config.json)."""
+
+    model: CheckpointConfig
+    backend: str
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+    max_num_tokens: int
+    tokens_per_block: int
+    kv_cache_dtype: str
+    kv_cache_blocks: int
+    paged_kv_cache: bool
+    inflight_batching: bool
+    compute_dtype: str
+    quantization: str
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_hidden_layers
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":
+        from llmc.engine.stamps import model_config_dict
+
+        b, e = data["build"], data["engine"]
+        return cls(
+            model=CheckpointConfig.from_dict(model_config_dict(data)),
+            backend=e["backend"], max_batch_size=b["max_batch_size"], max_input_len=b["max_input_len"],
+            max_seq_len=b["max_seq_len"], max_num_tokens=b["max_num_tokens"],
+            tokens_per_block=b["tokens_per_block"], kv_cache_dtype=e["kv_cache_dtype"],
+            kv_cache_blocks=b["kv_cache_blocks"], paged_kv_cache=b["paged_kv_cache"],
+            inflight_batching=b["inflight_batching"], compute_dtype=e["compute_dtype"],
+            quantization=e.get("quantization", "float"), raw=data)
+
+
+class Engine:
+    def __init__(self, path: Path, data: dict[str, Any], threads: int | None = None,
+                 int4_accuracy_level: int | None = None):
+        self.path = Path(path)
+        self.config = EngineConfig.from_dict(data)
+        self.graph = data["engine"]["graph"]
+        cfg = self.config
+        self.num_buckets = int(self.graph["num_buckets"])
+        self.block_size = int(self.graph["block_size"])
+        self.num_kv_heads = int(self.graph["num_kv_heads"])
+        self.head_dim = int(self.graph["head_dim"])
+        self.bucket_kinds = list(self.graph["bucket_kinds"])
+        self.kv_bytes_per_block = (2 * cfg.num_layers * self.block_size * self.num_kv_heads * self.head_dim
+                                   * KV_ELEM[cfg.kv_cache_dtype])
+        self.pool = None
+        rebuild = data.get("build_command", "")
+        if cfg.backend == "onnxruntime":
+            from llmc.engine.backends.onnxruntime import OrtSession
+
+            self._session = OrtSession(self.path / "model.onnx", cfg.vocab_size, threads, int4_accuracy_level)
+        elif cfg.backend == "tensorrt":
+            if data["engine"].get("graph_only") or not (self.path / "rank0.engine").is_file():
+                raise LlmcError(f"this TensorRT engine was built with --graph-only (no rank0.engine); "
+                                f"build it on a GPU host: {rebuild.replace(' --graph-only', '')}", self.path)
+            from llmc.engine.backends.tensorrt import TrtSession
+
+            self._session = TrtSession(self.path / "rank0.engine", cfg.vocab_size)
+        else:
+            raise UnsupportedError(f"{cfg.backend} engines run with TensorRT-LLM's own runtime "
+                                   f"(tensorrt_llm.runtime.ModelRunner on {self.path / 'trtllm'}), not llmc's step API")
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path
+
+    def blocks_for_seq(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def allocate_kv_pool(self, num_blocks: int | None = None):
+        """Allocate (zeroed) and bind the KV pool; returns the pool object (runtime-owned)."""
+        cfg = self.config
+        n = cfg.kv_cache_blocks if num_blocks is None else int(num_blocks)
+        need = self.blocks_for_seq(cfg.max_seq_len)
+        if n < need:
+            raise LlmcError(f"a KV pool of {n} blocks cannot hold one sequence of max_seq_len "
+                            f"{cfg.max_seq_len} ({need} blocks of {self.block_size} tokens needed)")
+        if cfg.backend == "tensorrt":
+            import torch
+
+            from llmc.engine.backends.tensorrt import TrtKVPool
+
+            if n > cfg.kv_cache_blocks:
+                raise LlmcError(f"this TensorRT engine's profile allows at most {cfg.kv_cache_blocks} KV blocks "
+                                "(rebuild with a larger --kv-cache-blocks)")
+            tdt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.kv_cache_dtype]
+            pool = TrtKVPool(cfg.num_layers, n, self.block_size, self.num_kv_heads, self.head_dim, tdt)
+        else:
+            from llmc.engine.backends.onnxruntime import OrtKVPool
+
+            pool = OrtKVPool(cfg.num_layers, n, self.block_size, self.num_kv_heads, self.head_dim,
+                             int(self.graph["kv_pool_onnx_type"]))
+        self._session.bind_pool(pool)
+        self.pool = pool
+        return pool
+
+    def prepare(self, batch: StepBatch) -> dict[str, np.ndarray]:
+        """The graph feeds for a step (exposed for tests and benchmarks)."""
+        return step_feeds(batch, self.block_size, self.bucket_kinds)
+
+    def step(self, batch: StepBatch) -> np.ndarray:
+        if self.pool is None:
+            raise RuntimeError("call allocate_kv_pool() before step()")
+        T = len(batch.input_ids)
+        if T > self.config.max_num_tokens:
+            raise ValueError(f"step of {T} tokens exceeds max_num_tokens {self.config.max_num_tokens}")
+        feeds = step_feeds(batch, self.block_size, self.bucket_kinds)
+        return self._session.run(feeds, len(feeds["logits_index"]))
+
+
+def load_engine(engine_dir: str | Path, *, threads: int | None = None, num_threads: int | None = None,
+                int4_accuracy_level: int | None = None) -> Engine:
+    """Open an engine directory; refuses unknown format versions / incompatible toolchains.
+
+    threads (alias num_threads): ONNX Runtime intra-op threads (default: physical cores).
+    int4_accuracy_level: ONNX Runtime MatMulNBits accuracy level for INT4/INT8 weights
+    (default 4: int8 activations inside the kernel, fast; 0: float32 compute, exact).
+    """
+    threads = threads or num_threads
+    data = read_engine_config(engine_dir)
+    check_compatible(data, engine_dir)
+    return Engine(Path(engine_dir), data, threads, int4_accuracy_level)
+
+
+def describe_engine(path: str | Path) -> dict[str, Any]:
+    """Facts about an engine directory, for `llmc inspect`."""
+    from llmc.fsutil import dir_size
+
+    data = read_engine_config(path)
+    e, b, m = data.get("engine", {}), data.get("build", {}), data
+    graph = e.get("graph") or {}
+    return {
+        "kind": "engine",
+        "path": str(path),
+        "format_version": e.get("format_version"),
+        "backend": e.get("backend"),
+        "graph_only": e.get("graph_only", False),
+        "architecture": data.get("architecture"),
+        "compute_dtype": e.get("compute_dtype"),
+        "quantization": e.get("quantization"),
+        "kv_cache_dtype": e.get("kv_cache_dtype"),
+        "attention": graph.get("attention"),
+        "layers": m.get("num_hidden_layers"),
+        "vocab_size": m.get("vocab_size"),
+        "build": {k: b.get(k) for k in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
+                                        "tokens_per_block", "kv_cache_blocks", "paged_kv_cache",
+                                        "inflight_batching")},
+        "memory_plan": data.get("memory_plan"),
+        "versions": data.get("versions"),
+        "source": data.get("source"),
+        "graph_nodes": graph.get("node_count"),
+        "size_on_disk_bytes": dir_size(path),
+        "build_command": data.get("build_command"),
+    }

