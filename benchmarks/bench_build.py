@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="builds per format (median time reported)")
     ap.add_argument("--json", default="benchmarks/results/bench_build.json")
     args = ap.parse_args(argv)
-    console = Console()
+    import shutil
+
+    console = Console(width=max(120, shutil.get_terminal_size().columns))
     base = ensure_default_checkpoint("float32")
     base_size = dir_size(base)
     rows = []

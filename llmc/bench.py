@@ -50,9 +50,10 @@ def corpus_tokens(tokenizer, dataset: Path | None) -> list[int]:
         else:
             text = dataset.read_text(encoding="utf-8", errors="replace")
     else:
-        from llmc.corpus import sotu_text
+        from llmc.quantize.calib_data import load_documents
 
-        text = sotu_text(-12)  # the most recent speeches: plenty of tokens, fast to tokenise
+        docs, _ = load_documents("builtin:sotu")
+        text = "\n\n".join(docs[-12:])  # the most recent speeches: plenty of tokens, fast to tokenise
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < 64:
         raise LlmcError(f"dataset has only {len(ids)} tokens; need at least 64", dataset)

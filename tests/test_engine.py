@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from llmc.engine import BuildOptions, SeqSlice, StepBatch, build_engine, load_engine
-from llmc.errors import LlmcError
 
 TOL = 1e-4
 
@@ -237,5 +236,5 @@ def test_contiguous_kv_cache(tiny_checkpoints, tmp_path):
     assert engine.block_size == 96 and engine.config.kv_cache_blocks == 2
     seqs = mixed_seqs(engine.config.vocab_size, seed=2)[:2]
     ref = reference_logits(tiny_checkpoints["llama"], seqs)
-    got = run_schedule(engine, seqs, [{0: 12, 1: 9}, {0: 8, 1: 1}] + [{0: 1, 1: 1}] * 4)
-    assert max_err(ref, [{p: r for p, r in g.items() if p < len(ref[i])} for i, g in enumerate(got)]) < TOL
+    got = run_schedule(engine, seqs, [{0: 12, 1: 9}, {0: 8, 1: 1}] + [{0: 1, 1: 1}] * 3 + [{0: 1}])
+    assert max_err(ref, got) < TOL

@@ -132,7 +132,7 @@ def test_fp8_bit_encoding_is_exact():
     """Every e4m3fn value (and values between them) encodes to ml_dtypes' bit pattern."""
     import ml_dtypes
     import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     from llmc.engine.graph import GraphBuilder
     from llmc.plugins.attention import emit_fp8_bits, emit_fp8_decode

@@ -92,12 +92,13 @@ def test_killed_mid_stage_then_rerun(tiny_recipe, tmp_path):
 @pytest.mark.slow
 def test_default_smollm2_recipe_end_to_end(tmp_path):
     """The README's main job: the default recipe on the embedded SmolLM2, every stage for real."""
-    recipe = apply_overrides(load_recipe("default"), ["eval.max_chunks=4", "quantize.calib_size=16",
+    recipe = apply_overrides(load_recipe("default"), ["eval.max_chunks=8", "quantize.calib_size=32",
                                                      "run.max_new_tokens=16"])
+    assert recipe.quantize.qformat == "int8_sq"
     report = Pipeline(recipe, tmp_path / "work", progress=False).run()
     assert set(_statuses(report).values()) == {"ran"}
     ev = report["results"]["eval"]
-    assert ev["delta_pct"] < 25, ev
+    assert ev["delta_pct"] < 5, ev  # INT8 SmoothQuant: measured about +2% on Brown text
     outs = report["results"]["run"]["outputs"]
     assert all(o["error"] is None and o["text"].strip() for o in outs), outs
     assert "Paris" in outs[0]["text"], outs[0]["text"]

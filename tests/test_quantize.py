@@ -245,6 +245,9 @@ def test_group_size_default_falls_back(tmp_path, calib_file):
     ck = convert(hf, tmp_path / "ck", dtype="float32", progress=False).out
     r = quantize_checkpoint(ck, tmp_path / "q", "int4_wo", progress=False)
     assert r.group_size == 64
+    t = load_checkpoint(r.out).merged_tensors()
+    assert tuple(t["transformer.layers.0.mlp.fc.weights_scaling_factor"].shape) == (384, 192 // 64)
+    assert read_quantized_linear(t, "transformer.layers.0.mlp.fc", load_checkpoint(r.out).config.quantization).group_size == 64
     with pytest.raises(LlmcError, match=r"--group-size 128 does not divide the input width 192 \(hidden_size\)"):
         quantize_checkpoint(ck, tmp_path / "q2", "int4_awq", group_size=128, calib_data=str(calib_file),
                             progress=False, **CALIB)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from onnx import TensorProto
 
-from llmc.errors import LlmcError, UnsupportedError
+from llmc.errors import UnsupportedError
 from llmc.engine.options import BuildOptions
 from llmc.engine.stamps import (ENGINE_FORMAT_VERSION, build_command, checkpoint_hash, toolchain_versions,
                                 write_engine_config)
@@ -70,9 +70,9 @@ def compute_dtype(backend: str, requested: str, ckpt_dtype: str) -> str:
 
 
 def attention_impl(backend: str, requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if backend == "tensorrt":
+    """"auto" stays auto (per-bucket choice), except on an installed TensorRT < 10.14, which has no
+    Attention importer: decomposed."""
+    if requested == "auto" and backend == "tensorrt":
         try:
             import tensorrt as trt
 
@@ -82,7 +82,7 @@ def attention_impl(backend: str, requested: str) -> str:
                 return "decomposed"
         except Exception:
             pass
-    return "fused"
+    return requested
 
 
 def copy_tokenizer(src: Path, dst: Path) -> list[str]:

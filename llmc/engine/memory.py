@@ -73,8 +73,9 @@ def plan_memory(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, opts, c
     gathered = 2 * T * opts.max_seq_len * cfg.kv_size * e if T > 1 else 0
     logits = max(opts.max_batch_size, 1) * cfg.vocab_size * 4
     acts = hidden + scores + min(gathered, 2 * blocks_max * per_block // max(cfg.num_hidden_layers, 1)) + logits
+    rope_tables = 2 * opts.max_seq_len * cfg.head_size * e
     return MemoryPlan(
-        weights=estimate_weights(tensors, cfg, compute_dtype, fp8_dequantized),
+        weights=estimate_weights(tensors, cfg, compute_dtype, fp8_dequantized) + rope_tables,
         kv_bytes_per_block=per_block,
         kv_pool_max=blocks_max * per_block,
         kv_pool=opts.kv_cache_blocks * per_block,

@@ -7,7 +7,8 @@ Inputs (T = packed tokens of all sequences in the step, no padding):
                                                       int64, per attention bucket b
     attn_out_index [T]                                int64, row slot of each packed token
     logits_index [S]                                  int64, tokens whose logits are wanted
-    kv_pool.{l}.{key,value} [num_blocks, bs, kvH*hd]  KV dtype, the runtime's pool
+    kv_pool.{l}.{key,value} [kvH, num_blocks, bs, hd] KV dtype (float / int8 / fp8 as uint8
+                                                      bits on ORT), the runtime's pool
 Outputs:
     logits [S, vocab] float32
     kv_pool.{l}.{key,value}.out                       bound to the same buffers as the inputs
@@ -22,7 +23,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 from onnx import TensorProto
@@ -35,7 +35,7 @@ from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_pa
                                     emit_write_index, step_inputs)
 from llmc.plugins.base import Target
 from llmc.plugins.gated_mlp import emit_gated_mlp
-from llmc.plugins.linear import LinearSpec, emit_linear
+from llmc.plugins.linear import emit_linear
 from llmc.plugins.rmsnorm import emit_rmsnorm
 from llmc.plugins.rope import emit_rope, emit_rope_tables
 

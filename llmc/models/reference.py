@@ -46,20 +46,33 @@ class Attention(nn.Module):
         self.dense = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        b, s, _ = x.shape
-        q, k, v = self.qkv(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
-        q = q.view(b, s, cfg.num_attention_heads, cfg.head_size).transpose(1, 2)
-        k = k.view(b, s, cfg.num_key_value_heads, cfg.head_size).transpose(1, 2)
-        v = v.view(b, s, cfg.num_key_value_heads, cfg.head_size).transpose(1, 2)
-        cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
-        groups = cfg.num_attention_heads // cfg.num_key_value_heads
-        k = k.repeat_interleave(groups, 1)
-        v = v.repeat_interleave(groups, 1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.dense(out.transpose(1, 2).reshape(b, s, cfg.q_size))
+        return attention_with_kv_hooks(self, x, cos, sin)
+
+
+def attention_with_kv_hooks(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            k_hook=None, v_hook=None) -> torch.Tensor:
+    """The attention computation, with optional hooks on exactly what a KV cache stores (K after
+    RoPE and V, [batch, kv_heads, seq, head_dim], before the heads are repeated for GQA).
+    Calibration plugs ModelOpt's KV quantizers in there; the simulation plugs in the engine's
+    fake quantization (llmc.quantize.kv)."""
+    cfg = attn.cfg
+    b, s, _ = x.shape
+    q, k, v = attn.qkv(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)
+    q = q.view(b, s, cfg.num_attention_heads, cfg.head_size).transpose(1, 2)
+    k = k.view(b, s, cfg.num_key_value_heads, cfg.head_size).transpose(1, 2)
+    v = v.view(b, s, cfg.num_key_value_heads, cfg.head_size).transpose(1, 2)
+    cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)
+    q = q * cos + rotate_half(q) * sin
+    k = k * cos + rotate_half(k) * sin
+    if k_hook is not None:
+        k = k_hook(k)
+    if v_hook is not None:
+        v = v_hook(v)
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    k = k.repeat_interleave(groups, 1)
+    v = v.repeat_interleave(groups, 1)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return attn.dense(out.transpose(1, 2).reshape(b, s, cfg.q_size))
 
 
 class GatedMLP(nn.Module):

@@ -16,8 +16,9 @@ class Target:
     backend:   "onnxruntime" or "tensorrt" (the tensorrt-llm backend does not use the graph).
     dtype:     ONNX element type of activations and float weights (FLOAT on ORT CPU; FLOAT16 /
                BFLOAT16 on TensorRT by default).
-    attention: "fused" (one standard ONNX Attention node, opset 23; ORT CPU, TensorRT >= 10.14)
-               or "decomposed" (MatMul/Softmax; exact, for TensorRT < 10.14).
+    attention: "auto" (per bucket: see llmc.plugins.attention.bucket_impl), "fused" (the standard
+               ONNX Attention node, opset 23; ORT CPU, TensorRT >= 10.14) or "decomposed"
+               (MatMul/Softmax; exact, for TensorRT < 10.14).
     fp8:       "qdq" (FP8 Q/DQ around the matmul; TensorRT fuses it into an FP8 GEMM) or
                "emulate" (ORT CPU has no FP8 GEMM: weights dequantized from their exact FP8 values
                at build time, activations rounded through a saturating Cast to float8e4m3fn).
@@ -28,7 +29,7 @@ class Target:
 
     backend: str = "onnxruntime"
     dtype: int = TensorProto.FLOAT
-    attention: str = "fused"
+    attention: str = "auto"
     fp8: str = "emulate"
     kv_storage: str = "native"
 
@@ -37,7 +38,7 @@ class Target:
         return self.backend == "tensorrt"
 
     @classmethod
-    def for_backend(cls, backend: str, dtype: int | None = None, attention: str = "fused") -> "Target":
+    def for_backend(cls, backend: str, dtype: int | None = None, attention: str = "auto") -> "Target":
         if backend == "tensorrt":
             return cls(backend, TensorProto.FLOAT16 if dtype is None else dtype, attention, "qdq", "fake")
         return cls(backend, TensorProto.FLOAT if dtype is None else dtype, attention, "emulate", "native")

@@ -132,7 +132,8 @@ def _fake_quant_fp8(g: GraphBuilder, t: Target, x: str, scale: float, name: str)
     return g.op("Mul", [back, s], name=f"{name}_adq")
 
 
-def _fake_quant_int8_token(g: GraphBuilder, t: Target, x: str, name: str) -> str:
+def _quant_int8_token(g: GraphBuilder, t: Target, x: str, name: str) -> tuple[str, str]:
+    """Per-token symmetric int8: (q as float values in [-128, 127], scale s_t = max|x_row| / 127)."""
     amax = g.op("ReduceMax", [g.op("Abs", [x], name=f"{name}_aabs"), g.const([-1])], name=f"{name}_aamax",
                 keepdims=1)
     s = g.op("Div", [amax, g.const(np.float32(127.0), t.dtype)], name=f"{name}_ascale")
@@ -141,6 +142,11 @@ def _fake_quant_int8_token(g: GraphBuilder, t: Target, x: str, name: str) -> str
     q = g.op("Round", [g.op("Div", [x, s], name=f"{name}_adiv")], name=f"{name}_around")
     q = g.op("Clip", [q, g.const(np.float32(-128.0), t.dtype), g.const(np.float32(127.0), t.dtype)],
              name=f"{name}_aclip")
+    return q, s
+
+
+def _fake_quant_int8_token(g: GraphBuilder, t: Target, x: str, name: str) -> str:
+    q, s = _quant_int8_token(g, t, x, name)
     return g.op("Mul", [q, s], name=f"{name}_adq")
 
 
@@ -151,14 +157,7 @@ def _emit_matmul_integer(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, n
     MatMulInteger (uint8 - 128 x int8 -> int32) is exact and runs on ORT's int8 GEMM; TensorRT
     has no MatMulInteger importer, so tensorrt targets use the fake-quant form instead.
     """
-    amax = g.op("ReduceMax", [g.op("Abs", [x], name=f"{name}_aabs"), g.const([-1])], name=f"{name}_aamax",
-                keepdims=1)
-    s = g.op("Div", [amax, g.const(np.float32(127.0), t.dtype)], name=f"{name}_ascale")
-    zero = g.op("Equal", [amax, g.const(np.float32(0.0), t.dtype)], name=f"{name}_azero")
-    s = g.op("Where", [zero, g.const(np.float32(1.0), t.dtype), s], name=f"{name}_ascale_nz")
-    q = g.op("Round", [g.op("Div", [x, s], name=f"{name}_adiv")], name=f"{name}_around")
-    q = g.op("Clip", [q, g.const(np.float32(-128.0), t.dtype), g.const(np.float32(127.0), t.dtype)],
-             name=f"{name}_aclip")
+    q, s = _quant_int8_token(g, t, x, name)
     # As uint8 with zero point 128 (exact: q + 128 - 128): ORT's u8s8 GEMM is 25-40x faster than
     # its s8s8 path (measured, M = 1..256).
     qu = g.op("Add", [q, g.const(np.float32(128.0), t.dtype)], name=f"{name}_aoffset")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llmc.errors import LlmcError
 
-DEFAULT_RECIPE = "smollm2-int4_awq"
+DEFAULT_RECIPE = "smollm2-int8_sq"
 
 
 class _Stage(BaseModel):
