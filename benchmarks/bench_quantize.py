@@ -102,7 +102,7 @@ def main() -> None:
     from llmc.fsutil import dir_size
     from llmc.tokenizer import load_tokenizer
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     ckpt = ensure_default_checkpoint("float32")
     from llmc.quantize.calib_data import data_fingerprint, load_documents
 

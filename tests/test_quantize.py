@@ -251,3 +251,27 @@ def test_group_size_default_falls_back(tmp_path, calib_file):
     with pytest.raises(LlmcError, match=r"--group-size 128 does not divide the input width 192 \(hidden_size\)"):
         quantize_checkpoint(ck, tmp_path / "q2", "int4_awq", group_size=128, calib_data=str(calib_file),
                             progress=False, **CALIB)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "llama_tied"])
+def test_kv_hook_attention_is_the_reference_attention(family, tiny_checkpoints):
+    """llmc.quantize.kv.attention_forward (calibration and simulation) == the reference Attention."""
+    from llmc.models.reference import ReferenceModel
+    from llmc.models.rope import rope_cos_sin
+    from llmc.quantize.kv import attention_forward
+
+    model = ReferenceModel.from_checkpoint(tiny_checkpoints[family])
+    attn = model.transformer.layers[1].attention
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 24, model.config.hidden_size, generator=g)
+    cos, sin = rope_cos_sin(model.config, torch.arange(24)[None].expand(2, 24))
+    seen = []
+
+    def hook(t):
+        seen.append(t.shape)
+        return t
+
+    with torch.no_grad():
+        assert torch.equal(attention_forward(attn, x, cos, sin, hook, hook), attn(x, cos, sin))
+    kv_heads, head = model.config.num_key_value_heads, model.config.head_size
+    assert seen == [torch.Size([2, kv_heads, 24, head])] * 2  # per KV head, before GQA repeat

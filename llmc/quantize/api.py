@@ -135,6 +135,14 @@ def resolve_group_size(fmt: QFormat, requested: int | None, cfg, quantized: list
 
 
 def _peak_rss() -> int:
+    """Peak resident memory of this process (VmHWM: unlike ru_maxrss, not inherited across exec
+    from a parent that was already large)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
