@@ -199,6 +199,14 @@ def test_step_plan_groups_rows_by_context():
     assert feeds["attn_q_pos_2"].tolist() == [list(range(6))]
     # every packed token maps to a distinct row slot
     assert len(set(feeds["attn_out_index"].tolist())) == len(ids)
+    # one decode only: the second decode bucket runs empty where allowed, else on one dummy row
+    one = StepBatch(np.array([1]), np.array([2]), np.array([2]), [SeqSlice(0, 1, 3, [7])], np.array([0]))
+    kinds = ["decode", "decode", "any"]
+    empty = step_feeds(one, bs, kinds, [True, True, False])
+    assert empty["attn_kv_blocks_1"].shape == (0, 1) and empty["attn_q_index_1"].shape == (0,)
+    assert empty["attn_kv_blocks_2"].shape == (1, 1)  # fused bucket: ORT's Attention needs a row
+    dummy = step_feeds(one, bs, kinds)
+    assert dummy["attn_kv_blocks_1"].shape == (1, 1)
 
 
 @pytest.mark.slow

@@ -44,6 +44,10 @@ def test_resume_and_partial_rerun(tiny_recipe, tmp_path):
     for s in first["stages"]:
         assert s["seconds"] > 0 and s["peak_rss_bytes"] > 0
     assert json.loads((wd / "report.json").read_text())["recipe"] == "tiny"
+    # Unset recipe options mean `llmc quantize`'s defaults: lm_head stays float, as on the CLI.
+    qcfg = json.loads((wd / "quantized" / "config.json").read_text())
+    assert qcfg["quantization"]["exclude_modules"] == ["lm_head"]
+    assert qcfg["llmc"]["quantization"]["calibration"]["batch_size"] == 4
 
     again = Pipeline(tiny_recipe, wd, progress=False).run()
     assert set(_statuses(again).values()) == {"skipped"}

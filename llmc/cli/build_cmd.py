@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from llmc.engine.options import ATTENTION, BACKENDS, DTYPES, KV_DTYPES, BuildOptions
+from llmc.engine.options import ATTENTION, BACKENDS, DTYPES, KV_DTYPES, LM_HEAD, BuildOptions
 
 _D = BuildOptions()
 
@@ -41,6 +41,11 @@ def build(
                                   "onnxruntime; fused on TensorRT >= 10.14."),
     attention_buckets: int = typer.Option(_D.attention_buckets, help="Attention groups per step (1 + number "
                                           "of decode groups split by context length)."),
+    lm_head: str = typer.Option(_D.lm_head, help=f"{' | '.join(LM_HEAD)}. int8: store a float lm_head as int8 "
+                                "x per-32-block scales where that is exact (weights from GGUF Q8_0), run by "
+                                "ONNX Runtime's 8-bit kernel (4x fewer bytes per token; int8 activations "
+                                "inside the kernel). auto: int8 when exact for integer-quantized "
+                                "checkpoints on onnxruntime."),
     graph_only: bool = typer.Option(False, "--graph-only", help="tensorrt / tensorrt-llm: write and check "
                                     "the graph and config only (works without a GPU)."),
     timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache file (read if present, "
@@ -59,7 +64,8 @@ def build(
                         tokens_per_block=tokens_per_block, max_batch_size=max_batch_size,
                         max_input_len=max_input_len, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
                         kv_cache_blocks=kv_cache_blocks, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
-                        attention=attention, attention_buckets=attention_buckets, graph_only=graph_only,
+                        attention=attention, attention_buckets=attention_buckets, lm_head=lm_head,
+                        graph_only=graph_only,
                         timing_cache=str(timing_cache) if timing_cache else None, trt_opt_level=trt_opt_level,
                         force=force)
     result = build_engine(checkpoint, out, opts, log=lambda m: console.print(m, highlight=False), console=console)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from onnx import TensorProto
 
-from llmc.errors import UnsupportedError
+from llmc.errors import LlmcError, UnsupportedError
 from llmc.engine.options import BuildOptions
 from llmc.engine.stamps import (ENGINE_FORMAT_VERSION, build_command, checkpoint_hash, toolchain_versions,
                                 write_engine_config)
@@ -94,6 +94,22 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
+# Checkpoints whose linears already run on ORT's integer kernels (at the engine's accuracy level).
+INTEGER_KINDS = ("int8_sq", "w8a16", "int4_awq")
+
+
+def lm_head_policy(option: str, target, qkind: str) -> str:
+    """--lm-head -> what build_graph does with a float lm_head: "float" | "int8" (must be exact) |
+    "int8-if-exact"."""
+    if option == "int8":
+        if target.is_trt:
+            raise LlmcError("--lm-head int8 runs on ONNX Runtime's MatMulNBits; TensorRT engines keep it float")
+        return "int8"
+    if option == "auto" and not target.is_trt and qkind in INTEGER_KINDS:
+        return "int8-if-exact"
+    return "float"
+
+
 def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions | None = None,
                  log: Callable[[str], None] | None = None, console=None) -> BuildResult:
     import onnx
@@ -137,7 +153,8 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
         if backend != "tensorrt-llm":
             model, spec = build_graph(tensors, cfg, target, tmp, block_size=opts.tokens_per_block,
                                       max_positions=opts.max_seq_len, num_buckets=opts.attention_buckets,
-                                      kv_cache_dtype=opts.kv_cache_dtype)
+                                      kv_cache_dtype=opts.kv_cache_dtype,
+                                      lm_head=lm_head_policy(opts.lm_head, target, qkind))
             del tensors
             onnx_path = tmp / "model.onnx"
             onnx.save_model(model, str(onnx_path))

@@ -82,6 +82,10 @@ class Engine:
         self.kv_bytes_per_block = (2 * cfg.num_layers * self.block_size * self.num_kv_heads * self.head_dim
                                    * KV_ELEM[cfg.kv_cache_dtype])
         self.pool = None
+        # Graphs built with explicit reshape targets run unused MatMul/Softmax buckets as zero rows
+        # on ORT (its Attention kernel refuses an empty batch: fused buckets keep a dummy row).
+        empty = cfg.backend == "onnxruntime" and bool(self.graph.get("empty_buckets"))
+        self._empty_buckets = [empty and impl == "decomposed" for impl in self.graph["attention"]]
         rebuild = data.get("build_command", "")
         if cfg.backend == "onnxruntime":
             from llmc.engine.backends.onnxruntime import OrtSession
@@ -134,7 +138,7 @@ class Engine:
 
     def prepare(self, batch: StepBatch) -> dict[str, np.ndarray]:
         """The graph feeds for a step (exposed for tests and benchmarks)."""
-        return step_feeds(batch, self.block_size, self.bucket_kinds)
+        return step_feeds(batch, self.block_size, self.bucket_kinds, self._empty_buckets)
 
     def step(self, batch: StepBatch) -> np.ndarray:
         if self.pool is None:
@@ -142,7 +146,7 @@ class Engine:
         T = len(batch.input_ids)
         if T > self.config.max_num_tokens:
             raise ValueError(f"step of {T} tokens exceeds max_num_tokens {self.config.max_num_tokens}")
-        feeds = step_feeds(batch, self.block_size, self.bucket_kinds)
+        feeds = step_feeds(batch, self.block_size, self.bucket_kinds, self._empty_buckets)
         return self._session.run(feeds, len(feeds["logits_index"]))
 
 

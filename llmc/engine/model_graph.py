@@ -35,7 +35,7 @@ from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_pa
                                     emit_write_index, step_inputs)
 from llmc.plugins.base import Target
 from llmc.plugins.gated_mlp import emit_gated_mlp
-from llmc.plugins.linear import emit_linear
+from llmc.plugins.linear import LinearSpec, emit_linear, exact_int8_blocks
 from llmc.plugins.rmsnorm import emit_rmsnorm
 from llmc.plugins.rope import emit_rope, emit_rope_tables
 
@@ -57,6 +57,8 @@ class GraphSpec:
     bucket_kinds: list         # per bucket: "decode" (Qt = 1 rows) | "any"
     backend: str
     weight_bytes: int = 0
+    lm_head: str = "float"      # how the logits GEMM is stored: "float" | "int8-blocks" | "quantized"
+    empty_buckets: bool = True  # explicit reshape targets: an unused bucket may have zero rows
     node_count: int = 0
     op_counts: dict = field(default_factory=dict)
 
@@ -86,10 +88,12 @@ def check_supported(cfg: CheckpointConfig) -> None:
 
 def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target: Target, out_dir: Path,
                 *, block_size: int, max_positions: int, num_buckets: int = 2,
-                kv_cache_dtype: str | None = "auto") -> tuple[onnx.ModelProto, GraphSpec]:
+                kv_cache_dtype: str | None = "auto", lm_head: str = "float") -> tuple[onnx.ModelProto, GraphSpec]:
     """Emit the graph; weights stream into out_dir/model.onnx.data. Returns (model, spec).
 
-    The returned ModelProto references its weights externally; save it next to the data file.
+    lm_head: "float" | "int8" | "int8-if-exact": a float lm_head stored as exact int8 blocks
+    (see `exact_int8_blocks`; "int8" refuses weights that are not). The returned ModelProto
+    references its weights externally; save it next to the data file.
     """
     check_supported(cfg)
     reader = WeightReader(tensors, cfg)
@@ -141,10 +145,20 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
                         "transformer.ln_f")
     lm_t = tensors.get("lm_head.weight")
     tied = lm_t is None or (lm_t.shape == emb_t.shape and lm_t.dtype == emb_t.dtype and torch.equal(lm_t, emb_t))
-    if tied:  # share the embedding table: Gemm with transB reads it as [V, h]
+    lm_spec = LinearSpec("float", np32(emb_t)) if tied else reader.linear("lm_head")
+    lm_kind = "float" if lm_spec.wfmt == "float" else "quantized"
+    if lm_head != "float" and lm_spec.wfmt == "float":
+        packed = exact_int8_blocks(lm_spec.weight)
+        if packed is None and lm_head == "int8":
+            raise UnsupportedError("--lm-head int8: this lm_head is not exactly int8 x per-32-block scales "
+                                   "(only weights dequantized from such a format are); use --lm-head float")
+        if packed is not None:
+            packed.bias = lm_spec.bias
+            lm_spec, lm_kind = packed, "int8-blocks"
+    if tied and lm_kind == "float":  # share the embedding table: Gemm with transB reads it as [V, h]
         logits = g.op("Gemm", [last, emb], name="lm_head", transB=1)
     else:
-        logits = emit_linear(g, target, last, reader.linear("lm_head"), "lm_head")
+        logits = emit_linear(g, target, last, lm_spec, "lm_head")
     if target.dtype != TensorProto.FLOAT:
         logits = g.op("Cast", [logits], name="logits_fp32", to=TensorProto.FLOAT)
     g.op("Identity", [logits], name="logits_out", outputs=["logits"])
@@ -158,5 +172,5 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     spec = GraphSpec(cfg.num_hidden_layers, num_buckets, block_size, d.num_kv_heads, d.head_dim, kv_name,
                      int(pool.pool_type), DTYPE_OF[target.dtype], max_positions,
                      [bk.impl for bk in buckets], bucket_kinds(num_buckets), target.backend,
-                     g.weight_bytes, len(model.graph.node), counts)
+                     g.weight_bytes, lm_kind, True, len(model.graph.node), counts)
     return model, spec

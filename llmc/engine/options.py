@@ -14,6 +14,9 @@ Defaults (None means "derived from the model"):
     kv_cache_dtype     auto      the checkpoint's KV quantization (int8/fp8) or the compute dtype
     attention          auto      fused (standard ONNX Attention); decomposed = MatMul/Softmax
     attention_buckets  3         attention groups per step: 2 decode groups split by context length + 1 for prefill rows
+    lm_head            auto      int8 = store a float lm_head as int8 blocks when that is exact (GGUF Q8_0
+                                 sources), run by ONNX Runtime's 8-bit MatMulNBits; auto = int8 when exact,
+                                 on ONNX Runtime, for integer-quantized checkpoints; float = never
     graph_only         False     TensorRT: write and check model.onnx, skip the engine build
     timing_cache       None      TensorRT timing cache file (read if present, updated after the build)
     trt_opt_level      3         TensorRT builder optimisation level (0-5)
@@ -31,6 +34,7 @@ BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-llm")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 KV_DTYPES = ("auto", "float", "int8", "fp8")
 ATTENTION = ("auto", "fused", "decomposed")
+LM_HEAD = ("auto", "float", "int8")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class BuildOptions:
     kv_cache_dtype: str = "auto"
     attention: str = "auto"
     attention_buckets: int = 3
+    lm_head: str = "auto"
     graph_only: bool = False
     timing_cache: str | None = None
     trt_opt_level: int = 3
@@ -69,7 +74,7 @@ class BuildOptions:
         """Fill derived defaults and validate; raises LlmcError on settings that cannot hold."""
         o = BuildOptions(**asdict(self))
         for name, allowed in (("backend", BACKENDS), ("dtype", DTYPES), ("kv_cache_dtype", KV_DTYPES),
-                              ("attention", ATTENTION)):
+                              ("attention", ATTENTION), ("lm_head", LM_HEAD)):
             if getattr(o, name) not in allowed:
                 raise LlmcError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
                                 f"(got {getattr(o, name)!r})")

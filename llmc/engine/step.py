@@ -155,8 +155,14 @@ def plan_rows(batch: StepBatch, block_size: int, kinds: list[str]) -> list[_Rows
     return plan
 
 
-def step_feeds(batch: StepBatch, block_size: int, kinds: list[str]) -> dict[str, np.ndarray]:
-    """The graph inputs for one step (pool tensors excluded: they stay bound)."""
+def step_feeds(batch: StepBatch, block_size: int, kinds: list[str],
+               empty_ok: list[bool] | None = None) -> dict[str, np.ndarray]:
+    """The graph inputs for one step (pool tensors excluded: they stay bound).
+
+    A bucket with no rows this step gets zero rows where `empty_ok[b]` (its kernels then do
+    nothing), else one dummy row (token 0 against block 0, never read back): ONNX Runtime's
+    Attention kernel and TensorRT's shape profiles need at least one.
+    """
     T = len(batch.input_ids)
     if T == 0:
         raise ValueError("empty step: no tokens")
@@ -200,7 +206,9 @@ def step_feeds(batch: StepBatch, block_size: int, kinds: list[str]) -> dict[str,
                 out_index[tok[valid]] = slot_ids[valid]
             covered += int(sum(rows.lens))
             offset += R * qt
-        else:  # unused bucket: one dummy row (token 0 against block 0), never read back
+        elif empty_ok and empty_ok[b]:
+            q_index, q_pos, blocks = np.zeros(0, I64), np.zeros((0, 1), I64), np.zeros((0, 1), I64)
+        else:
             q_index, q_pos, blocks = np.zeros(1, I64), np.zeros((1, 1), I64), np.zeros((1, 1), I64)
             offset += 1
         feeds[f"attn_q_index_{b}"] = q_index

@@ -111,6 +111,10 @@ class BucketInputs:
     q_pos: str       # int64 [R, Qt]: position of each row slot (padding: 0)
     impl: str = "fused"  # "fused" | "decomposed"
     q_shape: str = ""    # int64 [4] = (R, Qt, H, hd), computed once per step
+    kv_shape: str = ""   # (kvH, R, MB*bs, hd): gathered K/V
+    qg_shape: str = ""   # (kvH, R, G*Qt, hd): grouped queries (decomposed form)
+    o5_shape: str = ""   # (kvH, R, G, Qt, hd): grouped output (decomposed form)
+    rows_shape: str = "" # (R*Qt, H*hd): output rows
     mask: str = ""       # bool mask for this bucket, computed once per step
 
 
@@ -146,17 +150,30 @@ def step_inputs(g: GraphBuilder, t: Target, num_buckets: int) -> tuple[str, list
 
 
 def emit_step_masks(g: GraphBuilder, t: Target, d: AttentionDims, buckets: list[BucketInputs]) -> None:
-    """Per bucket, once per step: the query reshape target and the boolean attention mask.
+    """Per bucket, once per step: the reshape targets and the boolean attention mask.
+
+    Every reshape target is explicit (no -1), so a bucket with no rows this step (R = 0) runs as
+    empty tensors: its kernels return at once instead of computing a dummy row.
 
     fused:      mask [R, 1, Qt, S]      (Attention's [batch, heads, q, kv], broadcast over heads)
     decomposed: mask [1, R, G*Qt, S]    (scores are [kvH, R, G*Qt, S]: rows are (group, query))
     """
+    kvh, hd = g.const([d.num_kv_heads]), g.const([d.head_dim])
     for b, bk in enumerate(buckets):
         qshape = g.op("Shape", [bk.q_pos], name=f"bucket{b}_rows_qt")
         bk.q_shape = g.op("Concat", [qshape, g.const([d.num_heads, d.head_dim])], name=f"bucket{b}_q_shape", axis=0)
-        mb = g.op("Gather", [g.op("Shape", [bk.kv_blocks], name=f"bucket{b}_kv_shape"), g.const(1)],
+        rows = g.op("Gather", [qshape, g.const([0])], name=f"bucket{b}_rows", axis=0)
+        qt = g.op("Gather", [qshape, g.const([1])], name=f"bucket{b}_qt", axis=0)
+        mb = g.op("Gather", [g.op("Shape", [bk.kv_blocks], name=f"bucket{b}_kv_shape"), g.const([1])],
                   name=f"bucket{b}_mb", axis=0)
-        keys = g.op("Mul", [mb, g.const(d.block_size)], name=f"bucket{b}_num_keys")
+        keys1 = g.op("Mul", [mb, g.const(d.block_size)], name=f"bucket{b}_num_keys1")
+        bk.kv_shape = g.op("Concat", [kvh, rows, keys1, hd], name=f"bucket{b}_kv_gathered_shape", axis=0)
+        gqt = g.op("Mul", [qt, g.const(d.groups)], name=f"bucket{b}_g_qt")
+        bk.qg_shape = g.op("Concat", [kvh, rows, gqt, hd], name=f"bucket{b}_qg_shape", axis=0)
+        bk.o5_shape = g.op("Concat", [kvh, rows, g.const([d.groups]), qt, hd], name=f"bucket{b}_o5_shape", axis=0)
+        rq = g.op("Mul", [rows, qt], name=f"bucket{b}_row_slots")
+        bk.rows_shape = g.op("Concat", [rq, g.const([d.q_size])], name=f"bucket{b}_rows_shape", axis=0)
+        keys = g.op("Squeeze", [keys1, g.const([0])], name=f"bucket{b}_num_keys")
         kpos = g.op("Range", [g.const(0), keys, g.const(1)], name=f"bucket{b}_key_pos")
         qpos = bk.q_pos
         if bk.impl == "decomposed":
@@ -232,7 +249,7 @@ class KVPool:
         """Gather a bucket's blocks: [kvH, R, MB*bs, hd] in the compute dtype."""
         g = self.g
         blocks = g.op("Gather", [pool, bk.kv_blocks], name=f"l{self.layer}_b{b}_{kind}_gather", axis=1)
-        flat = g.op("Reshape", [blocks, g.const([0, 0, -1, self.d.head_dim])], name=f"l{self.layer}_b{b}_{kind}")
+        flat = g.op("Reshape", [blocks, bk.kv_shape], name=f"l{self.layer}_b{b}_{kind}")
         if self.fp8_bits:
             flat = emit_fp8_decode(g, self.t, flat, self.scale, f"l{self.layer}_b{b}_{kind}_dq")
         elif self.native:  # int8: Cast * scale is DequantizeLinear's arithmetic; a DQ here would be
@@ -242,32 +259,32 @@ class KVPool:
         return flat
 
 
-def _attend_fused(g: GraphBuilder, d: AttentionDims, q4: str, k: str, v: str, mask: str, name: str) -> str:
+def _attend_fused(g: GraphBuilder, d: AttentionDims, q4: str, k: str, v: str, bk: BucketInputs, name: str) -> str:
     """One standard Attention node on 4-D operands; returns [R*Qt, H*hd]."""
     qh = g.op("Transpose", [q4], name=f"{name}_q", perm=[0, 2, 1, 3])           # [R, H, Qt, hd]
     kh = g.op("Transpose", [k], name=f"{name}_k", perm=[1, 0, 2, 3])            # [R, kvH, S, hd]
     vh = g.op("Transpose", [v], name=f"{name}_v", perm=[1, 0, 2, 3])
-    y = g.op("Attention", [qh, kh, vh, mask], name=name, scale=float(1.0 / np.sqrt(d.head_dim)))
+    y = g.op("Attention", [qh, kh, vh, bk.mask], name=name, scale=float(1.0 / np.sqrt(d.head_dim)))
     yt = g.op("Transpose", [y], name=f"{name}_out_t", perm=[0, 2, 1, 3])        # [R, Qt, H, hd]
-    return g.op("Reshape", [yt, g.const([-1, d.q_size])], name=f"{name}_rows")
+    return g.op("Reshape", [yt, bk.rows_shape], name=f"{name}_rows")
 
 
-def _attend_decomposed(g: GraphBuilder, t: Target, d: AttentionDims, q4: str, k: str, v: str, mask: str,
-                       name: str) -> str:
+def _attend_decomposed(g: GraphBuilder, t: Target, d: AttentionDims, q4: str, k: str, v: str,
+                       bk: BucketInputs, name: str) -> str:
     """Grouped-query attention as MatMul/Softmax; K/V [kvH, R, S, hd] are read in place."""
     kvh, grp, hd = d.num_kv_heads, d.groups, d.head_dim
     q5 = g.op("Reshape", [q4, g.const([0, 0, kvh, grp, hd])], name=f"{name}_q5")  # [R, Qt, kvH, G, hd]
     qt = g.op("Transpose", [q5], name=f"{name}_qt", perm=[2, 0, 3, 1, 4])          # [kvH, R, G, Qt, hd]
-    qg = g.op("Reshape", [qt, g.const([0, 0, -1, hd])], name=f"{name}_qg")         # [kvH, R, G*Qt, hd]
+    qg = g.op("Reshape", [qt, bk.qg_shape], name=f"{name}_qg")                     # [kvH, R, G*Qt, hd]
     qs = g.op("Mul", [qg, g.const(np.float32(1.0 / np.sqrt(hd)), t.dtype)], name=f"{name}_qscale")
     kt = g.op("Transpose", [k], name=f"{name}_kt", perm=[0, 1, 3, 2])              # [kvH, R, hd, S]
     scores = g.op("MatMul", [qs, kt], name=f"{name}_qk")                           # [kvH, R, G*Qt, S]
-    scores = g.op("Where", [mask, scores, g.const(np.float32(-np.inf), t.dtype)], name=f"{name}_mask")
+    scores = g.op("Where", [bk.mask, scores, g.const(np.float32(-np.inf), t.dtype)], name=f"{name}_mask")
     probs = g.op("Softmax", [scores], name=f"{name}_softmax", axis=-1)
     out = g.op("MatMul", [probs, v], name=f"{name}_pv")                            # [kvH, R, G*Qt, hd]
-    o5 = g.op("Reshape", [out, g.const([0, 0, grp, -1, hd])], name=f"{name}_o5")   # [kvH, R, G, Qt, hd]
+    o5 = g.op("Reshape", [out, bk.o5_shape], name=f"{name}_o5")                    # [kvH, R, G, Qt, hd]
     ot = g.op("Transpose", [o5], name=f"{name}_ot", perm=[1, 3, 0, 2, 4])          # [R, Qt, kvH, G, hd]
-    return g.op("Reshape", [ot, g.const([-1, d.q_size])], name=f"{name}_rows")
+    return g.op("Reshape", [ot, bk.rows_shape], name=f"{name}_rows")
 
 
 def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVPool, q: str, k_new: str,
@@ -287,8 +304,8 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
         vb = pool.read(v_pool, "value", bk, b)
         name = f"l{layer}_b{b}_attention"
         if bk.impl == "fused":
-            outs.append(_attend_fused(g, d, q4, kb, vb, bk.mask, name))
+            outs.append(_attend_fused(g, d, q4, kb, vb, bk, name))
         else:
-            outs.append(_attend_decomposed(g, t, d, q4, kb, vb, bk.mask, name))
+            outs.append(_attend_decomposed(g, t, d, q4, kb, vb, bk, name))
     cat = outs[0] if len(outs) == 1 else g.op("Concat", outs, name=f"l{layer}_attn_rows", axis=0)
     return g.op("Gather", [cat, out_index], name=f"l{layer}_attn_out", axis=0)

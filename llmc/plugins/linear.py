@@ -6,7 +6,9 @@ scale and bias. The emitted MatMul weight is [in, out] (transposed once at build
 
 Weights
 - float: MatMul(x, W).
-- int8:  DequantizeLinear(W int8 [in, out], per-output-channel scale, axis 1, zero point 0).
+- int8:  DequantizeLinear(W int8 [in, out], per-output-channel scale, axis 1, zero point 0);
+         with block scales [in/g, out]: opset-21 blocked DQ, axis 0, which ONNX Runtime fuses
+         into its 8-bit MatMulNBits (see `exact_int8_blocks`).
 - int4:  DequantizeLinear(W int4 [in, out], block scales [in/g, out], axis 0, block_size g, no
          zero point): opset-21 blocked DQ; ONNX Runtime fuses DQ+MatMul into MatMulNBits,
          TensorRT into its INT4 weight-only GEMM.
@@ -87,6 +89,29 @@ class LinearSpec:
             g = w.shape[1] // s.shape[1]
             return (w.reshape(w.shape[0], -1, g) * s[:, :, None]).reshape(w.shape)
         return w * self.scale_per_channel()[:, None]
+
+
+INT8_BLOCK = 32  # GGUF Q8_0's block: the grid such float weights already lie on
+
+
+def exact_int8_blocks(weight: np.ndarray, block: int = INT8_BLOCK) -> LinearSpec | None:
+    """A float [out, in] weight as int8 x per-block scale, if that is EXACT; else None.
+
+    Weights dequantized from GGUF Q8_0 (SmolLM2's embedded model ships its tied embedding so)
+    are d * q with q in [-127, 127] per block of 32 along the input: stored that way they take a
+    quarter of the bytes and read back bit for bit. Nothing is rounded here: one element off the
+    grid and the weight stays float.
+    """
+    out, k = weight.shape
+    if k % block:
+        return None
+    w = np.asarray(weight, np.float32).reshape(out, k // block, block)
+    scale = np.abs(w).max(-1) / np.float32(127.0)                      # [out, blocks]
+    safe = np.where(scale == 0, np.float32(1.0), scale)
+    q = np.rint(w / safe[..., None])
+    if np.abs(q).max() > 127 or not np.array_equal(q * safe[..., None], w):
+        return None
+    return LinearSpec("int8", q.astype(np.int8).reshape(out, k), scale.astype(np.float32), block)
 
 
 def concat_out(specs: list[LinearSpec]) -> LinearSpec:
@@ -201,6 +226,11 @@ def emit_linear(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, name: str)
     w = spec.wfmt
     if w == "float" or (w == "fp8" and t.fp8 == "emulate"):
         wd = g.weight(f"{name}.weight", spec.dequantized().T, t.dtype)
+    elif w == "int8" and np.asarray(spec.weight_scale).ndim == 2:  # block scales [out, in/g]
+        q = g.weight(f"{name}.weight", np.ascontiguousarray(spec.weight.T.astype(np.int8)))
+        s_w = g.weight(f"{name}.weight_scale", np.ascontiguousarray(np.asarray(spec.weight_scale, np.float32).T),
+                       t.dtype)
+        wd = g.op("DequantizeLinear", [q, s_w], name=f"{name}_wdq", axis=0, block_size=int(spec.group_size))
     elif w == "int8":
         q = g.weight(f"{name}.weight", np.ascontiguousarray(spec.weight.T.astype(np.int8)))
         s_w = g.weight(f"{name}.weight_scale", spec.scale_per_channel(), t.dtype)

@@ -27,16 +27,21 @@ class ConvertStage(_Stage):
 
 
 class QuantizeStage(_Stage):
+    """None means `llmc quantize`'s default (llmc.quantize.formats.DEFAULTS): one source of truth.
+
+    exclude: None keeps lm_head float (the CLI default); [] quantizes every linear.
+    """
+
     qformat: str
     kv_cache_dtype: Literal["fp8", "int8"] | None = None
-    calib_data: str = "builtin:sotu"
-    calib_size: int = Field(64, ge=1)
-    calib_seq_len: int = Field(256, ge=8)
-    batch_size: int = Field(4, ge=1)
+    calib_data: str | None = None
+    calib_size: int | None = Field(None, ge=1)
+    calib_seq_len: int | None = Field(None, ge=8)
+    batch_size: int | None = Field(None, ge=1)
     group_size: int | None = Field(None, ge=8)
     sq_alpha: float | None = Field(None, ge=0.0, le=1.0)
-    exclude: list[str] = Field(default_factory=list)
-    seed: int = 0
+    exclude: list[str] | None = None
+    seed: int | None = None
 
     @field_validator("qformat")
     @classmethod
@@ -58,6 +63,7 @@ class BuildStage(_Stage):
     max_seq_len: int | None = Field(None, ge=1)
     max_num_tokens: int | None = Field(None, ge=1)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    lm_head: Literal["auto", "float", "int8"] = "auto"
 
 
 class EvalStage(_Stage):
