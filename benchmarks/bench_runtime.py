@@ -6,6 +6,9 @@ tokens (State of the Union speeches), 16-128 output tokens, EOS ignored. Compare
     at t=0) and one request at a time;
   - transformers generate() in fp32, one request at a time and in static batches of 8
     (left-padded; a batch runs until its longest request is done).
+The one-at-a-time legs take turns per request (llmc fp32, llmc int4_awq, transformers, next
+request), so a shared host's speed drift hits all three alike; single-stream TPOT ratios come
+from those interleaved runs.
 Prints a table and writes benchmarks/results/bench_runtime.json.
 
     python benchmarks/bench_runtime.py [--num-requests 32] [--quick]
@@ -24,26 +27,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import engine_for, write_results  # noqa: E402
 
 
-def llmc_run(engine: Path, work, one_at_a_time: bool) -> dict:
+def one_request(work, i: int):
+    from llmc.bench import Workload
+
+    return Workload([work.prompts[i]], [work.output_lens[i]], [0.0])
+
+
+def load_llm(engine: Path):
     from llmc import bench as b
     from llmc.runtime.llm import LLM
 
     llm = LLM(engine)
     b.run_workload(llm, b.make_workload(list(range(100, 400)), 2, (8, 8), (4, 4), 0, None))  # warm-up
-    m = b.run_workload(llm, work, concurrency=1 if one_at_a_time else None)
+    return llm
+
+
+def llmc_inflight(llm, engine: Path, work) -> dict:
+    from llmc import bench as b
+
+    m = b.run_workload(llm, work)
+    m["tokens"] = {o.request_id: o.output_token_ids for o in m["_outputs"]}
+    return _llmc_extras(llm, engine, m)
+
+
+def _llmc_extras(llm, engine: Path, m: dict) -> dict:
+    from llmc import bench as b
+
     kv_tok = llm.engine.kv_bytes_per_block // llm.block_size
-    weights = b.engine_weight_bytes(engine)
-    m["mbu_b1"] = b.mbu(m, weights, kv_tok, BANDWIDTH, batch_size=1)
-    m["tokens"] = {i: o.output_token_ids for i, o in enumerate(sorted(m["_outputs"], key=lambda o: o.request_id))}
+    m["mbu_b1"] = b.mbu(m, b.engine_weight_bytes(engine), kv_tok, BANDWIDTH, batch_size=1)
+    m["lm_head"] = llm.engine.graph.get("lm_head", "float")  # float | int8-blocks (exact) | quantized
     return m
 
 
+def llmc_alone(llm, work, i: int) -> dict:
+    from llmc import bench as b
+
+    return b.run_workload(llm, one_request(work, i))
+
+
 def hf_run(hf_model, work, batch: int) -> dict:
+    """transformers generate(), greedy, EOS ignored, left-padded static batches of `batch`."""
     import torch
 
     n = len(work.prompts)
-    ttft, tpot, total_out = [], [], 0
-    t0 = time.perf_counter()
+    ttft, tpot, total_out, seconds = [], [], 0, 0.0
     for start in range(0, n, batch):
         idx = list(range(start, min(n, start + batch)))
         lens = [len(work.prompts[i]) for i in idx]
@@ -55,22 +82,40 @@ def hf_run(hf_model, work, batch: int) -> dict:
             mask[r, width - lens[r]:] = 1
         new = max(work.output_lens[i] for i in idx)
         s = time.perf_counter()
-        with torch.no_grad():
-            first = hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1,
-                                      do_sample=False, pad_token_id=0)
+        with torch.no_grad():  # TTFT probe: prefill + first token (not counted in the wall time)
+            hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, min_new_tokens=1,
+                              do_sample=False, pad_token_id=0)
         t_first = time.perf_counter() - s
+        s = time.perf_counter()
         with torch.no_grad():
             hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                               do_sample=False, pad_token_id=0)
-        t_all = time.perf_counter() - s - t_first
+        t_all = time.perf_counter() - s
+        seconds += t_all
         ttft += [t_first] * len(idx)
         tpot.append((t_all - t_first) / max(1, new - 1))
         total_out += sum(work.output_lens[i] for i in idx)
-    elapsed = time.perf_counter() - t0
-    # The TTFT probe re-runs the prefill; remove it from the wall time.
-    elapsed -= sum(ttft[::batch]) if batch > 1 else sum(ttft)
-    return {"output_tokens": total_out, "seconds": elapsed, "output_tokens_per_s": total_out / elapsed,
-            "ttft_s": {"p50": float(np.median(ttft))}, "tpot_s": {"p50": float(np.median(tpot))}}
+    return {"output_tokens": total_out, "seconds": seconds, "output_tokens_per_s": total_out / seconds,
+            "ttft_s": {"p50": float(np.median(ttft))}, "tpot_s": {"p50": float(np.median(tpot))},
+            "_ttft": ttft, "_tpot": tpot}
+
+
+def merge_alone(runs: list[dict]) -> dict:
+    """Per-request runs of one system -> one row (throughput over the summed wall time)."""
+    from llmc import bench as b
+
+    out = sum(r["output_tokens"] for r in runs)
+    secs = sum(r["seconds"] for r in runs)
+    if "_outputs" in runs[0]:
+        outs = [o for r in runs for o in r["_outputs"]]
+        ttft, tpot = [o.ttft for o in outs if o.ttft is not None], [o.tpot for o in outs if o.tpot is not None]
+        extra = {"_decode_steps": [s for r in runs for s in r["_decode_steps"]],
+                 "peak_kv_blocks": max(r["peak_kv_blocks"] for r in runs),
+                 "tokens": {i: r["_outputs"][0].output_token_ids for i, r in enumerate(runs)}}
+    else:
+        ttft, tpot, extra = [t for r in runs for t in r["_ttft"]], [t for r in runs for t in r["_tpot"]], {}
+    return {"output_tokens": out, "seconds": secs, "output_tokens_per_s": out / secs,
+            "ttft_s": b.percentiles(ttft), "tpot_s": b.percentiles(tpot), **extra}
 
 
 def main() -> None:
@@ -93,12 +138,6 @@ def main() -> None:
     engines = {"fp32": engine_for("smollm2-fp32"), "int4_awq": engine_for("smollm2-int4_awq")}
     tok = load_tokenizer(engines["fp32"])
     work = b.make_workload(b.corpus_tokens(tok, None), n, (16, 256), out_range, 0, None)
-    rows: dict[str, dict] = {}
-    for name, eng in engines.items():
-        console.print(f"llmc {name}: in-flight")
-        rows[f"llmc {name} in-flight"] = llmc_run(eng, work, one_at_a_time=False)
-        console.print(f"llmc {name}: one at a time")
-        rows[f"llmc {name} one-at-a-time"] = llmc_run(eng, work, one_at_a_time=True)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -106,10 +145,28 @@ def main() -> None:
 
     g = default_gguf_path()
     hf = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32).eval()
-    console.print("transformers fp32: one at a time")
-    rows["transformers fp32 one-at-a-time"] = hf_run(hf, work, 1)
+    llms = {name: load_llm(eng) for name, eng in engines.items()}
+    rows: dict[str, dict] = {}
+    for name, eng in engines.items():
+        console.print(f"llmc {name}: in-flight")
+        rows[f"llmc {name} in-flight"] = llmc_inflight(llms[name], eng, work)
     console.print("transformers fp32: static batches of 8")
     rows["transformers fp32 static-8"] = hf_run(hf, work, 8)
+    # One request at a time, the three systems in turn per request, so that drift in the
+    # machine's speed (a shared host) hits them alike and the single-stream ratios stay fair.
+    alone: dict[str, list[dict]] = {k: [] for k in [*engines, "hf"]}
+    for i in range(n):
+        console.print(f"one at a time: request {i + 1}/{n}", end="\r")
+        for name in engines:
+            alone[name].append(llmc_alone(llms[name], work, i))
+        alone["hf"].append(hf_run(hf, one_request(work, i), 1))
+    console.print()
+    for name, eng in engines.items():
+        rows[f"llmc {name} one-at-a-time"] = _llmc_extras(llms[name], eng, merge_alone(alone[name]))
+    rows["transformers fp32 one-at-a-time"] = merge_alone(alone["hf"])
+    rows = {k: rows[k] for k in ("llmc fp32 in-flight", "llmc fp32 one-at-a-time", "llmc int4_awq in-flight",
+                                 "llmc int4_awq one-at-a-time", "transformers fp32 one-at-a-time",
+                                 "transformers fp32 static-8")}
 
     same = rows["llmc fp32 in-flight"]["tokens"] == rows["llmc fp32 one-at-a-time"]["tokens"]
     hf1 = rows["transformers fp32 one-at-a-time"]

@@ -68,6 +68,10 @@ def test_auto_stores_an_exact_lm_head_as_int8_blocks(q8_head_int4):
     assert graph["float"]["lm_head"] == "float"
     assert graph["float_ckpt"]["lm_head"] == "float"  # auto leaves float engines float
     assert graph["int8"]["weight_bytes"] > graph["float"]["weight_bytes"]  # + a quarter-size copy, tied
+    # what a decode step reads (MBU): the fp32 table is only gathered from once the logits use int8
+    emb = 320 * 128 * 4
+    assert graph["int8"]["decode_read_bytes"] == graph["int8"]["weight_bytes"] - emb
+    assert graph["float"]["decode_read_bytes"] == graph["float"]["weight_bytes"]  # tied: Gemm reads it
 
 
 def test_int8_lm_head_logits_equal_the_float_ones(q8_head_int4):

@@ -57,6 +57,7 @@ class GraphSpec:
     bucket_kinds: list         # per bucket: "decode" (Qt = 1 rows) | "any"
     backend: str
     weight_bytes: int = 0
+    decode_read_bytes: int = 0  # weights one decode step reads: all but a gather-only embedding table
     lm_head: str = "float"      # how the logits GEMM is stored: "float" | "int8-blocks" | "quantized"
     empty_buckets: bool = True  # explicit reshape targets: an unused bucket may have zero rows
     node_count: int = 0
@@ -116,7 +117,9 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     scatter_index = emit_write_index(g, d, write_index)
 
     emb_t = tensors["transformer.vocab_embedding.weight"]
+    before_emb = g.weight_bytes
     emb = g.weight("transformer.vocab_embedding.weight", np32(emb_t), target.dtype)
+    emb_bytes = g.weight_bytes - before_emb
     x = g.op("Gather", [emb, input_ids], name="embed", axis=0)
 
     qk_heads = d.num_heads + d.num_kv_heads
@@ -172,5 +175,6 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     spec = GraphSpec(cfg.num_hidden_layers, num_buckets, block_size, d.num_kv_heads, d.head_dim, kv_name,
                      int(pool.pool_type), DTYPE_OF[target.dtype], max_positions,
                      [bk.impl for bk in buckets], bucket_kinds(num_buckets), target.backend,
-                     g.weight_bytes, lm_kind, True, len(model.graph.node), counts)
+                     g.weight_bytes, g.weight_bytes - (0 if tied and lm_kind == "float" else emb_bytes),
+                     lm_kind, True, len(model.graph.node), counts)
     return model, spec
