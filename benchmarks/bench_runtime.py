@@ -42,19 +42,19 @@ def load_llm(engine: Path):
     return llm
 
 
-def llmc_inflight(llm, engine: Path, work) -> dict:
+def llmc_inflight(llm, work) -> dict:
     from llmc import bench as b
 
     m = b.run_workload(llm, work)
     m["tokens"] = {o.request_id: o.output_token_ids for o in m["_outputs"]}
-    return _llmc_extras(llm, engine, m)
+    return _llmc_extras(llm, m)
 
 
-def _llmc_extras(llm, engine: Path, m: dict) -> dict:
+def _llmc_extras(llm, m: dict) -> dict:
     from llmc import bench as b
 
     kv_tok = llm.engine.kv_bytes_per_block // llm.block_size
-    m["mbu_b1"] = b.mbu(m, b.engine_weight_bytes(engine), kv_tok, BANDWIDTH, batch_size=1)
+    m["mbu_b1"] = b.mbu(m, b.engine_weight_bytes(llm.engine), kv_tok, BANDWIDTH, batch_size=1)
     m["lm_head"] = llm.engine.graph.get("lm_head", "float")  # float | int8-blocks (exact) | quantized
     return m
 
@@ -147,9 +147,9 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32).eval()
     llms = {name: load_llm(eng) for name, eng in engines.items()}
     rows: dict[str, dict] = {}
-    for name, eng in engines.items():
+    for name in engines:
         console.print(f"llmc {name}: in-flight")
-        rows[f"llmc {name} in-flight"] = llmc_inflight(llms[name], eng, work)
+        rows[f"llmc {name} in-flight"] = llmc_inflight(llms[name], work)
     console.print("transformers fp32: static batches of 8")
     rows["transformers fp32 static-8"] = hf_run(hf, work, 8)
     # One request at a time, the three systems in turn per request, so that drift in the
@@ -161,8 +161,8 @@ def main() -> None:
             alone[name].append(llmc_alone(llms[name], work, i))
         alone["hf"].append(hf_run(hf, one_request(work, i), 1))
     console.print()
-    for name, eng in engines.items():
-        rows[f"llmc {name} one-at-a-time"] = _llmc_extras(llms[name], eng, merge_alone(alone[name]))
+    for name in engines:
+        rows[f"llmc {name} one-at-a-time"] = _llmc_extras(llms[name], merge_alone(alone[name]))
     rows["transformers fp32 one-at-a-time"] = merge_alone(alone["hf"])
     rows = {k: rows[k] for k in ("llmc fp32 in-flight", "llmc fp32 one-at-a-time", "llmc int4_awq in-flight",
                                  "llmc int4_awq one-at-a-time", "transformers fp32 one-at-a-time",

@@ -137,16 +137,13 @@ def run_workload(llm, work: Workload, concurrency: int | None = None) -> dict[st
     }
 
 
-def engine_weight_bytes(engine_dir: Path) -> int:
-    """Weight bytes one decode step reads: the graph's record (an embedding table only gathered
-    from is not read), else the size of the weight files."""
-    try:
-        graph = json.loads((Path(engine_dir) / "config.json").read_text())["engine"]["graph"]
-        if graph.get("decode_read_bytes"):
-            return int(graph["decode_read_bytes"])
-    except (OSError, KeyError, TypeError, ValueError):
-        pass
-    return sum(p.stat().st_size for p in Path(engine_dir).iterdir()
+def engine_weight_bytes(engine) -> int:
+    """Weight bytes one decode step of a loaded engine reads: its graph's record (an embedding
+    table only gathered from is not read), else the size of its weight files (older engines)."""
+    recorded = (engine.graph or {}).get("decode_read_bytes")
+    if recorded:
+        return int(recorded)
+    return sum(p.stat().st_size for p in engine.path.iterdir()
                if p.name.startswith("model.onnx") or p.suffix in (".data", ".engine") and p.name != "rank0.engine")
 
 

@@ -54,7 +54,7 @@ def bench(
         b.run_workload(llm, b.make_workload(tokens, 2, (8, 8), (4, 4), seed, None))  # warm-up
         m = b.run_workload(llm, work, concurrency)
         kv_tok = llm.engine.kv_bytes_per_block // llm.block_size
-        weights = b.engine_weight_bytes(engine_dir)
+        weights = b.engine_weight_bytes(llm.engine)
         m["max_batch_size"] = llm.max_batch_size
         m["mbu_decode"] = b.mbu(m, weights, kv_tok, bandwidth)
         single = b.run_workload(llm, b.make_workload(tokens, 1, (64, 64), (32, 32), seed, None))
