@@ -35,7 +35,7 @@ COMMANDS = [
     ("pipeline", "llmc.cli.pipeline_cmd", "pipeline"),
     ("default-model", "llmc.cli.default_model_cmd", "default_model"),
 ]
-GROUPS = [("recipes", "llmc.cli.recipes_cmd", "recipes_app")]
+GROUPS = [("recipes", "llmc.cli.recipes_cmd", "recipes_app"), ("export", "llmc.cli.export_cmd", "export_app")]
 
 for _name, _module, _func in COMMANDS:
     try:

@@ -1,0 +1,1 @@
+"""Serving: the engine loop and the front ends (OpenAI HTTP, Triton)."""
