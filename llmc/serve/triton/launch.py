@@ -54,6 +54,8 @@ class TritonServer:
         self.extra_args = list(extra_args or [])
         self.shm_prefix = f"llmc_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         self.proc: subprocess.Popen | None = None
+        self.killed_leftovers = False    # set by stop(): processes of the group had to be killed
+        self.leaked_shm: list[Path] = []  # set by stop(): regions the server left (then removed)
 
     @property
     def url(self) -> str:
@@ -130,11 +132,13 @@ class TritonServer:
         while self.group_alive() and time.monotonic() < deadline:  # stubs exit right after
             time.sleep(0.1)
         if self.group_alive():
+            self.killed_leftovers = True
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for region in self.shm_regions():  # only left behind by a killed server
+        self.leaked_shm = self.shm_regions()  # only left behind by a killed server
+        for region in self.leaked_shm:
             region.unlink(missing_ok=True)
         return proc.returncode
 
