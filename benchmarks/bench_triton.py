@@ -179,7 +179,6 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="8 requests, shorter outputs (a smoke run)")
     args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from rich.console import Console
     from rich.table import Table
 

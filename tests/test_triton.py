@@ -65,7 +65,8 @@ def test_export_repository_is_a_valid_triton_config(tiny_engine, tmp_path):
     params = {k: v.string_value for k, v in cfg.parameters.items()}
     assert Path(params["engine_dir"]) == tiny_engine.resolve()
     assert params["EXECUTION_ENV_PATH"].endswith("triton-env")
-    assert (Path(params["llmc_root"]) / "llmc" / "serve" / "triton" / "backend.py").is_file()
+    assert (repo / "tiny" / "1" / "llmc_path" / "llmc" / "serve" / "triton" / "backend.py").is_file()
+    assert [p.name for p in (repo / "tiny" / "1" / "llmc_path").iterdir()] == ["llmc"]
     assert (repo / "tiny" / "1" / "model.py").is_file() and not (repo / "tiny" / "1" / "engine").exists()
     # --copy-engine: the engine travels with the repository, referenced relatively
     assert main(["export", "triton", str(tiny_engine), "-o", str(repo), "--model-name", "tiny",

@@ -67,7 +67,6 @@ class TritonEnv:
             libs.append(env["LD_LIBRARY_PATH"])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
         env["PATH"] = os.pathsep.join([str(self.root / "bin"), env.get("PATH", "/usr/bin:/bin")])
-        env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
 

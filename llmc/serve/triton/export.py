@@ -3,6 +3,8 @@
     REPO/NAME/config.pbtxt    python backend, decoupled (token streaming), CPU instance group,
                               EXECUTION_ENV_PATH = the numpy<2 venv from env.py
     REPO/NAME/1/model.py      a thin adapter: llmc's EngineLoop per instance (backend.py)
+    REPO/NAME/1/llmc_path/    a symlink to the exporting llmc package (model.py imports it;
+                              without it, llmc must be installed in the model's environment)
     REPO/NAME/1/engine/       only with --copy-engine; otherwise the engine is referenced
 
 The tensor names are those of TensorRT-LLM's Triton backend (ensemble / tensorrt_llm_bls), so
@@ -53,11 +55,17 @@ class ExportOptions:
     env_path: str | None = None         # EXECUTION_ENV_PATH; default: the llmc-managed venv
 
 
-def llmc_root() -> Path:
-    """The directory holding the `llmc` package that model.py must import (this one)."""
+LLMC_LINK_DIR = "llmc_path"  # REPO/NAME/1/llmc_path/llmc -> this llmc package
+
+
+def llmc_package() -> Path:
+    """The `llmc` package model.py must import: this one (the stub ignores PYTHONPATH).
+
+    The repository links to it from a directory that holds nothing else, so the stub's sys.path
+    gains llmc only, never the rest of the exporting environment (its numpy 2 above all)."""
     import llmc
 
-    return Path(llmc.__file__).resolve().parent.parent
+    return Path(llmc.__file__).resolve().parent
 
 
 def _check(engine_dir: Path, opts: ExportOptions) -> dict:
@@ -95,7 +103,7 @@ def render_config(name: str, engine_ref: str, batch: int, opts: ExportOptions, e
         return f"  {{\n    name: {_pbtxt_string(name_)}\n    data_type: {dtype}\n    dims: {dims}{opt}\n  }}"
 
     params = {"EXECUTION_ENV_PATH": env_path, "engine_dir": engine_ref,
-              "llmc_root": str(llmc_root()), "max_batch_size": str(batch),
+              "max_batch_size": str(batch),
               "kv_cache_mb": "" if opts.kv_cache_mb is None else str(opts.kv_cache_mb),
               "max_queue": "" if opts.max_queue is None else str(opts.max_queue)}
     lines = [
@@ -137,6 +145,8 @@ def export_triton(engine_dir: str | Path, repo: str | Path, opts: ExportOptions 
         version = tmp / "1"
         version.mkdir()
         shutil.copyfile(TEMPLATE, version / "model.py")
+        (version / LLMC_LINK_DIR).mkdir()
+        (version / LLMC_LINK_DIR / "llmc").symlink_to(llmc_package(), target_is_directory=True)
         engine_ref = str(engine_dir)
         if opts.copy_engine:
             shutil.copytree(engine_dir, version / "engine")

@@ -2,11 +2,12 @@
 
 A thin adapter: everything lives in `llmc.serve.triton.backend` (one llmc EngineLoop per model
 instance, decoupled streaming responses, TensorRT-LLM backend tensor names). This file only
-finds llmc (the `llmc_root` parameter of config.pbtxt: the stub ignores PYTHONPATH) and refuses
-to start under numpy 2, which Triton 2.51's Python stub silently corrupts tensors with.
+finds llmc (`llmc_path/` beside it links to the exporting llmc; the stub ignores PYTHONPATH;
+without the link llmc must be installed in the model's environment) and refuses to start under
+numpy 2, which Triton 2.51's Python stub silently corrupts tensors with.
 """
 
-import json
+import os
 import sys
 
 
@@ -26,10 +27,9 @@ _refuse_numpy2()
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = json.loads(args["model_config"]).get("parameters", {})
-        root = params.get("llmc_root", {}).get("string_value", "")
-        if root and root not in sys.path:
-            sys.path.insert(0, root)
+        link_dir = os.path.join(args["model_repository"], args["model_version"], "llmc_path")
+        if os.path.isdir(os.path.join(link_dir, "llmc")) and link_dir not in sys.path:
+            sys.path.insert(0, link_dir)
         from llmc.serve.triton.backend import LlmcTritonModel
 
         self._impl = LlmcTritonModel(args)
