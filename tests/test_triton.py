@@ -185,7 +185,8 @@ def reference_llm(smollm2_engine):
     return LLM(smollm2_engine, kv_cache_mb=32)
 
 
-def _inputs(prompt: str | None, max_tokens: int | None = 16, stream: bool = True, end_id: int | None = None):
+def _inputs(prompt: str | None, max_tokens: int | None = 16, stream: bool = True, end_id: int | None = None,
+            sampling: dict | None = None):
     from tritonclient.grpc import InferInput
 
     def tensor(name, arr, dtype):
@@ -200,6 +201,8 @@ def _inputs(prompt: str | None, max_tokens: int | None = 16, stream: bool = True
         ins.append(tensor("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"))
     if end_id is not None:
         ins.append(tensor("end_id", np.array([[end_id]], dtype=np.int32), "INT32"))
+    for name, (value, dtype, triton_type) in (sampling or {}).items():
+        ins.append(tensor(name, np.array([[value]], dtype=dtype), triton_type))
     return ins
 
 
@@ -281,12 +284,19 @@ def test_grpc_stream_greedy_matches_llmc(server, reference_llm):
     from llmc.runtime.sampling import SamplingParams
 
     ref = reference_llm.generate([PROMPT], SamplingParams(max_tokens=24))[0]
+    sampled = reference_llm.generate([PROMPT], SamplingParams(max_tokens=16, temperature=0.8, top_k=40,
+                                                               top_p=0.9, seed=7))[0]
     s = GrpcStreams(server)
     try:
         s.send("g1", _inputs(PROMPT, 24))
-        s.wait(["g1"])
+        s.send("s1", _inputs(PROMPT, 16, sampling={"temperature": (0.8, np.float32, "FP32"),
+                                                   "top_k": (40, np.int32, "INT32"),
+                                                   "top_p": (0.9, np.float32, "FP32"),
+                                                   "random_seed": (7, np.uint64, "UINT64")}))
+        s.wait(["g1", "s1"])
     finally:
         s.close()
+    assert s.ids("s1") == sampled.output_token_ids, "same seed, same sampled tokens"
     assert s.ids("g1") == ref.output_token_ids, "token for token"
     assert s.text("g1") == ref.text
     assert len(s.responses["g1"]) > 1, "streamed, not one response"
@@ -317,6 +327,16 @@ def test_http_generate_stream_sse_and_generate(server, reference_llm):
                                  headers={"Content-Type": "application/json"})
     out = json.loads(urllib.request.urlopen(req, timeout=120).read())
     assert out["text_output"] == ref.text and out["finish_reason"] == ref.finish_reason
+    # stop_words: cut where llmc's own stop-string handling cuts
+    stop = ref.text.split()[2]
+    ref_stop = reference_llm.generate([PROMPT], SamplingParams(max_tokens=12, stop=[stop]))[0]
+    req = urllib.request.Request(f"{server.url}/v2/models/llmc/generate",
+                                 data=json.dumps({"text_input": PROMPT, "max_tokens": 12,
+                                                  "stop_words": ["", stop]}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    out = json.loads(urllib.request.urlopen(req, timeout=120).read())
+    assert out["text_output"] == ref_stop.text and stop not in out["text_output"]
+    assert out["finish_reason"] == "stop"
 
 
 @pytest.mark.slow
