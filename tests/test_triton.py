@@ -422,6 +422,52 @@ def test_bad_requests_get_errors_while_others_stream(server):
 
 
 @pytest.mark.slow
+def test_llmc_serve_frontend_triton_cli(triton_env, smollm2_engine, tmp_path):
+    """`llmc serve --frontend triton`: the real server on the given ports; SIGTERM stops it cleanly."""
+    import signal
+
+    from llmc.serve.triton.launch import free_port
+
+    pytest.importorskip("llmc.cli.serve_cmd", reason="`llmc serve` (llmc/cli/serve_cmd.py) is not in this tree yet")
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "llmc.cli.app", "serve", str(smollm2_engine), "--frontend", "triton",
+                             "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
+                             "--metrics-port", str(metrics), "--kv-cache-mb", "64"],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        req = urllib.request.Request(f"http://127.0.0.1:{http}/v2/models/llmc/generate",
+                                     data=json.dumps({"text_input": PROMPT, "max_tokens": 4, "end_id": -1}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        out = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        assert out["finish_reason"] == "length" and len(out["output_ids"]) == 4
+        assert "llmc_kv_blocks_total" in urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
+        shm = f"llmc_{proc.pid}_"
+        assert list(Path("/dev/shm").glob(shm + "*")), "the stub's shared memory, named after this server"
+        server_pids = [int(p.name) for p in Path("/proc").glob("[0-9]*") if f"--http-port={http}" in _cmdline(p)]
+        assert len(server_pids) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    leftovers = [p for p in Path("/proc").glob("[0-9]*") if shm in _cmdline(p) or f"--http-port={http}" in _cmdline(p)]
+    assert not leftovers, "tritonserver or a stub outlived `llmc serve`"
+    assert not list(Path("/dev/shm").glob(shm + "*"))
+
+
+@pytest.mark.slow
 def test_clean_shutdown_leaves_no_stub_and_no_shared_memory(server):
     stub_marker = server.shm_prefix
     stubs = [p for p in Path("/proc").glob("[0-9]*") if stub_marker in _cmdline(p)]
