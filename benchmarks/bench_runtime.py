@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import engine_for, write_results  # noqa: E402
+from common import engine_for, serving_workload, serving_workload_args, write_results  # noqa: E402
 
 
 def one_request(work, i: int):
@@ -121,8 +121,7 @@ def merge_alone(runs: list[dict]) -> dict:
 def main() -> None:
     global BANDWIDTH
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-requests", type=int, default=32)
-    ap.add_argument("--quick", action="store_true", help="8 requests, shorter outputs (a smoke run)")
+    serving_workload_args(ap)
     args = ap.parse_args()
     from rich.console import Console
     from rich.table import Table
@@ -130,14 +129,13 @@ def main() -> None:
     from llmc import bench as b
     from llmc.tokenizer import load_tokenizer
 
-    n = 8 if args.quick else args.num_requests
-    out_range = (8, 32) if args.quick else (16, 128)
     BANDWIDTH = b.measure_memory_bandwidth()
     console = Console()
     console.print("building engines (reused when unchanged)...")
     engines = {"fp32": engine_for("smollm2-fp32"), "int4_awq": engine_for("smollm2-int4_awq")}
     tok = load_tokenizer(engines["fp32"])
-    work = b.make_workload(b.corpus_tokens(tok, None), n, (16, 256), out_range, 0, None)
+    work, out_range = serving_workload(args, tok)
+    n = len(work.prompts)
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import engine_for, write_results  # noqa: E402
+from common import engine_for, serving_workload, serving_workload_args, write_results  # noqa: E402
 
 
 def summarize(seconds: float, ttfts: list[float], counts: list[int], want: list[int]) -> dict:
@@ -176,22 +175,19 @@ def llmc_serve(engine: Path, texts: list[str], want: list[int]) -> dict | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-requests", type=int, default=32)
-    ap.add_argument("--quick", action="store_true", help="8 requests, shorter outputs (a smoke run)")
+    serving_workload_args(ap)
     args = ap.parse_args()
     from rich.console import Console
     from rich.table import Table
 
-    from llmc import bench as b
     from llmc.tokenizer import load_tokenizer
 
-    n = 8 if args.quick else args.num_requests
-    out_range = (8, 32) if args.quick else (16, 128)
     console = Console()
     console.print("building the engine (reused when unchanged)...")
     engine = engine_for("smollm2-fp32")
     tok = load_tokenizer(engine)
-    work = b.make_workload(b.corpus_tokens(tok, None), n, (16, 256), out_range, 0, None)
+    work, out_range = serving_workload(args, tok)
+    n = len(work.prompts)
     # Text prompts for the servers; every leg uses what that text encodes to.
     texts = [tok.decode(p) for p in work.prompts]
     work.prompts = [list(tok.encode(t, add_special_tokens=False)) for t in texts]

@@ -38,3 +38,18 @@ def write_results(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **data}, indent=2, default=str) + "\n")
     return path
+
+
+def serving_workload_args(ap) -> None:
+    """The options of the serving benchmarks' workload (bench_runtime, bench_triton)."""
+    ap.add_argument("--num-requests", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="8 requests, shorter outputs (a smoke run)")
+
+
+def serving_workload(args, tokenizer):
+    """(workload, output range): prompts of 16-256 State of the Union tokens, outputs 16-128."""
+    from llmc import bench as b
+
+    n = 8 if args.quick else args.num_requests
+    out_range = (8, 32) if args.quick else (16, 128)
+    return b.make_workload(b.corpus_tokens(tokenizer, None), n, (16, 256), out_range, 0, None), out_range

@@ -123,7 +123,7 @@ def test_parse_request_tensorrt_llm_conventions():
 
 def test_model_py_refuses_numpy2():
     """The main venv has numpy 2: the exported model.py must refuse to load there, clearly."""
-    import llmc.serve.triton.export as export
+    from llmc.serve.triton import export
 
     proc = subprocess.run([sys.executable, str(export.TEMPLATE)], capture_output=True, text=True)
     if int(np.__version__.split(".")[0]) < 2:
@@ -145,16 +145,6 @@ def triton_env():
         return ensure_triton_env()
     except UnsupportedError as exc:
         pytest.skip(f"the Triton server wheel cannot be installed here: {exc}")
-
-
-@pytest.fixture(scope="module")
-def smollm2_engine(smollm2_checkpoint, tmp_path_factory) -> Path:
-    from llmc.engine import BuildOptions, build_engine
-
-    out = tmp_path_factory.mktemp("smollm2") / "engine"
-    build_engine(smollm2_checkpoint, out, BuildOptions(max_batch_size=32, max_input_len=96, max_seq_len=256,
-                                                       tokens_per_block=16))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -386,8 +376,8 @@ def test_cancelled_streams_free_kv_blocks(server):
 
 @pytest.mark.slow
 def test_bad_requests_get_errors_while_others_stream(server):
-    from tritonclient.utils import InferenceServerException
     import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
 
     s = GrpcStreams(server)
     try:

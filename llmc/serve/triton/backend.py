@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -167,7 +168,6 @@ class LlmcTritonModel:
             except LlmcError as exc:
                 sender.send(pb.InferenceResponse(error=pb.TritonError(str(exc))),
                             flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
 
     def _sink(self, st: _Stream) -> Callable:
         def sink(ev) -> None:

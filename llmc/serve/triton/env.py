@@ -29,9 +29,9 @@ import os
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from llmc.default_model import cache_dir
 from llmc.errors import LlmcError, UnsupportedError

@@ -71,7 +71,7 @@ class TritonServer:
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                 "--exit-timeout-secs=30", *CPU_FLAGS, *self.extra_args]
 
-    def start(self, timeout: float = 300.0) -> "TritonServer":
+    def start(self, timeout: float = 300.0) -> TritonServer:
         out = self.log if self.log is not None else None
         self.proc = subprocess.Popen(self.command(), env=self.env.server_environ(), stdout=out,
                                      stderr=subprocess.STDOUT if out is not None else None,
@@ -142,7 +142,7 @@ class TritonServer:
             region.unlink(missing_ok=True)
         return proc.returncode
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc) -> None:
