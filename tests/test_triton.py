@@ -121,6 +121,14 @@ def test_parse_request_tensorrt_llm_conventions():
         parse_request({}, eos)
 
 
+def test_platform_check_names_the_glibc_floor(monkeypatch):
+    from llmc.serve.triton import env
+
+    monkeypatch.setattr(env, "glibc_version", lambda: (2, 31))
+    with pytest.raises(UnsupportedError, match=r"needs glibc >= 2\.35; this machine has glibc 2\.31"):
+        env.check_platform()
+
+
 def test_model_py_refuses_numpy2():
     """The main venv has numpy 2: the exported model.py must refuse to load there, clearly."""
     from llmc.serve.triton import export
@@ -260,6 +268,13 @@ def _metrics(srv) -> dict[str, float]:
     return out
 
 
+def _settled_metrics(srv) -> dict[str, float]:
+    """Metrics once the engine is idle and the llmc_* gauges (refreshed every 0.2 s) caught up."""
+    _wait_metric(srv, lambda m: m["llmc_num_running"] == 0 and m["llmc_num_waiting"] == 0)
+    time.sleep(0.6)
+    return _metrics(srv)
+
+
 def _wait_metric(srv, pred, timeout: float = 30.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
@@ -331,6 +346,7 @@ def test_http_generate_stream_sse_and_generate(server, reference_llm):
 
 @pytest.mark.slow
 def test_32_concurrent_streams_finish_with_their_token_counts(server):
+    before = _settled_metrics(server)
     s = GrpcStreams(server)
     want = {f"c{i}": 4 + i % 9 for i in range(32)}
     try:
@@ -342,13 +358,17 @@ def test_32_concurrent_streams_finish_with_their_token_counts(server):
     assert not s.errors
     assert {rid: len(s.ids(rid)) for rid in want} == want
     assert all(s.responses[rid][-1][2] == "length" for rid in want)
-    m = _metrics(server)
+    total = sum(want.values())
+    m = _wait_metric(server, lambda m: m["llmc_generation_tokens"] >= before["llmc_generation_tokens"] + total)
+    assert m["llmc_generation_tokens"] - before["llmc_generation_tokens"] == total
+    steps = m["llmc_steps"] - before["llmc_steps"]
+    assert steps < total / 2, f"{steps} engine steps for {total} tokens: requests were not batched in flight"
     assert m["llmc_kv_blocks_total"] > 0 and m["nv_inference_request_success"] >= 32
 
 
 @pytest.mark.slow
 def test_cancelled_streams_free_kv_blocks(server):
-    before = _metrics(server)
+    before = _settled_metrics(server)
     s = GrpcStreams(server)
     rids = [f"x{i}" for i in range(4)]
     for rid in rids:

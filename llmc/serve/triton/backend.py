@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from llmc.errors import LlmcError
+from llmc.serve.triton.export import INPUTS
 
+INPUT_NAMES = tuple(row[0] for row in INPUTS)  # as declared in config.pbtxt
 CANCEL_POLL_SECONDS = 0.05   # how often a running request's cancellation is polled
 METRICS_SECONDS = 0.2        # how often the llmc_* custom metrics are refreshed
 # (metric name, stats key, help); requests_finished is labelled by reason separately.
@@ -155,18 +157,17 @@ class LlmcTritonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                names = [n for n in ("text_input", "max_tokens", "stream", "temperature", "top_k", "top_p",
-                                     "random_seed", "stop_words", "end_id", "pad_id")]
                 inputs = {}
-                for name in names:
+                for name in INPUT_NAMES:
                     tensor = pb.get_input_tensor_by_name(request, name)
                     if tensor is not None:
                         inputs[name] = tensor.as_numpy()
                 parsed = parse_request(inputs, self.eos_ids)
                 st = _Stream(sender, parsed.stream)
                 self.loop.submit(parsed.prompt, parsed.params, self._sink(st))
-            except LlmcError as exc:
-                sender.send(pb.InferenceResponse(error=pb.TritonError(str(exc))),
+            except Exception as exc:  # noqa: BLE001 - any bad request is that request's error only
+                msg = str(exc) if isinstance(exc, LlmcError) else f"llmc: bad request ({exc!r})"
+                sender.send(pb.InferenceResponse(error=pb.TritonError(msg)),
                             flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _sink(self, st: _Stream) -> Callable:
