@@ -433,7 +433,8 @@ def test_bad_requests_get_errors_while_others_stream(server):
 
 @pytest.mark.slow
 def test_llmc_serve_frontend_triton_cli(triton_env, smollm2_engine, tmp_path):
-    """`llmc serve --frontend triton`: the real server on the given ports; SIGTERM stops it cleanly."""
+    """`llmc serve --frontend triton`: the real server on the given ports, two model instances;
+    SIGTERM stops it cleanly."""
     import signal
 
     from llmc.serve.triton.launch import free_port
@@ -443,7 +444,7 @@ def test_llmc_serve_frontend_triton_cli(triton_env, smollm2_engine, tmp_path):
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "llmc.cli.app", "serve", str(smollm2_engine), "--frontend", "triton",
                              "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc),
-                             "--metrics-port", str(metrics), "--kv-cache-mb", "64"],
+                             "--metrics-port", str(metrics), "--kv-cache-mb", "64", "--instances", "2"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -461,7 +462,9 @@ def test_llmc_serve_frontend_triton_cli(triton_env, smollm2_engine, tmp_path):
                                      headers={"Content-Type": "application/json"})
         out = json.loads(urllib.request.urlopen(req, timeout=120).read())
         assert out["finish_reason"] == "length" and len(out["output_ids"]) == 4
-        assert "llmc_kv_blocks_total" in urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
+        kv = [line for line in text.splitlines() if line.startswith("llmc_kv_blocks_total{")]
+        assert len(kv) == 2, f"one KV pool per instance (--instances 2): {kv}"
         shm = f"llmc_{proc.pid}_"
         assert list(Path("/dev/shm").glob(shm + "*")), "the stub's shared memory, named after this server"
         server_pids = [int(p.name) for p in Path("/proc").glob("[0-9]*") if f"--http-port={http}" in _cmdline(p)]
