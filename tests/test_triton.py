@@ -409,7 +409,8 @@ def test_bad_requests_get_errors_while_others_stream(server):
         client.start_stream(callback=lambda result, error: errors.put(error))
         client.async_stream_infer("llmc", _inputs(None, 8), request_id="bad-missing")
         client.async_stream_infer("llmc", _inputs(PROMPT, -5), request_id="bad-negative")
-        got = [errors.get(timeout=30), errors.get(timeout=30)]
+        client.async_stream_infer("llmc", _inputs("word " * 2000, 4), request_id="bad-long")
+        got = [errors.get(timeout=30) for _ in range(3)]
         client.stop_stream()
         client.close()
         s.wait(["long"])
@@ -417,7 +418,7 @@ def test_bad_requests_get_errors_while_others_stream(server):
         s.close()
     assert all(isinstance(e, InferenceServerException) for e in got)
     text = " | ".join(str(e) for e in got)
-    assert "text_input" in text and "max_tokens must be >= 1" in text
+    assert "text_input" in text and "max_tokens must be >= 1" in text and "allows at most" in text, text
     assert len(s.ids("long")) == 40 and s.responses["long"][-1][2] == "length"
     # HTTP: the same mistake is a Triton error body
     req = urllib.request.Request(f"{server.url}/v2/models/llmc/generate",
