@@ -102,7 +102,7 @@ def base_python() -> tuple[Path, Path, str]:
     exe = Path(getattr(sys, "_base_executable", sys.executable)).resolve()
     libdir = Path(sysconfig.get_config_var("LIBDIR") or "")
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    lib = libdir / f"libpython{ver}.so.1.0"
+    lib = libdir / (sysconfig.get_config_var("INSTSONAME") or f"libpython{ver}.so.1.0")
     if not lib.exists():
         raise UnsupportedError(f"Triton's Python stub needs a shared libpython ({lib} is missing); "
                                f"use a Python built with --enable-shared")
