@@ -152,15 +152,21 @@ class TritonServer:
 def serve_triton(engine_dir: str | Path, http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, host: str = "0.0.0.0", model_name: str = "llmc",
                  instances: int = 1, max_batch_size: int | None = None, kv_cache_mb: float | None = None,
-                 max_queue: int | None = None, **_ignored) -> int:
+                 max_queue: int | None = None, **other) -> int:
     """`llmc serve ENGINE --frontend triton`: export to a temporary repository and run the real
-    tritonserver in the foreground until Ctrl-C / SIGTERM; return its exit code."""
+    tritonserver in the foreground until Ctrl-C / SIGTERM; return its exit code.
+
+    `other` takes the options of other frontends (`llmc serve` passes all it has); any that is
+    set is named in a note, since Triton does not use it."""
     from rich.console import Console
 
     from llmc.serve.triton.env import ensure_triton_env
     from llmc.serve.triton.export import ExportOptions, export_triton
 
     console = Console(stderr=True)
+    unused = sorted(k for k, v in other.items() if v not in (None, False))
+    if unused:
+        console.print(f"[dim]not used by --frontend triton: {', '.join(unused)}[/]")
     console.print("[dim]setting up the Triton environment (once: a numpy<2 venv with tritonserver)...[/]")
     env = ensure_triton_env()
     tmp = Path(tempfile.mkdtemp(prefix="llmc-triton-repo-"))
