@@ -160,14 +160,16 @@ def serve_triton(engine_dir: str | Path, http_port: int = 8000, grpc_port: int =
     set is named in a note, since Triton does not use it."""
     from rich.console import Console
 
-    from llmc.serve.triton.env import ensure_triton_env
+    from llmc.serve.triton.env import ensure_triton_env, find_triton_env
     from llmc.serve.triton.export import ExportOptions, export_triton
 
     console = Console(stderr=True)
     unused = sorted(k for k, v in other.items() if v not in (None, False))
     if unused:
         console.print(f"[dim]not used by --frontend triton: {', '.join(unused)}[/]")
-    console.print("[dim]setting up the Triton environment (once: a numpy<2 venv with tritonserver)...[/]")
+    if find_triton_env() is None:
+        console.print("[dim]setting up the Triton environment (once: a numpy<2 venv with tritonserver, "
+                      "about a minute)...[/]")
     env = ensure_triton_env()
     tmp = Path(tempfile.mkdtemp(prefix="llmc-triton-repo-"))
     try:
