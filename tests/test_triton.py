@@ -155,6 +155,26 @@ def triton_env():
         pytest.skip(f"the Triton server wheel cannot be installed here: {exc}")
 
 
+@pytest.mark.slow
+def test_triton_refuses_a_numpy2_model_environment(triton_env, smollm2_engine, tmp_path):
+    """EXECUTION_ENV_PATH at an environment with numpy 2 (this test's own venv): the real server
+    does not load the model, and its log says why."""
+    from llmc.serve.triton.export import ExportOptions, export_triton
+    from llmc.serve.triton.launch import TritonServer, free_port
+
+    if int(np.__version__.split(".")[0]) < 2 or sys.prefix == sys.base_prefix:
+        pytest.skip("needs this test to run in a venv with numpy 2")
+    export_triton(smollm2_engine, tmp_path / "repo", ExportOptions(env_path=sys.prefix))
+    with open(tmp_path / "server.log", "w") as log:
+        srv = TritonServer(triton_env, tmp_path / "repo", free_port(), free_port(), free_port(),
+                           host="127.0.0.1", log=log)
+        with pytest.raises(LlmcError, match="tritonserver exited"):
+            srv.start(timeout=120)
+    text = (tmp_path / "server.log").read_text()
+    assert "numpy 2" in text and "corrupts tensors" in text, text[-2000:]
+    assert not srv.group_alive() and not srv.shm_regions()
+
+
 @pytest.fixture(scope="module")
 def server(triton_env, smollm2_engine, tmp_path_factory):
     from llmc.serve.triton.export import ExportOptions, export_triton
