@@ -129,6 +129,16 @@ def test_platform_check_names_the_glibc_floor(monkeypatch):
         env.check_platform()
 
 
+def test_serving_modules_do_not_import_torch():
+    """Triton's model venv has no torch: what model.py imports must not need it."""
+    code = ("import sys; import llmc.serve.triton.backend, llmc.serve.engine_loop, llmc.runtime.llm, "
+            "llmc.engine.engine, llmc.engine.backends.onnxruntime, llmc.tokenizer; "
+            "print(sorted(m for m in ('torch', 'modelopt', 'tensorrt') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.strip() == "[]"
+
+
 def test_model_py_refuses_numpy2():
     """The main venv has numpy 2: the exported model.py must refuse to load there, clearly."""
     from llmc.serve.triton import export
