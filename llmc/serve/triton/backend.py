@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +120,6 @@ class _Stream:
     done: bool = False
     cancelled: bool = False
     next_cancel_check: float = 0.0
-    ids: list[int] = field(default_factory=list)
 
 
 class LlmcTritonModel:
@@ -174,8 +173,11 @@ class LlmcTritonModel:
         def sink(ev) -> None:
             try:
                 self._on_event(st, ev)
-            except Exception as exc:  # never let one request's failure kill the loop thread
+            except Exception as exc:  # noqa: BLE001 - never let one request kill the loop thread
                 self.logger.log_error(f"llmc: sending a response failed: {exc!r}")
+                if not ev.finished:  # nobody to stream to: stop generating, free its KV blocks
+                    st.cancelled = True
+                    self.loop.abort(ev.request_id)
         return sink
 
     def _response(self, text: str, ids: list[int], finish_reason: str | None):
