@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,12 @@ from llmc.errors import LlmcError
 CHECKPOINT_FORMAT_VERSION = 1
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
+POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "intermediate_size", "head_size", "max_position_embeddings")
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 @dataclass
@@ -69,8 +76,30 @@ class CheckpointConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.head_size:
+        if not self.head_size and _positive_int(self.num_attention_heads) and isinstance(self.hidden_size, int):
             self.head_size = self.hidden_size // self.num_attention_heads
+
+    def validate(self, source: object = "config.json") -> "CheckpointConfig":
+        """Every size a positive integer, heads consistent: a damaged or hostile config.json
+        becomes one line naming the field, never a ZeroDivisionError deep in the graph code."""
+        for name in POSITIVE_INT_FIELDS:
+            v = getattr(self, name)
+            if not _positive_int(v):
+                raise LlmcError(f"{name} must be a positive integer (got {v!r})", source)
+        for name in ("world_size", "tp_size", "pp_size"):
+            v = getattr(self.mapping, name)
+            if not _positive_int(v):
+                raise LlmcError(f"mapping.{name} must be a positive integer (got {v!r})", source)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise LlmcError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                            f"num_key_value_heads ({self.num_key_value_heads})", source)
+        if self.dtype not in DTYPE_BYTES:
+            raise LlmcError(f"unknown dtype {self.dtype!r}", source)
+        for name in ("norm_epsilon", "rotary_base"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise LlmcError(f"{name} must be a positive number (got {v!r})", source)
+        return self
 
     # --- derived sizes -------------------------------------------------------------------
     @property
@@ -102,6 +131,9 @@ class CheckpointConfig:
     def from_dict(cls, d: dict[str, Any], source: str | Path = "config.json") -> "CheckpointConfig":
         d = dict(d)
         names = {f.name for f in dataclasses.fields(cls)}
+        for key in ("mapping", "quantization", "llmc"):
+            if d.get(key) is not None and not isinstance(d[key], dict):
+                raise LlmcError(f"not a valid llmc/TensorRT-LLM checkpoint config ({key} is not an object)", source)
         try:
             mapping = Mapping(**{k: v for k, v in (d.pop("mapping", None) or {}).items()
                                  if k in {"world_size", "tp_size", "pp_size"}})
@@ -110,7 +142,7 @@ class CheckpointConfig:
             quant = QuantConfig(**{k: v for k, v in qd.items() if k in qnames})
             known = {k: v for k, v in d.items() if k in names and k not in ("extra",)}
             extra = {k: v for k, v in d.items() if k not in names}
-            return cls(**known, mapping=mapping, quantization=quant, extra=extra)
+            return cls(**known, mapping=mapping, quantization=quant, extra=extra).validate(source)
         except TypeError as exc:
             raise LlmcError(f"not a valid llmc/TensorRT-LLM checkpoint config ({exc})", source) from None
 

@@ -25,7 +25,7 @@ def _open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise LlmcError(f"corrupt or truncated safetensors file ({str(exc).splitlines()[0]})", path) from None
+        raise LlmcError(f"corrupt or truncated safetensors file ({(str(exc).splitlines() or [type(exc).__name__])[0]})", path) from None
 
 
 @dataclass
@@ -82,6 +82,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     cfg = CheckpointConfig.load(path / "config.json")
     if "engine" in cfg.llmc:
         raise LlmcError("this is an engine directory, not a checkpoint", path)
+    record = cfg.llmc.get("integrity")
+    if record is not None:  # written by llmc >= issue 10; foreign checkpoints carry none
+        from llmc.integrity import verify_record
+
+        verify_record(path, record, rebuild="convert or quantize it again")
     for rank in range(cfg.mapping.world_size):
         with _open_safetensors(rank_file(path, rank)):
             pass

@@ -57,8 +57,11 @@ for _name, _module, _attr in GROUPS:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors become one line on stderr and exit code 2."""
+    from llmc.fsutil import Terminated, sigterm_as_interrupt
+
     try:
-        app(args=argv, standalone_mode=True)
+        with sigterm_as_interrupt():
+            app(args=argv, standalone_mode=True)
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
@@ -68,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM): temporaries removed, no output written", file=sys.stderr)
+        return 143
     return 0
 
 

@@ -19,6 +19,9 @@ def _human_bytes(n: int) -> str:
 def inspect(
     path: Path = typer.Argument(..., help="A checkpoint or engine directory."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    verify: bool = typer.Option(False, "--verify", help="Engines: hash every file and compare with the digests "
+                                "recorded at build time (loading an engine does this too). Checkpoints are "
+                                "always verified."),
 ) -> None:
     """Show architecture, parameters, dtype, quantization, TP mapping, size and KV bytes/token."""
     from rich.console import Console
@@ -26,7 +29,7 @@ def inspect(
 
     from llmc.inspect import describe
 
-    facts = describe(path)
+    facts = describe(path, verify=verify)
     if as_json:
         typer.echo(json.dumps(facts, indent=2))
         return

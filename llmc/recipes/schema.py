@@ -119,7 +119,7 @@ def load_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise LlmcError("no such recipe file", path) from None
     except yaml.YAMLError as exc:
-        raise LlmcError(f"invalid YAML ({str(exc).splitlines()[0]})", path) from None
+        raise LlmcError(f"invalid YAML ({(str(exc).splitlines() or [type(exc).__name__])[0]})", path) from None
 
 
 def load_recipe(name_or_path: str) -> Recipe:
