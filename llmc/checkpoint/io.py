@@ -28,6 +28,18 @@ def _open_safetensors(path: Path):
         raise LlmcError(f"corrupt or truncated safetensors file ({(str(exc).splitlines() or [type(exc).__name__])[0]})", path) from None
 
 
+def check_layer_count(names, num_hidden_layers: int, source) -> None:
+    """The config's num_hidden_layers must be exactly the number of layers the weights hold
+    (checked before anything loops over the config's count, which may be absurd)."""
+    import re
+
+    layers = {int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", n))}
+    held = max(layers) + 1 if layers else 0
+    if held != num_hidden_layers:
+        raise LlmcError(f"config and weights disagree: num_hidden_layers is {num_hidden_layers} but the weights "
+                        f"hold {held} layer(s)", source)
+
+
 @dataclass
 class Checkpoint:
     """An opened checkpoint directory. Tensors are read lazily, one at a time."""
@@ -88,8 +100,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
         verify_record(path, record, rebuild="convert or quantize it again")
     for rank in range(cfg.mapping.world_size):
-        with _open_safetensors(rank_file(path, rank)):
-            pass
+        with _open_safetensors(rank_file(path, rank)) as f:
+            if rank == 0:
+                check_layer_count(f.keys(), cfg.num_hidden_layers, path)
     return Checkpoint(path, cfg)
 
 

@@ -61,6 +61,9 @@ def bench(
     rows = []
     for value in values:
         llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, max_batch_size=value)
+        if in_range[1] > llm.max_input_len:
+            raise LlmcError(f"--input-len {input_len}: prompts of up to {in_range[1]} tokens exceed the engine's "
+                            f"max_input_len {llm.max_input_len}")
         tokens = b.corpus_tokens(llm.tokenizer, dataset)
         work = b.make_workload(tokens, num_requests, in_range, out_range, seed, request_rate)
         b.run_workload(llm, b.make_workload(tokens, 2, (8, 8), (4, 4), seed, None))  # warm-up

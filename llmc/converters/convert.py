@@ -18,7 +18,7 @@ import torch
 from llmc import __version__
 from llmc.checkpoint import tensor_parallel as tpmod
 from llmc.checkpoint.config import CHECKPOINT_FORMAT_VERSION, CheckpointConfig
-from llmc.checkpoint.io import rank_file
+from llmc.checkpoint.io import check_layer_count, rank_file
 from llmc.checkpoint.safetensors_stream import StreamingSafetensorsWriter
 from llmc.checkpoint.schema import expected_shapes
 from llmc.converters.family import Family
@@ -130,6 +130,7 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", tp_size: int 
     cfg = checkpoint_config(source.hf_config, family, resolved_dtype, source.path)
     tpmod.check_tp_size(cfg, tp_size, str(source.path))
     cfg.mapping.tp_size = cfg.mapping.world_size = tp_size
+    check_layer_count(source.names(), cfg.num_hidden_layers, source.path)
     shapes = expected_shapes(cfg)
     plan = {target: _resolve(source, family, target, cfg) for target in shapes}
     _check_source_shapes(source, family, cfg, plan, shapes)

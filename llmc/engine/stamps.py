@@ -176,6 +176,7 @@ ENGINE_SCHEMA = {
     ("build", "tokens_per_block"): _POS_INT, ("build", "kv_cache_blocks"): _POS_INT,
     ("build", "paged_kv_cache"): _BOOL, ("build", "inflight_batching"): _BOOL,
 }
+KV_CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8", "fp8")
 GRAPH_SCHEMA = {"num_buckets": _POS_INT, "block_size": _POS_INT, "num_kv_heads": _POS_INT, "head_dim": _POS_INT,
                 "bucket_kinds": _LIST, "attention": _LIST, "kv_pool_onnx_type": _INT}
 
@@ -204,6 +205,14 @@ def validate_engine_config(data: dict[str, Any], engine_dir: str | Path) -> None
         n = graph["num_buckets"]
         if len(graph["bucket_kinds"]) != n or len(graph["attention"]) != n:
             raise bad(f"engine.graph lists {len(graph['bucket_kinds'])} bucket kinds for {n} buckets")
+        if graph.get("num_layers") != data.get("num_hidden_layers"):
+            raise bad(f"engine.graph.num_layers {graph.get('num_layers')!r} differs from num_hidden_layers "
+                      f"{data.get('num_hidden_layers')!r}")
+        if graph["block_size"] != data["build"]["tokens_per_block"]:
+            raise bad(f"engine.graph.block_size {graph['block_size']} differs from build.tokens_per_block "
+                      f"{data['build']['tokens_per_block']}")
+    if data["engine"]["kv_cache_dtype"] not in KV_CACHE_DTYPES:
+        raise bad(f"engine.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}")
     b = data["build"]
     if b["max_input_len"] > b["max_seq_len"]:
         raise bad(f"build.max_input_len {b['max_input_len']} exceeds build.max_seq_len {b['max_seq_len']}")
