@@ -210,15 +210,16 @@ def atomic_output_dir(out: str | Path, force: bool = False, *, kind: str | None 
     except OSError as exc:
         raise (_os_error(exc, out, expected_bytes) or exc) from None
     remove_stale_temporaries(out)
-    free = free_bytes(out.parent)
-    if expected_bytes and free is not None and expected_bytes > free:
-        raise LlmcError(f"not enough free space for the output: needs about {_human(expected_bytes)}, "
-                        f"{_human(free)} free", out)
     tmp = _tmp_name(out)
     try:
-        tmp.mkdir()
+        tmp.mkdir()  # first, so a read-only file system is named as such
     except OSError as exc:
         raise (_os_error(exc, out, expected_bytes) or exc) from None
+    free = free_bytes(out.parent)
+    if expected_bytes and free is not None and expected_bytes > free:
+        tmp.rmdir()
+        raise LlmcError(f"not enough free space for the output: needs about {_human(expected_bytes)}, "
+                        f"{_human(free)} free", out)
     with sigterm_as_interrupt():
         try:
             yield tmp

@@ -130,8 +130,10 @@ def _ver_tuple(v: str | None) -> tuple[int, ...]:
 
 
 def check_compatible(data: dict[str, Any], engine_dir: str | Path) -> None:
-    eng = data.get("engine") if isinstance(data.get("engine"), dict) else {}
     rebuild = data.get("build_command") or f"llmc build CHECKPOINT -o {engine_dir} --force"
+    eng = data.get("engine")
+    if not isinstance(eng, dict):
+        raise LlmcError(f"damaged engine config.json: 'engine' is not an object; rebuild it: {rebuild}", engine_dir)
     fmt = eng.get("format_version")
     if fmt != ENGINE_FORMAT_VERSION:
         raise LlmcError(f"engine format version {fmt!r} is not the one this llmc reads "
