@@ -775,7 +775,7 @@ def test_text_decoding_warns_or_refuses(tmp_path, capsys):
     docs, _ = load_documents(nul)
     assert "\x00" not in docs[0] and "80 NUL/control characters dropped" in capsys.readouterr().err
     binary = tmp_path / "blob.txt"
-    binary.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(20000)))
+    binary.write_bytes(random.Random(0).randbytes(20000))
     with pytest.raises(LlmcError, match="mostly not text"):
         load_documents(binary)
     ok = tmp_path / "ok.txt"
@@ -786,7 +786,7 @@ def test_text_decoding_warns_or_refuses(tmp_path, capsys):
 
 def test_quantize_and_eval_refuse_binary_text_and_long_windows(ckpt, engine, tmp_path, capsys):
     blob = tmp_path / "blob.txt"
-    blob.write_bytes(bytes(random.Random(1).randrange(256) for _ in range(20000)))
+    blob.write_bytes(random.Random(1).randbytes(20000))
     refused(["quantize", ckpt, "-o", tmp_path / "q", "--qformat", "int8_sq", "--calib-data", blob], capsys,
             ckpt, tmp_path / "q", "mostly not text")
     refused(["quantize", ckpt, "-o", tmp_path / "q", "--qformat", "int8_sq", "--calib-seq-len", "4096"], capsys,

@@ -43,6 +43,7 @@ def run(
 ) -> None:
     """Generate text for prompts and print Input/Output pairs, then TTFT, TPOT and tokens/s."""
     import math
+    import sys
     import time
 
     from rich.console import Console
@@ -61,8 +62,7 @@ def run(
         prompts += [line for line in lines if line.strip()]
         if skipped:
             shown = ", ".join(map(str, skipped[:10])) + (f" (+{len(skipped) - 10} more)" if len(skipped) > 10 else "")
-            Console(stderr=True).print(f"[dim]{prompts_file}: skipped {len(skipped)} empty line(s): {shown}[/]",
-                                       highlight=False)
+            print(f"note: {prompts_file}: skipped {len(skipped)} empty line(s): {shown}", file=sys.stderr)
     if not prompts:
         raise LlmcError("give at least one --prompt or a --prompts-file with a non-empty line")
     if kv_cache_mb is not None and not (math.isfinite(kv_cache_mb) and kv_cache_mb > 0):
