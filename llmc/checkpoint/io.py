@@ -118,4 +118,10 @@ def write_checkpoint(out_dir: str | Path, config: CheckpointConfig,
     for rank, tensors in enumerate(rank_tensors):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(rank_file(out_dir, rank)),
                   metadata={"format": "pt"})
+    from llmc.integrity import make_record
+
+    # A record of the files written here (a config loaded from another checkpoint carries that
+    # one's record, which no longer applies); callers that add files re-stamp it.
+    config.llmc = {**config.llmc, "integrity": make_record(out_dir, [rank_file(out_dir, r).name
+                                                                     for r in range(len(rank_tensors))])}
     config.save(out_dir / "config.json")
