@@ -559,7 +559,7 @@ def test_run_prompts_file_numbered_by_line(engine, tmp_path, capsys):
     code, out, err = cli(["run", engine, "--prompts-file", f, "--max-new-tokens", "2"], capsys)
     assert code == 0, err
     assert "skipped 2 empty line(s): 2, 4" in err
-    assert "Input [0]: 'alpha'" in out and "Input [2]: 'beta'" in out and "Input [4]: 'gamma'" in out
+    assert "Input [0]: alpha" in out and "Input [2]: beta" in out and "Input [4]: gamma" in out
     assert "Output [4]" in out and "Input [1]" not in out
 
 
