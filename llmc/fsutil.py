@@ -163,7 +163,8 @@ def _tmp_name(out: Path, old: bool = False) -> Path:
     return out.parent / f"{TMP_MARK}{out.name}-{'old-' if old else ''}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """1536 -> "1.5 KiB" (the memory plan and the disk-space errors use it)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -182,8 +183,8 @@ def _os_error(exc: OSError, out: Path, expected_bytes: int | None) -> LlmcError 
     """A one-line error for write failures a user can fix (read-only, full disk, permissions)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         free = free_bytes(out.parent)
-        need = f"needs about {_human(expected_bytes)}" if expected_bytes else "needs more space"
-        have = f", {_human(free)} free" if free is not None else ""
+        need = f"needs about {human_bytes(expected_bytes)}" if expected_bytes else "needs more space"
+        have = f", {human_bytes(free)} free" if free is not None else ""
         return LlmcError(f"no space left on the device writing the output ({need}{have})", out)
     if exc.errno == errno.EROFS:
         return LlmcError("cannot write the output: read-only file system", out)
@@ -218,8 +219,8 @@ def atomic_output_dir(out: str | Path, force: bool = False, *, kind: str | None 
     free = free_bytes(out.parent)
     if expected_bytes and free is not None and expected_bytes > free:
         tmp.rmdir()
-        raise LlmcError(f"not enough free space for the output: needs about {_human(expected_bytes)}, "
-                        f"{_human(free)} free", out)
+        raise LlmcError(f"not enough free space for the output: needs about {human_bytes(expected_bytes)}, "
+                        f"{human_bytes(free)} free", out)
     with sigterm_as_interrupt():
         try:
             yield tmp

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmc.cli.app import main
+from test_cli_errors import assert_user_error  # exit 2, one line, no traceback, fragments present
 
 ROOT = Path(__file__).resolve().parents[1]
 HYP = settings(max_examples=20, deadline=None, derandomize=True,
@@ -38,14 +39,6 @@ def cli(args: list[str], capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     cap = capsys.readouterr()
     return code, cap.out, cap.err.strip()
-
-
-def assert_user_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in err, err
 
 
 def tree_hash(path: Path) -> str:
@@ -70,6 +63,20 @@ def refused(args, capsys, src: Path, out: Path, *fragments: str) -> str:
     assert not out.exists(), "an output was left behind"
     assert not temporaries(out.parent)
     return err
+
+
+def convert_damaged(src: Path, tmp: Path, capsys) -> None:
+    """Convert a damaged source: success, or a one-line error; never a traceback, a half-written
+    OUT, a temporary or a modified source."""
+    out = tmp / "out"
+    before = tree_hash(src)
+    code, _, err = cli(["convert", src, "-o", out], capsys)
+    assert tree_hash(src) == before
+    if code != 0:
+        assert_user_error(code, err)
+        assert not out.exists()
+    assert not temporaries(tmp)
+    shutil.rmtree(tmp)
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -361,15 +368,7 @@ def test_convert_hypothesis_safetensors_headers(data, mode, hf_src, tmp_path_fac
         h = json.dumps(obj).encode()
         raw = struct.pack("<Q", len(h)) + h + body
     f.write_bytes(raw)
-    out = tmp / "out"
-    before = tree_hash(src)
-    code, _, err = cli(["convert", src, "-o", out], capsys)
-    assert tree_hash(src) == before
-    if code != 0:
-        assert_user_error(code, err)
-        assert not out.exists()
-    assert not temporaries(tmp)
-    shutil.rmtree(tmp)
+    convert_damaged(src, tmp, capsys)
 
 
 # --- GGUF ------------------------------------------------------------------------------------
@@ -424,15 +423,7 @@ def test_convert_hypothesis_gguf_headers(data, tmp_path_factory, capsys):
     for p in data.draw(st.lists(st.integers(0, head - 1), min_size=1, max_size=6)):
         raw[p] = data.draw(st.integers(0, 255))
     src.write_bytes(bytes(raw))
-    out = tmp / "out"
-    before = tree_hash(src)
-    code, _, err = cli(["convert", src, "-o", out], capsys)
-    assert tree_hash(src) == before
-    if code != 0:
-        assert_user_error(code, err)
-        assert not out.exists()
-    assert not temporaries(tmp)
-    shutil.rmtree(tmp)
+    convert_damaged(src, tmp, capsys)
 
 
 # --- read-only file system and full disk (real mounts in a private mount namespace) ------------
