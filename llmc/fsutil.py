@@ -179,13 +179,15 @@ def free_bytes(directory: Path) -> int | None:
         return None
 
 
-def _os_error(exc: OSError, out: Path, expected_bytes: int | None) -> LlmcError | None:
+def _os_error(exc: OSError, out: Path, expected_bytes: int | None, free_before: int | None = None,
+              written: int | None = None) -> LlmcError | None:
     """A one-line error for write failures a user can fix (read-only, full disk, permissions)."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = free_bytes(out.parent)
-        need = f"needs about {human_bytes(expected_bytes)}" if expected_bytes else "needs more space"
-        have = f", {human_bytes(free)} free" if free is not None else ""
-        return LlmcError(f"no space left on the device writing the output ({need}{have})", out)
+        free = free_bytes(out.parent) if free_before is None else free_before
+        facts = [f"wrote {human_bytes(written)} before the disk filled" if written else None,
+                 f"the output needs about {human_bytes(expected_bytes)} plus metadata" if expected_bytes else None,
+                 f"{human_bytes(free)} was free" if free is not None else None]
+        return LlmcError(f"no space left on the device ({'; '.join(f for f in facts if f)})", out)
     if exc.errno == errno.EROFS:
         return LlmcError("cannot write the output: read-only file system", out)
     if exc.errno in (errno.EACCES, errno.EPERM):
@@ -233,8 +235,12 @@ def atomic_output_dir(out: str | Path, force: bool = False, *, kind: str | None 
             else:
                 os.rename(tmp, out)
         except OSError as exc:
+            try:
+                written = dir_size(tmp)
+            except OSError:
+                written = None
             shutil.rmtree(tmp, ignore_errors=True)
-            err = _os_error(exc, out, expected_bytes)
+            err = _os_error(exc, out, expected_bytes, free, written)
             if err is None:
                 raise
             raise err from None
