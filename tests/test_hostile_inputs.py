@@ -627,6 +627,60 @@ def test_damaged_engine_config(edit, fragment, engine, tmp_path, capsys):
         assert "Output" not in out and "perplexity" not in out
 
 
+ENGINE_FIELDS = [("engine", "backend"), ("engine", "format_version"), ("engine", "compute_dtype"),
+                 ("engine", "kv_cache_dtype"), ("engine", "graph"), ("build", "max_batch_size"),
+                 ("build", "max_input_len"), ("build", "max_seq_len"), ("build", "max_num_tokens"),
+                 ("build", "tokens_per_block"), ("build", "kv_cache_blocks"), ("build", "paged_kv_cache"),
+                 ("graph", "num_buckets"), ("graph", "block_size"), ("graph", "num_kv_heads"),
+                 ("graph", "head_dim"), ("graph", "kv_pool_onnx_type"), ("graph", "bucket_kinds"),
+                 ("graph", "attention"), ("graph", "num_layers"), (None, "vocab_size"),
+                 (None, "num_hidden_layers"), (None, "hidden_size"), (None, "llmc"), (None, "versions"),
+                 (None, "integrity"), (None, "build_command")]
+
+
+def _set_field(cfg: dict, where: str | None, key: str, value) -> None:
+    block = cfg if where is None else cfg["engine"]["graph"] if where == "graph" else cfg[where]
+    block[key] = value
+
+
+@HYP
+@given(field=st.sampled_from(ENGINE_FIELDS), value=_JSON)
+def test_run_hypothesis_engine_config_values(field, value, engine, tmp_path_factory, capsys):
+    """A damaged engine config.json: run either works or fails with one line, before any output."""
+    tmp = tmp_path_factory.mktemp("ecfg")
+    bad = _damaged_engine(engine, tmp / "e", lambda c: _set_field(c, *field, value))
+    code, out, err = cli(["run", bad, "-p", "hi", "--max-new-tokens", "2"], capsys)
+    if code != 0:
+        assert_user_error(code, err)
+        assert "Output" not in out
+    shutil.rmtree(tmp)
+
+
+CKPT_FIELDS = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "head_size", "max_position_embeddings", "norm_epsilon", "rotary_base",
+               "rotary_scaling", "dtype", "mapping", "quantization", "tie_word_embeddings", "attn_bias",
+               "architecture", "llmc"]
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(key=st.sampled_from(CKPT_FIELDS), value=_JSON)
+def test_build_hypothesis_checkpoint_config_values(key, value, ckpt, tmp_path_factory, capsys):
+    tmp = tmp_path_factory.mktemp("ccfg")
+    src = copy_of(ckpt, tmp / "ck")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[key] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    before = tree_hash(src)
+    code, _, err = cli(["build", src, "-o", tmp / "e", "--max-seq-len", "64", "--tokens-per-block", "16"], capsys)
+    assert tree_hash(src) == before
+    if code != 0:
+        assert_user_error(code, err)
+        assert not (tmp / "e").exists()
+    assert not temporaries(tmp)
+    shutil.rmtree(tmp)
+
+
 # =============================================================================================
 # 3. Integrity
 # =============================================================================================

@@ -23,6 +23,39 @@ POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_at
                        "num_key_value_heads", "intermediate_size", "head_size", "max_position_embeddings")
 
 
+# rotary_scaling["type"] -> keys it needs (llmc.models.rope reads them); every numeric RoPE key
+# present must be a finite positive number.
+ROPE_REQUIRED: dict[str, tuple[str, ...]] = {
+    "default": (), "linear": ("factor",), "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": (),
+}
+ROPE_NUMERIC = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "beta_fast",
+                "beta_slow", "attention_factor", "mscale", "mscale_all_dim")
+
+
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _check_rope(scaling: Any, source: object) -> None:
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise LlmcError(f"rotary_scaling must be an object or null (got {scaling!r})", source)
+    kind = scaling.get("type", "default")
+    if not isinstance(kind, str) or kind not in ROPE_REQUIRED:
+        raise LlmcError(f"rotary_scaling.type {kind!r} is not one of {', '.join(ROPE_REQUIRED)}", source)
+    for key in ROPE_REQUIRED[kind]:
+        if key not in scaling:
+            raise LlmcError(f"rotary_scaling of type {kind} needs {key}", source)
+    for key in ROPE_NUMERIC:
+        if scaling.get(key) is not None and not _positive_number(scaling[key]):
+            raise LlmcError(f"rotary_scaling.{key} must be a positive number (got {scaling[key]!r})", source)
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise LlmcError("rotary_scaling: high_freq_factor must exceed low_freq_factor", source)
+
+
 def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -96,9 +129,17 @@ class CheckpointConfig:
         if self.dtype not in DTYPE_BYTES:
             raise LlmcError(f"unknown dtype {self.dtype!r}", source)
         for name in ("norm_epsilon", "rotary_base"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise LlmcError(f"{name} must be a positive number (got {v!r})", source)
+            if not _positive_number(getattr(self, name)):
+                raise LlmcError(f"{name} must be a positive number (got {getattr(self, name)!r})", source)
+        _check_rope(self.rotary_scaling, source)
+        q = self.quantization
+        for name in ("quant_algo", "kv_cache_quant_algo"):
+            if getattr(q, name) is not None and not isinstance(getattr(q, name), str):
+                raise LlmcError(f"quantization.{name} must be a string or null (got {getattr(q, name)!r})", source)
+        if not isinstance(q.group_size, int) or isinstance(q.group_size, bool):
+            raise LlmcError(f"quantization.group_size must be an integer (got {q.group_size!r})", source)
+        if not isinstance(self.architecture, str):
+            raise LlmcError(f"architecture must be a string (got {self.architecture!r})", source)
         return self
 
     # --- derived sizes -------------------------------------------------------------------

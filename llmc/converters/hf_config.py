@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmc.checkpoint.config import CheckpointConfig
+from llmc.checkpoint.config import ROPE_REQUIRED, CheckpointConfig
 from llmc.converters.family import Family
 from llmc.errors import LlmcError
 
-SUPPORTED_ROPE_TYPES = ("linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = tuple(t for t in ROPE_REQUIRED if t != "default")  # what llmc.models.rope computes
 # Keys copied from the HF rope dict into rotary_scaling when present.
 ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
              "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
