@@ -214,17 +214,20 @@ def atomic_output_dir(out: str | Path, force: bool = False, *, kind: str | None 
         raise (_os_error(exc, out, expected_bytes) or exc) from None
     remove_stale_temporaries(out)
     tmp = _tmp_name(out)
-    try:
-        tmp.mkdir()  # first, so a read-only file system is named as such
-    except OSError as exc:
-        raise (_os_error(exc, out, expected_bytes) or exc) from None
-    free = free_bytes(out.parent)
-    if expected_bytes and free is not None and expected_bytes > free:
-        tmp.rmdir()
-        raise LlmcError(f"not enough free space for the output: needs about {human_bytes(expected_bytes)}, "
-                        f"{human_bytes(free)} free", out)
+    free = None
+    trash = None
+
+    def restore() -> None:  # a failure between the two renames must not lose the previous OUT
+        if trash is not None and trash.exists() and not out.exists():
+            os.rename(trash, out)
+
     with sigterm_as_interrupt():
         try:
+            tmp.mkdir()  # before the space check, so a read-only file system is named as such
+            free = free_bytes(out.parent)
+            if expected_bytes and free is not None and expected_bytes > free:
+                raise LlmcError(f"not enough free space for the output: needs about {human_bytes(expected_bytes)}, "
+                                f"{human_bytes(free)} free", out)
             yield tmp
             if out.exists():
                 check_output_dir(out, force, kind, inputs)  # it may have changed meanwhile
@@ -240,12 +243,14 @@ def atomic_output_dir(out: str | Path, force: bool = False, *, kind: str | None 
             except OSError:
                 written = None
             shutil.rmtree(tmp, ignore_errors=True)
+            restore()
             err = _os_error(exc, out, expected_bytes, free, written)
             if err is None:
                 raise
             raise err from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            restore()
             raise
 
 

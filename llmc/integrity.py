@@ -73,6 +73,6 @@ def verify_record(directory: str | Path, record: Any, *, full: bool = True, rebu
                             directory)
         if full and file_digest(path) != entry.get("digest"):
             raise LlmcError(f"{name} is damaged: its {ALGORITHM} digest differs from the one recorded when it "
-                            f"was written{hint}", directory)
+                            f"was written (corrupted, or edited since){hint}", directory)
         checked[name] = "ok"
     return checked

@@ -764,6 +764,30 @@ def test_stale_temporaries_of_dead_processes_are_removed(hf_src, tmp_path, capsy
         alive.wait()
 
 
+def test_failed_final_rename_keeps_the_previous_artifact(hf_src, tmp_path, monkeypatch):
+    """A failure between moving the old OUT aside and renaming the new one in restores the old."""
+    import errno
+
+    import llmc.fsutil as fsutil
+    from llmc.converters.convert import convert
+    from llmc.errors import LlmcError
+
+    out = convert(hf_src, tmp_path / "out", progress=False).out
+    before = tree_hash(out)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src).name.startswith(".llmc-tmp-out-") and "-old-" not in Path(src).name:
+            raise OSError(errno.EACCES, "Permission denied", str(dst))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "rename", rename)
+    with pytest.raises(LlmcError, match="permission denied"):
+        convert(hf_src, out, force=True, progress=False)
+    assert tree_hash(out) == before
+    assert temporaries(tmp_path) == []
+
+
 STAGES = {
     "convert": lambda src, ck, out: ["convert", src, "-o", out],
     "quantize": lambda src, ck, out: ["quantize", ck, "-o", out, "--qformat", "int8_wo"],
