@@ -64,8 +64,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 # --- artifact stamps -------------------------------------------------------------------------
 
+TRITON_MODEL_MARK = "# Written by `llmc export triton`"  # first line of an exported config.pbtxt
+
+
 def artifact_kind(path: Path) -> str | None:
-    """"checkpoint" | "engine" when `path/config.json` carries llmc's stamp, else None."""
+    """"checkpoint" | "engine" when `path/config.json` carries llmc's stamp, "triton-model" when
+    `path/config.pbtxt` starts with llmc's mark, else None."""
+    try:
+        with open(path / "config.pbtxt", encoding="utf-8", errors="replace") as fh:
+            return "triton-model" if fh.readline().startswith(TRITON_MODEL_MARK) else None
+    except OSError:
+        pass
     cfg = path / "config.json"
     try:
         data = json.loads(cfg.read_text())

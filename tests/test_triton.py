@@ -96,6 +96,15 @@ def test_export_never_overwrites_without_force(tiny_engine, tmp_path, capsys):
     assert main(["export", "triton", str(tiny_engine), "-o", str(repo)]) == 0
     assert main(["export", "triton", str(tiny_engine), "-o", str(repo)]) == 2
     assert "--force" in capsys.readouterr().err
+    assert main(["export", "triton", str(tiny_engine), "-o", str(repo), "--force"]) == 0
+    mine = repo / "mine"  # a user's own model directory is never replaced, even with --force
+    (mine / "1").mkdir(parents=True)
+    (mine / "config.pbtxt").write_text('name: "mine"\nbackend: "python"\n')
+    assert main(["export", "triton", str(tiny_engine), "-o", str(repo), "--model-name", "mine", "--force"]) == 2
+    assert "not an llmc triton-model" in capsys.readouterr().err
+    assert (mine / "config.pbtxt").read_text().startswith('name: "mine"')
+    assert main(["export", "triton", str(tiny_engine), "-o", str(tiny_engine / "repo")]) == 2
+    assert "inside the input" in capsys.readouterr().err
 
 
 def test_parse_request_tensorrt_llm_conventions():

@@ -39,11 +39,43 @@ from llmc.errors import LlmcError, UnsupportedError
 PYTRITON = "nvidia-pytriton==0.7.0"  # ships tritonserver 2.51 (manylinux_2_35, Python 3.8-3.13)
 TRITON_VERSION = "2.51"
 MIN_GLIBC = (2, 35)
-# What llmc's runtime imports when serving an engine (ONNX Runtime backend), with numpy<2.
-# transformers is the tokenizer loader (it runs without torch); onnx gives TensorProto names.
-MODEL_PACKAGES = ["numpy>=1.26,<2", "onnxruntime>=1.20", "onnx>=1.17", "tokenizers>=0.20",
-                  "transformers>=4.45,<5.24", "psutil>=5", "jinja2"]
+# The model venv gets llmc's own dependencies (so whatever the runtime imports is there, and a
+# new dependency reaches it without touching this file) except the compile-time giants the
+# serving path never imports, with numpy pinned below 2. transformers stays: it loads the
+# tokenizer (and runs without torch); jinja2 renders chat templates.
+NOT_FOR_SERVING = {"torch", "nvidia-modelopt"}
+EXTRA_PACKAGES = ["numpy>=1.26,<2", "jinja2"]
 STAMP = ".llmc-triton-env.json"
+
+
+def _requirement_name(req: str) -> str:
+    import re
+
+    return re.split(r"[ ;<>=!~\[]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def model_packages() -> list[str]:
+    """pip requirements of the model venv: llmc's dependencies from its pyproject.toml (a source
+    checkout) or its installed metadata, minus NOT_FOR_SERVING, numpy<2."""
+    import llmc
+
+    deps: list[str] = []
+    pyproject = Path(llmc.__file__).resolve().parent.parent / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        deps = list(tomllib.loads(pyproject.read_text()).get("project", {}).get("dependencies", []))
+    else:
+        from importlib.metadata import PackageNotFoundError, requires
+
+        try:
+            deps = [r for r in requires("llmc") or [] if "extra ==" not in r]
+        except PackageNotFoundError:
+            pass
+    if not deps:
+        raise UnsupportedError("cannot tell llmc's dependencies (no pyproject.toml, llmc not installed)")
+    keep = [d for d in deps if _requirement_name(d) not in NOT_FOR_SERVING | {"numpy"}]
+    return EXTRA_PACKAGES + keep
 
 
 @dataclass(frozen=True)
@@ -112,7 +144,7 @@ def base_python() -> tuple[Path, Path, str]:
 def _spec() -> dict:
     exe, libdir, ver = base_python()
     return {"python": str(exe), "libdir": str(libdir), "version": ver, "pytriton": PYTRITON,
-            "packages": MODEL_PACKAGES}
+            "packages": model_packages()}
 
 
 def _spec_hash(spec: dict) -> str:
@@ -206,7 +238,7 @@ def ensure_triton_env(quiet: bool = True) -> TritonEnv:
             if proc.returncode != 0:
                 raise UnsupportedError(f"cannot create the Triton venv {root}: {proc.stderr.strip()[-200:]}")
         python = root / "bin" / "python"
-        _pip(python, *MODEL_PACKAGES, quiet=quiet)
+        _pip(python, *spec["packages"], quiet=quiet)
         _pip(python, "--no-deps", PYTRITON, quiet=quiet)
         _layout_backend_dir(root, spec["version"])
         env = _env_from(root, spec)

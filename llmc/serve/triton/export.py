@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmc.errors import LlmcError
+from llmc.fsutil import TRITON_MODEL_MARK, atomic_output_dir
 
 # (name, Triton type, dims, optional) -- the TensorRT-LLM backend's names and types.
 INPUTS = [
@@ -107,7 +108,7 @@ def render_config(name: str, engine_ref: str, batch: int, opts: ExportOptions, e
               "kv_cache_mb": "" if opts.kv_cache_mb is None else str(opts.kv_cache_mb),
               "max_queue": "" if opts.max_queue is None else str(opts.max_queue)}
     lines = [
-        "# Written by `llmc export triton`: llmc's engine loop behind Triton's Python backend.",
+        f"{TRITON_MODEL_MARK}: llmc's engine loop behind Triton's Python backend.",
         f"name: {_pbtxt_string(name)}",
         'backend: "python"',
         f"max_batch_size: {batch}",
@@ -126,8 +127,6 @@ def export_triton(engine_dir: str | Path, repo: str | Path, opts: ExportOptions 
     """Write (or replace, with force) REPO/NAME atomically; return that model directory.
 
     Other models already in REPO are left alone: a repository may serve several models."""
-    from llmc.fsutil import atomic_output_dir
-
     engine_dir = Path(engine_dir).resolve()
     cfg = _check(engine_dir, opts)
     built = int(cfg.get("build", {}).get("max_batch_size", 8))
@@ -141,7 +140,7 @@ def export_triton(engine_dir: str | Path, repo: str | Path, opts: ExportOptions 
     if repo.exists() and not repo.is_dir():
         raise LlmcError("exists and is not a directory", repo)
     model_dir = repo / opts.model_name
-    with atomic_output_dir(model_dir, force=force) as tmp:
+    with atomic_output_dir(model_dir, force=force, kind="triton-model", inputs=[engine_dir]) as tmp:
         version = tmp / "1"
         version.mkdir()
         shutil.copyfile(TEMPLATE, version / "model.py")
