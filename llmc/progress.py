@@ -1,4 +1,8 @@
-"""Rich progress bars shared by every stage (transient, and silent when disabled)."""
+"""Rich progress bars shared by every stage (transient, on stderr, silent when disabled or -q).
+
+They go to stderr so that a command's stdout holds only its result (`--json` output stays one
+JSON document).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ def stage_progress(enabled: bool, total: int, label: str, unit: str = "") -> Ite
                TaskProgressColumn(), TimeElapsedColumn()]
     if unit:
         columns.append(TextColumn("[cyan]{task.fields[rate]}"))
-    with Progress(*columns, transient=True) as progress:
+    from llmc.cli.output import err_console
+
+    with Progress(*columns, transient=True, console=err_console()) as progress:
         task = progress.add_task(label, total=total, rate="")
 
         def advance(n: int = 1) -> None:

@@ -2,7 +2,12 @@
 
 Command modules import only typer and the standard library at module level; torch, ModelOpt,
 ONNX Runtime and TensorRT are imported inside command bodies, so `llmc --help` stays instant.
-User mistakes raise `LlmcError`, printed here as one line with exit code 2.
+User mistakes raise `LlmcError`, and usage mistakes (an unknown option, a value not among the
+choices) are click's UsageError: both are printed here as one line with exit code 2.
+
+Help is click's plain formatter (it wraps; rich's panels cut option names at 80 columns when
+piped). Global options: --version, -v/--verbose, -q/--quiet; shell completion is typer's own
+(--install-completion / --show-completion).
 """
 
 from __future__ import annotations
@@ -19,9 +24,34 @@ app = typer.Typer(
     help="llmc: compile Hugging Face LLMs into fast engines. "
     "convert -> quantize -> build -> run, or all at once with `pipeline`.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120, "help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from llmc import __version__
+
+        typer.echo(f"llmc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print llmc's version and exit."),
+    verbose: bool = typer.Option(False, "-v", "--verbose", help="Debug logs on stderr."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bars or notes on stderr "
+                               "(errors still print)."),
+) -> None:
+    """llmc: compile Hugging Face LLMs into fast engines. convert -> quantize -> build -> run
+    (or serve), or all at once with `pipeline`."""
+    from llmc.cli.output import configure_logging
+
+    configure_logging(verbose, quiet)
 
 # (command name, module, function) — the order is the order of `llmc --help`.
 COMMANDS = [
@@ -45,7 +75,9 @@ for _name, _module, _func in COMMANDS:
         if _exc.name != _module:
             raise
         continue
-    app.command(_name)(getattr(_mod, _func))
+    _fn = getattr(_mod, _func)
+    # The whole first paragraph in the command list: click would cut it at 45 characters.
+    app.command(_name, short_help=" ".join((_fn.__doc__ or "").split("\n\n")[0].split()))(_fn)
 for _name, _module, _attr in GROUPS:
     try:
         _mod = importlib.import_module(_module)
@@ -56,20 +88,41 @@ for _name, _module, _attr in GROUPS:
     app.add_typer(getattr(_mod, _attr), name=_name)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user errors become one line on stderr and exit code 2."""
+    """Run the CLI; user and usage errors become one line on stderr and exit code 2."""
+    try:  # typer >= 0.29 vendors click; older releases use click itself
+        from typer._click import exceptions as click_exc
+    except ImportError:  # pragma: no cover
+        from click import exceptions as click_exc
+
     try:
-        app(args=argv, standalone_mode=True)
+        result = app(args=argv, standalone_mode=False, prog_name="llmc")
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     except LlmcError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except click_exc.NoArgsIsHelpError as exc:  # `llmc` alone: the help, as click would show it
+        print(exc.format_message(), file=sys.stderr)
+        return 2
+    except click_exc.UsageError as exc:
+        where = f"llmc {exc.ctx.info_name}: " if exc.ctx is not None and exc.ctx.parent is not None else ""
+        print(f"error: {where}{_one_line(exc.format_message())} (see --help)", file=sys.stderr)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    except click_exc.ClickException as exc:
+        print(f"error: {_one_line(exc.format_message())}", file=sys.stderr)
+        return exc.exit_code
+    return result if isinstance(result, int) else 0
 
 
 def entry() -> None:

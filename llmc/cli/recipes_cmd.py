@@ -7,7 +7,7 @@ import typer
 recipes_app = typer.Typer(help="List and show the shipped pipeline recipes.", no_args_is_help=True)
 
 
-@recipes_app.command("list")
+@recipes_app.command("list", short_help="List shipped recipes (name, model, qformat, backend).")
 def list_recipes() -> None:
     """List shipped recipes (name, model, qformat, backend)."""
     from rich.console import Console
@@ -26,7 +26,7 @@ def list_recipes() -> None:
     Console().print(t)
 
 
-@recipes_app.command("show")
+@recipes_app.command("show", short_help="Print a recipe with every default filled in (valid YAML you can copy and edit).")
 def show_recipe(name: str = typer.Argument(..., help="Recipe name or YAML path.")) -> None:
     """Print a recipe with every default filled in (valid YAML you can copy and edit)."""
     import yaml

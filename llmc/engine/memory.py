@@ -93,14 +93,10 @@ def human(n: int) -> str:
 
 
 def render_plan(plan: MemoryPlan, opts, kv_dtype: str, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from llmc.cli.output import err_console, table
 
-    console = console or Console(stderr=True)
-    t = Table(title="memory plan (at the max settings)", show_header=True, header_style="bold")
-    t.add_column("item")
-    t.add_column("bytes", justify="right")
-    t.add_column("detail")
+    console = console or err_console()
+    t = table("memory plan (at the max settings)", ["item", ("bytes", {"justify": "right"}), "detail"])
     t.add_row("weights", human(plan.weights), "as stored in the engine")
     t.add_row("KV pool (max)", human(plan.kv_pool_max),
               f"{opts.max_batch_size} seqs x {opts.max_seq_len} tokens, {kv_dtype}, "

@@ -19,7 +19,7 @@ import numpy as np
 
 from llmc.errors import LlmcError
 from llmc.runtime.kv_blocks import BlockManager, blocks_for_budget
-from llmc.runtime.sampling import Sampler, SamplingParams, StopChecker
+from llmc.runtime.sampling import Sampler, SamplingParams, StopChecker, token_logprobs
 from llmc.runtime.scheduler import Request, Scheduler
 
 DEFAULT_KV_FRACTION = 0.3  # of available memory, when no --kv-cache-mb is given
@@ -39,6 +39,7 @@ class RequestOutput:
     finish_time: float | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0
+    logprobs: list[dict] | None = None  # per output token when SamplingParams.logprobs is set
 
     @property
     def ttft(self) -> float | None:
@@ -63,7 +64,10 @@ class StepStats:
     kv_tokens_read: int  # sum of context lengths attended over in this step
 
 
-TokenCallback = Callable[[Hashable, int, str], None]  # (request_id, token_id, new_text)
+# (request_id, token_id or None, new_text). Text that could still become a stop string (or an
+# incomplete UTF-8 character) is held back until it cannot; a finishing request gets one last call
+# with token None carrying whatever was held back, so the pieces always add up to `output.text`.
+TokenCallback = Callable[[Hashable, int | None, str], None]
 
 
 class LLM:
@@ -85,12 +89,18 @@ class LLM:
         self.block_size = cfg.tokens_per_block
         per_block = self.engine.kv_bytes_per_block
         if num_blocks is None:
-            if kv_cache_mb is not None:
-                budget = int(kv_cache_mb * 2**20)
-            else:
-                import psutil
+            import psutil
 
-                budget = int(psutil.virtual_memory().available * (kv_fraction or DEFAULT_KV_FRACTION))
+            available = psutil.virtual_memory().available
+            if kv_cache_mb is not None:
+                if not 0 < kv_cache_mb < float("inf"):
+                    raise LlmcError(f"--kv-cache-mb must be a positive number, got {kv_cache_mb}")
+                budget = int(kv_cache_mb * 2**20)
+                if budget > available:
+                    raise LlmcError(f"--kv-cache-mb {kv_cache_mb:g} exceeds the memory available now "
+                                    f"({available / 2**20:.0f} MiB)")
+            else:
+                budget = int(available * (kv_fraction or DEFAULT_KV_FRACTION))
                 # No point in a pool larger than max_batch_size full-length sequences.
                 budget = min(budget, self.max_batch_size * -(-self.max_seq_len // self.block_size) * per_block)
             num_blocks = blocks_for_budget(budget, per_block)
@@ -113,9 +123,12 @@ class LLM:
         self._outputs: dict[Hashable, RequestOutput] = {}
         self._params: dict[Hashable, SamplingParams] = {}
         self._stops: dict[Hashable, StopChecker] = {}
-        self._text_offsets: dict[Hashable, int] = {}
+        self._sent: dict[Hashable, int] = {}  # characters of out.text handed to on_token so far
         self.step_stats: list[StepStats] = []
         self._early_finished: list[RequestOutput] = []  # rejected at admission
+        # Cumulative counters for metrics (servers read them; nothing here resets them).
+        self.counters = {"prefix_cache_hit_tokens": 0, "preemptions": 0, "prompt_tokens": 0,
+                         "generation_tokens": 0, "steps": 0}
 
     # ---- requests ---------------------------------------------------------------------------
     def encode(self, prompt: str, chat: bool = False) -> list[int]:
@@ -127,7 +140,7 @@ class LLM:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: Hashable | None = None, chat: bool = False,
-                    arrival_time: float | None = None) -> Hashable:
+                    arrival_time: float | None = None, prompt_text: str | None = None) -> Hashable:
         """Queue a request; it joins the running batch at the next step.
 
         Documented edge cases: a prompt longer than the engine's max_input_len fails that request
@@ -137,7 +150,9 @@ class LLM:
         """
         params = params or SamplingParams()
         rid = request_id if request_id is not None else next(self._ids)
-        text = prompt if isinstance(prompt, str) else None
+        if rid in self._outputs:
+            raise LlmcError(f"request id {rid!r} is already in use")
+        text = prompt if isinstance(prompt, str) else prompt_text
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else [int(t) for t in prompt]
         out = RequestOutput(rid, text, ids, arrival_time=arrival_time or time.perf_counter())
         self._outputs[rid] = out
@@ -155,79 +170,141 @@ class LLM:
             out.finish_reason, out.error, out.finish_time = "error", error, time.perf_counter()
             self._early_finished.append(out)
             return rid
-        max_new = max(1, min(params.max_new_tokens, self.max_seq_len - len(ids)))
+        max_new = max(1, min(params.max_tokens, self.max_seq_len - len(ids)))
         self._params[rid] = params
         self._stops[rid] = StopChecker(params.stop)
-        self._text_offsets[rid] = 0
+        self._sent[rid] = 0
+        if params.logprobs is not None:
+            out.logprobs = []
         eos = frozenset() if params.ignore_eos else self.eos_ids
         self.scheduler.add_request(Request(rid, ids, max_new, sampling_params=params, eos_token_ids=eos))
         return rid
 
+    def get_output(self, request_id: Hashable) -> RequestOutput | None:
+        """The live output of a request not yet handed back by `step()` (None otherwise)."""
+        return self._outputs.get(request_id)
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while any request has not yet been handed back by `step()`."""
+        return bool(self._outputs) or bool(self._early_finished)
+
+    def abort(self, request_id: Hashable) -> bool:
+        """Finish a request now (finish_reason "abort"), freeing its KV blocks; `step()` hands it
+        back. Returns False if it is unknown or already finished."""
+        return self.scheduler.finish_request(request_id, "abort")
 
     # ---- one iteration ----------------------------------------------------------------------
     def step(self, on_token: TokenCallback | None = None) -> list[RequestOutput]:
-        """Run one engine iteration; return the requests that finished in it."""
+        """Run one engine iteration; return every request that finished since the last call.
+
+        That includes requests finished outside the model step (a stop string, `abort()`, a
+        prompt rejected at admission), even when nothing was left to schedule.
+        """
         from llmc.engine.step import SeqSlice, StepBatch
 
         sched = self.scheduler.schedule()
-        finished: list[RequestOutput] = []
-        if sched.is_empty:
-            return self._collect_finished(finished)
-        ids, pos, slots, seqs, logit_rows, logit_rids = [], [], [], [], [], []
-        for rid, s in sched.scheduled.items():
-            start = len(ids)
-            ids += s.token_ids
-            pos += s.positions
-            slots += s.slot_mapping
-            seqs.append(SeqSlice(start, s.num_tokens, s.context_len, s.block_table))
-            if s.needs_logits:
-                logit_rows.append(len(ids) - 1)
-                logit_rids.append(rid)
-        batch = StepBatch(np.asarray(ids, np.int64), np.asarray(pos, np.int64),
-                          np.asarray(slots, np.int64), seqs, np.asarray(logit_rows, np.int64))
-        t0 = time.perf_counter()
-        logits = self.engine.step(batch) if logit_rows or seqs else None
         now = time.perf_counter()
-        self.step_stats.append(StepStats(sched.step, len(ids), len(seqs),
-                                         sum(1 for s in sched.scheduled.values() if not s.is_prefill),
-                                         now - t0, self.block_manager.num_used_blocks,
-                                         sum(s.context_len for s in seqs)))
         sampled: dict[Hashable, int] = {}
-        if logit_rids:
-            tokens = self.sampler.sample(logits, [self._params[r] for r in logit_rids], logit_rids)
-            sampled = {rid: int(t) for rid, t in zip(logit_rids, tokens)}
-        done = self.scheduler.update(sched, sampled)
-        for rid, tok in sampled.items():
-            out = self._outputs[rid]
-            if out.first_token_time is None:
-                out.first_token_time = now
-            out.output_token_ids.append(tok)
-            self._emit(rid, tok, on_token)
+        done: list = []
+        if not sched.is_empty:
+            ids, pos, slots, seqs, logit_rows, logit_rids = [], [], [], [], [], []
+            for rid, s in sched.scheduled.items():
+                start = len(ids)
+                ids += s.token_ids
+                pos += s.positions
+                slots += s.slot_mapping
+                seqs.append(SeqSlice(start, s.num_tokens, s.context_len, s.block_table))
+                if s.needs_logits:
+                    logit_rows.append(len(ids) - 1)
+                    logit_rids.append(rid)
+            batch = StepBatch(np.asarray(ids, np.int64), np.asarray(pos, np.int64),
+                              np.asarray(slots, np.int64), seqs, np.asarray(logit_rows, np.int64))
+            t0 = time.perf_counter()
+            logits = self.engine.step(batch)
+            now = time.perf_counter()
+            self.step_stats.append(StepStats(sched.step, len(ids), len(seqs),
+                                             sum(1 for s in sched.scheduled.values() if not s.is_prefill),
+                                             now - t0, self.block_manager.num_used_blocks,
+                                             sum(s.context_len for s in seqs)))
+            self._count(sched)
+            if logit_rids:
+                tokens = self.sampler.sample(logits, [self._params[r] for r in logit_rids], logit_rids)
+                sampled = {rid: int(t) for rid, t in zip(logit_rids, tokens)}
+            done = self.scheduler.update(sched, sampled)
+            for row, (rid, tok) in enumerate(sampled.items()):
+                out = self._outputs[rid]
+                if out.first_token_time is None:
+                    out.first_token_time = now
+                out.output_token_ids.append(tok)
+                self.counters["generation_tokens"] += 1
+                if out.logprobs is not None:
+                    out.logprobs.append(token_logprobs(logits[row], tok, self._params[rid].logprobs))
+                self._detokenize(rid)
+        # Requests finished outside update(): stop strings found just now, aborts, admission errors
+        # of requests that never ran.
+        done += self.scheduler.pop_finished()
+        finished: list[RequestOutput] = []
         for req in done:
-            out = self._outputs[req.request_id]
+            out = self._outputs.get(req.request_id)
+            if out is None:  # already handed back
+                continue
             out.finish_reason = out.finish_reason or req.finish_reason
             out.error = out.error or req.error
             out.num_preemptions = req.num_preemptions
-            self._finalise(req.request_id, now)
+            out.num_cached_tokens = req.num_cached_tokens
             finished.append(out)
+        ended = {o.request_id for o in finished}
+        if on_token is not None:
+            for rid, tok in sampled.items():
+                if rid not in ended:
+                    self._deliver(rid, tok, on_token, final=False)
+            for out in finished:
+                self._deliver(out.request_id, sampled.get(out.request_id), on_token, final=True)
+        for out in finished:
+            self._finalise(out.request_id, now)
         return self._collect_finished(finished)
 
-    def _emit(self, rid: Hashable, tok: int, on_token: TokenCallback | None) -> None:
+    def _count(self, sched) -> None:
+        c = self.counters
+        c["steps"] += 1
+        c["preemptions"] += len(sched.preempted_ids)
+        for rid in sched.scheduled_new_ids:
+            req = self.scheduler.get_request(rid)
+            if req is not None:
+                c["prefix_cache_hit_tokens"] += req.num_cached_tokens
+                if req.num_preemptions == 0:
+                    c["prompt_tokens"] += req.num_prompt_tokens
+
+    def _detokenize(self, rid: Hashable) -> None:
+        """Refresh out.text from the tokens; a stop string truncates it and finishes the request."""
         out = self._outputs[rid]
-        if self._stops[rid].stopped:  # a stop string already ended it; drop trailing tokens
+        stops = self._stops[rid]
+        if stops.stopped:  # a stop string already ended it; drop trailing tokens
             return
         text = self.tokenizer.decode(out.output_token_ids, skip_special_tokens=True)
-        truncated = self._stops[rid].check(text)
+        truncated = stops.check(text)
         if truncated is not None:
             text = truncated
             self.scheduler.finish_request(rid, "stop")
-        new = text[self._text_offsets[rid]:]
         out.text = text
-        self._text_offsets[rid] = len(text)
-        if on_token is not None:
-            on_token(rid, tok, new)
+
+    def _deliver(self, rid: Hashable, tok: int | None, on_token: TokenCallback, final: bool) -> None:
+        """Hand on_token the text that can no longer change: all of it once the request is over;
+        while it runs, nothing that could still be the start of a stop string or an incomplete
+        character (decoded as U+FFFD until its last byte arrives)."""
+        out = self._outputs[rid]
+        text = out.text
+        end = len(text)
+        if not final:
+            stops = self._stops.get(rid)
+            if stops is not None:
+                end = stops.safe_len(text)
+            while end > 0 and text[end - 1] == "\ufffd":
+                end -= 1
+        sent = self._sent.get(rid, 0)
+        if end > sent or tok is not None:
+            on_token(rid, tok, text[sent:max(end, sent)])
+            self._sent[rid] = max(end, sent)
 
     def _finalise(self, rid: Hashable, now: float) -> None:
         out = self._outputs[rid]
@@ -235,7 +312,7 @@ class LLM:
         self.sampler.free(rid)
         self._params.pop(rid, None)
         self._stops.pop(rid, None)
-        self._text_offsets.pop(rid, None)
+        self._sent.pop(rid, None)
 
     def _collect_finished(self, finished: list[RequestOutput]) -> list[RequestOutput]:
         """Add requests rejected at admission, and forget everything that finished."""
@@ -246,10 +323,16 @@ class LLM:
         return finished
 
     # ---- convenience --------------------------------------------------------------------------
-    def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: str | Iterable[str | list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None,
                  chat: bool = False, on_token: TokenCallback | None = None) -> list[RequestOutput]:
-        """Run all prompts with in-flight batching; outputs in prompt order."""
-        prompts = list(prompts)
+        """Run all prompts with in-flight batching; outputs in prompt order.
+
+        A single string is one prompt (as in vLLM), not one request per character.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if isinstance(params, list) and len(params) != len(prompts):
+            raise LlmcError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         rids = [self.add_request(p, sp, chat=chat) for p, sp in zip(prompts, plist)]
         results: dict[Hashable, RequestOutput] = {}
@@ -258,10 +341,8 @@ class LLM:
         return [results[r] for r in rids]
 
     def run_until_done(self, on_token: TokenCallback | None = None) -> Iterator[RequestOutput]:
-        yield from self._collect_finished([])
-        while self.scheduler.has_unfinished():
+        while self.has_unfinished():
             yield from self.step(on_token)
-        yield from self._collect_finished([])
 
     def stream(self, prompt: str, params: SamplingParams | None = None, chat: bool = False) -> Iterator[str]:
         """Yield text pieces of one request as they are generated (other requests keep running)."""

@@ -11,7 +11,7 @@ on which other requests share its batch, nor on preemption and recomputation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import numpy as np
@@ -19,37 +19,97 @@ import numpy as np
 from llmc.errors import LlmcError
 
 
-@dataclass
+@dataclass(init=False)
 class SamplingParams:
-    """Per-request decoding settings. temperature == 0 means greedy; top_k == 0 means off."""
+    """Per-request decoding settings, with vLLM's and TensorRT-LLM's names.
 
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int = 128
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
+    temperature == 0 means greedy; top_k == 0 and top_p == 1 mean off. `max_tokens` is the most
+    tokens to generate (`max_new_tokens` is accepted as an alias: earlier llmc releases used it).
+    `logprobs`: None = none; N >= 0 = the sampled token's log-probability plus the N most likely
+    alternatives, from the model's raw distribution (before temperature / top-k / top-p).
+    Invalid values raise LlmcError (one line), so a server can answer 400 with the message.
+    """
 
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop)
-        if not self.temperature >= 0:  # also rejects NaN
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    max_tokens: int
+    stop: list[str]
+    ignore_eos: bool
+    logprobs: int | None
+
+    MAX_LOGPROBS = 20
+
+    def __init__(self, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 max_tokens: int | None = None, stop: str | Sequence[str] | None = None,
+                 ignore_eos: bool = False, logprobs: int | None = None, *, max_new_tokens: int | None = None):
+        if max_tokens is not None and max_new_tokens is not None and max_tokens != max_new_tokens:
+            raise LlmcError(f"give max_tokens or max_new_tokens, not both ({max_tokens} vs {max_new_tokens})")
+        self.temperature = temperature
+        self.top_k = top_k
+        self.top_p = top_p
+        self.seed = seed
+        self.max_tokens = 128 if max_tokens is None and max_new_tokens is None else (
+            max_tokens if max_tokens is not None else max_new_tokens)
+        self.stop = [stop] if isinstance(stop, str) else list(stop or [])
+        self.ignore_eos = ignore_eos
+        self.logprobs = logprobs
+        self._validate()
+
+    def _validate(self) -> None:
+        def number(name: str, kinds: tuple[type, ...]) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, kinds):
+                raise LlmcError(f"{name} must be a number, got {v!r}")
+
+        number("temperature", (int, float))
+        number("top_p", (int, float))
+        for name in ("top_k", "max_tokens"):
+            number(name, (int,))
+        if not 0 <= self.temperature < float("inf"):  # also rejects NaN
             raise LlmcError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise LlmcError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise LlmcError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise LlmcError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_tokens < 1:
+            raise LlmcError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise LlmcError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise LlmcError("stop must be a string or a list of strings")
         if any(s == "" for s in self.stop):
             raise LlmcError("stop strings must be non-empty")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= self.MAX_LOGPROBS):
+            raise LlmcError(f"logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}")
+
+    @property
+    def max_new_tokens(self) -> int:
+        """Alias of `max_tokens` (the name earlier llmc releases documented)."""
+        return self.max_tokens
 
     @property
     def greedy(self) -> bool:
         # top_k == 1 keeps only the argmax, so it is greedy whatever the temperature.
         return self.temperature == 0 or self.top_k == 1
+
+
+def token_logprobs(logits: np.ndarray, token_id: int, top: int) -> dict:
+    """log-softmax of one raw logits row: the sampled token's logprob and the `top` most likely.
+
+    Computed in float64 on the host only for requests that ask, so it costs nothing otherwise.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    lse = float(np.max(x) + np.log(np.sum(np.exp(x - np.max(x)))))
+    alts: list[tuple[int, float]] = []
+    if top > 0:
+        idx = np.argpartition(-x, top - 1)[:top]
+        idx = idx[np.argsort(-x[idx], kind="stable")]
+        alts = [(int(i), float(x[i] - lse)) for i in idx]
+    return {"token_id": int(token_id), "logprob": float(x[token_id] - lse), "top": alts}
 
 
 def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:

@@ -439,6 +439,13 @@ class Scheduler:
         done, self._finished_for_update = self._finished_for_update, []
         return done
 
+    def pop_finished(self) -> list[Request]:
+        """Requests finished outside `update()` (finish_request, admission errors) and not yet
+        returned by it. The engine loop calls this after every step, so a request ended by a
+        stop string is handed back even when nothing is left to schedule."""
+        done, self._finished_for_update = self._finished_for_update, []
+        return done
+
     # ---- checking ------------------------------------------------------------------------
     def check_invariants(self) -> None:
         """Raise AssertionError on inconsistent state (used by tests)."""
