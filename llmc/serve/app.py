@@ -38,6 +38,8 @@ class ServerState:
     """What the routes share: the engine loop (set once loaded), settings, metrics, drain flag."""
 
     def __init__(self, model_name: str, api_key: str | None, tokenizer, max_model_len: int):
+        """`tokenizer` must be this thread's own instance (fast tokenizers are not shareable across
+        threads, and the engine loop's is locked for whole steps): it only names logprobs' tokens."""
         self.model_name, self.api_key, self.tokenizer = model_name, api_key, tokenizer
         self.max_model_len = max_model_len
         self.loop = None  # EngineLoop, set by the server once constructed
@@ -146,7 +148,9 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
     stream = RequestStream(state)
     rid = P.new_id("chatcmpl" if chat else "cmpl")
     try:
-        rid = state.loop.submit(prompt, params, stream.sink, chat=chat, request_id=rid)
+        # In a worker thread: submit tokenises under the loop's tokenizer lock, which the engine
+        # thread holds for a whole step; the event loop must keep streaming meanwhile.
+        rid = await asyncio.to_thread(state.loop.submit, prompt, params, stream.sink, chat=chat, request_id=rid)
     except QueueFull as exc:
         raise HTTPError(503, str(exc), type_="service_unavailable", code="queue_full",
                         headers={"Retry-After": str(RETRY_AFTER_S)}) from None

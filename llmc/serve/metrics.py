@@ -60,6 +60,9 @@ class ServerMetrics:
     """The server's registry: the engine collector, request histograms, HTTP rejections."""
 
     def __init__(self, stats: Callable[[], dict]):
+        from prometheus_client import disable_created_metrics
+
+        disable_created_metrics()  # the *_created series only add noise to a scrape
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(EngineCollector(stats))
         r = self.registry

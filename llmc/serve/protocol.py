@@ -104,8 +104,10 @@ def parse_request(model: type[_Common], body: bytes) -> _Common:
         err = exc.errors(include_url=False)[0]
         if err["type"] in ("json_invalid", "json_type"):
             raise BadRequest(f"request body is not valid JSON: {err['msg']}") from None
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise BadRequest(f"{param}: {err['msg']}" if param else err["msg"], param) from None
+        # loc is the field path, with union members' tags (str, list[int]...) interleaved: name the field.
+        param = str(err["loc"][0]) if err["loc"] else None
+        where = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or p in req_fields(model)) or param
+        raise BadRequest(f"{where}: {err['msg']}" if where else err["msg"], param) from None
     if req.n != 1:
         raise BadRequest("only n=1 is supported", "n")
     if req.best_of not in (None, 1):
@@ -119,6 +121,14 @@ def parse_request(model: type[_Common], body: bytes) -> _Common:
     if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
         raise BadRequest("top_logprobs requires logprobs=true", "top_logprobs")
     return req
+
+
+def req_fields(model: type[BaseModel]) -> set[str]:
+    """Every field name of a request model and of the models nested in it (for error paths)."""
+    names = set(model.model_fields)
+    for sub in (ChatMessage, TextPart, StreamOptions):
+        names |= set(sub.model_fields)
+    return names
 
 
 def single_prompt(req: CompletionRequest) -> str | list[int]:

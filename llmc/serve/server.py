@@ -32,7 +32,10 @@ def serve(engine_dir: Path, host: str = "127.0.0.1", port: int = 8000, model_nam
 
     llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb)
     loop = EngineLoop(llm, max_queue=max_queue)
-    state = ServerState(model_name or Path(engine_dir).resolve().name, api_key, llm.tokenizer, llm.max_seq_len)
+    from llmc.tokenizer import load_tokenizer
+
+    own_tokenizer = load_tokenizer.__wrapped__(engine_dir)  # not the cached instance the loop uses
+    state = ServerState(model_name or Path(engine_dir).resolve().name, api_key, own_tokenizer, llm.max_seq_len)
     app = create_app(state)
 
     @contextlib.asynccontextmanager
