@@ -20,7 +20,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,26 +49,20 @@ def free_port() -> int:
 
 
 def over_http(engine: Path, args, tmp: Path) -> dict:
-    import httpx
+    from llmc.errors import LlmcError
+    from llmc.serve.bench_client import wait_ready
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cli = [sys.executable, "-m", "llmc.cli.app"]
+    log = tmp / f"serve-{port}.log"
     server = subprocess.Popen([*cli, "serve", str(engine), "--port", str(port), "--log-level", "warning"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=log.open("w"))
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"llmc serve exited: {server.stderr.read()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("llmc serve did not become healthy in 300 s")
-            time.sleep(0.2)
+        try:
+            wait_ready(url, 300, server)
+        except LlmcError as exc:
+            raise SystemExit(f"llmc serve: {exc}\n{log.read_text()}")
         out = tmp / f"http-{port}.json"
         r = subprocess.run([*cli, "bench", "--url", url, "--tokenizer", str(engine), "--num-requests",
                             str(args.num_requests), "--input-len", args.input_len, "--output-len", args.output_len,

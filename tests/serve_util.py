@@ -30,19 +30,14 @@ class Server:
             [sys.executable, "-m", "llmc.cli.app", "serve", str(engine), "--port", str(self.port),
              "--log-level", "warning", *args],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"server not healthy after {timeout}s:\n{self.output()}")
-            time.sleep(0.2)
+        from llmc.errors import LlmcError
+        from llmc.serve.bench_client import wait_ready
+
+        try:
+            wait_ready(self.url, timeout, self.proc)
+        except LlmcError as exc:
+            self.kill()
+            raise RuntimeError(f"{exc}:\n{self.output()}") from None
 
     def output(self) -> str:
         self.log.flush()

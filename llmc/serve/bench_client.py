@@ -145,5 +145,23 @@ def summarize(results: list[HttpResult], elapsed: float, work: Workload, model: 
     }
 
 
+def wait_ready(base_url: str, timeout: float = 300.0, proc=None) -> None:
+    """Poll GET /health until it answers 200 (a server started in `proc`, a Popen, must not exit)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise LlmcError(f"the server exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{base_url.rstrip('/')}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise LlmcError(f"{base_url} was not ready after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def bench_url(base_url: str, work: Workload, **kw) -> dict[str, Any]:
     return asyncio.run(run_http_workload(base_url, work, **kw))
