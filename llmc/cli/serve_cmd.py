@@ -37,8 +37,8 @@ def serve(
             raise LlmcError("the Triton frontend is not installed in this build of llmc") from None
         serve_triton(engine_dir, host=host, kv_cache_mb=kv_cache_mb, model_name=model_name)
         return
-    if max_queue is not None and max_queue < 0:
-        raise LlmcError("--max-queue must be >= 0")
+    if max_queue is not None and max_queue < 1:
+        raise LlmcError(f"--max-queue must be >= 1 (a request waits in the queue until the next step), got {max_queue}")
     if not 0 < port < 65536:
         raise LlmcError(f"--port must be in 1..65535, got {port}")
     try:

@@ -52,7 +52,8 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.loop is not None and bool(getattr(self.loop, "ready", False)) and not self.draining
+        loop = self.loop
+        return loop is not None and loop.ready and loop.error is None and not self.draining
 
 
 class RequestStream:
@@ -128,7 +129,7 @@ def create_app(state: ServerState) -> FastAPI:
 
 async def _generate(state: ServerState, request: Request, chat: bool) -> Response:
     from llmc.runtime.sampling import SamplingParams
-    from llmc.serve.engine_loop import QueueFull
+    from llmc.serve.engine_loop import QueueFull, ShuttingDown
 
     if not state.ready:
         raise HTTPError(503, "server is draining" if state.draining else "engine is loading",
@@ -140,7 +141,7 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
                             param="model", code="model_not_found")
         prompt: Any = ([{"role": m.role, "content": m.text()} for m in req.messages] if chat
                        else P.single_prompt(req))
-        params = SamplingParams(**P.sampling_kwargs(req))
+        params = SamplingParams(**P.sampling_kwargs(req, state.max_model_len))
     except P.BadRequest as exc:
         raise HTTPError(400, str(exc), param=exc.param) from None
     except LlmcError as exc:  # SamplingParams' own checks
@@ -148,17 +149,19 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
     stream = RequestStream(state)
     rid = P.new_id("chatcmpl" if chat else "cmpl")
     try:
-        # In a worker thread: submit tokenises under the loop's tokenizer lock, which the engine
-        # thread holds for a whole step; the event loop must keep streaming meanwhile.
+        # In a worker thread: tokenising a long prompt or rendering a chat template is CPU work
+        # the event loop should not wait for while it streams to everyone else.
         rid = await asyncio.to_thread(state.loop.submit, prompt, params, stream.sink, chat=chat, request_id=rid)
+    except ShuttingDown:
+        raise HTTPError(503, "server is draining", type_="service_unavailable",
+                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except QueueFull as exc:
         raise HTTPError(503, str(exc), type_="service_unavailable", code="queue_full",
                         headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except LlmcError as exc:
-        if state.draining:
-            raise HTTPError(503, "server is draining", type_="service_unavailable",
-                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
-        raise HTTPError(400, str(exc), param="prompt" if "prompt" in str(exc) else None) from None
+        if state.loop.error is not None:
+            raise HTTPError(500, str(exc), type_="internal_error") from None
+        raise HTTPError(400, str(exc), param="prompt") from None  # a prompt this engine cannot take
     shape = P.ResponseShape(chat, str(rid), state.model_name)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -188,8 +191,10 @@ def _usage(out) -> dict:
     return P.usage(len(out.prompt_token_ids), len(out.output_token_ids), out.num_cached_tokens)
 
 
-def _error_status(out) -> int:
-    return 400 if out.error else 500
+def _error_status(state: ServerState) -> int:
+    """A request that failed inside the engine: the engine's fault (500) or the request's (400,
+    e.g. a prompt that can never fit the KV pool)."""
+    return 500 if state.loop.error is not None else 400
 
 
 async def _collect(state: ServerState, stream: RequestStream, rid, shape: P.ResponseShape, request: Request,
@@ -211,7 +216,7 @@ async def _collect(state: ServerState, stream: RequestStream, rid, shape: P.Resp
         disconnect.cancel()
     out = evs[-1].output
     if out.finish_reason == "error":
-        raise HTTPError(_error_status(out), out.error or "generation failed")
+        raise HTTPError(_error_status(state), out.error or "generation failed")
     text = "".join(ev.text for ev in evs)
     return JSONResponse(shape.full(text, out.finish_reason, acc.logprobs(evs), _usage(out)))
 
@@ -244,7 +249,7 @@ async def _sse_events(state: ServerState, stream: RequestStream, rid, shape: P.R
             text = "".join(ev.text for ev in evs)
             out = evs[-1].output if finished else None
             if out is not None and out.finish_reason == "error":
-                yield _sse(P.error_body(out.error or "generation failed", code=_error_status(out)))
+                yield _sse(P.error_body(out.error or "generation failed", code=_error_status(state)))
                 break
             lp = acc.logprobs(evs)
             if text or lp or finished:

@@ -143,8 +143,12 @@ def single_prompt(req: CompletionRequest) -> str | list[int]:
     raise BadRequest("only one prompt per request is supported (send several requests instead)", "prompt")
 
 
-def sampling_kwargs(req: _Common) -> dict[str, Any]:
-    """SamplingParams keyword arguments of a request (its max_tokens, logprobs resolved)."""
+def sampling_kwargs(req: _Common, context_len: int) -> dict[str, Any]:
+    """SamplingParams keyword arguments of a request (its max_tokens, logprobs resolved).
+
+    Without max_tokens a chat request may use the rest of the context, as OpenAI's does (the
+    runtime caps prompt + output at max_seq_len and finishes with "length").
+    """
     if isinstance(req, ChatCompletionRequest):
         max_tokens = req.max_completion_tokens or req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -152,8 +156,7 @@ def sampling_kwargs(req: _Common) -> dict[str, Any]:
         max_tokens, logprobs = req.max_tokens, req.logprobs
     kw: dict[str, Any] = dict(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
                               seed=req.seed, stop=req.stop or [], ignore_eos=req.ignore_eos, logprobs=logprobs)
-    if max_tokens is not None:
-        kw["max_tokens"] = max_tokens
+    kw["max_tokens"] = max_tokens if max_tokens is not None else context_len
     return kw
 
 
