@@ -2,7 +2,7 @@
 
 One workload, the in-process bench's default: 32 requests, prompts of 16-256 real-text tokens,
 16-128 output tokens, EOS ignored, all queued at t=0. Run
-  - in-process: `llmc.bench.run_workload` on an `LLM` (exactly what `llmc bench ENGINE` runs);
+  - in-process: `llmc bench ENGINE` (its own process; `llmc.bench.run_workload` on an `LLM`);
   - over HTTP: `llmc serve ENGINE` in its own process, driven by `llmc bench --url` (another
     process; streaming /v1/completions with token-id prompts, so the prompts are identical).
 The two legs alternate for --rounds rounds (a shared host's speed drift hits both alike); the
@@ -28,16 +28,19 @@ from common import engine_for, write_results  # noqa: E402
 FLOOR = 0.90
 
 
-def in_process(engine: Path, args) -> dict:
-    from llmc import bench as b
-    from llmc.runtime.llm import LLM
+def in_process(engine: Path, args, tmp: Path) -> dict:
+    """`llmc bench ENGINE` in its own process, like the server leg (no state shared with this one)."""
+    out = tmp / "in-process.json"
+    r = subprocess.run([sys.executable, "-m", "llmc.cli.app", "bench", str(engine), *workload_args(args),
+                        "--json", str(out)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"llmc bench failed: {r.stderr}")
+    return json.loads(out.read_text())
 
-    llm = LLM(engine)
-    tokens = b.corpus_tokens(llm.tokenizer, None)
-    work = b.make_workload(tokens, args.num_requests, b.parse_range(args.input_len, "in"),
-                           b.parse_range(args.output_len, "out"), args.seed, None)
-    b.run_workload(llm, b.make_workload(tokens, 2, (8, 8), (4, 4), args.seed, None))  # warm-up
-    return b.public(b.run_workload(llm, work))
+
+def workload_args(args) -> list[str]:
+    return ["--num-requests", str(args.num_requests), "--input-len", args.input_len, "--output-len", args.output_len,
+            "--seed", str(args.seed)]
 
 
 def free_port() -> int:
@@ -64,9 +67,8 @@ def over_http(engine: Path, args, tmp: Path) -> dict:
         except LlmcError as exc:
             raise SystemExit(f"llmc serve: {exc}\n{log.read_text()}")
         out = tmp / f"http-{port}.json"
-        r = subprocess.run([*cli, "bench", "--url", url, "--tokenizer", str(engine), "--num-requests",
-                            str(args.num_requests), "--input-len", args.input_len, "--output-len", args.output_len,
-                            "--seed", str(args.seed), "--json", str(out)], capture_output=True, text=True)
+        r = subprocess.run([*cli, "bench", "--url", url, "--tokenizer", str(engine), *workload_args(args),
+                            "--json", str(out)], capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"llmc bench --url failed: {r.stderr}")
         return json.loads(out.read_text())
@@ -88,7 +90,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"in_process": [], "http": []}
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.rounds):
-            runs["in_process"].append(in_process(engine, args))
+            runs["in_process"].append(in_process(engine, args, Path(tmp)))
             runs["http"].append(over_http(engine, args, Path(tmp)))
             print(f"round {i + 1}: in-process {runs['in_process'][-1]['output_tokens_per_s']:.1f} tok/s, "
                   f"http {runs['http'][-1]['output_tokens_per_s']:.1f} tok/s", flush=True)

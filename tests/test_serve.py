@@ -208,6 +208,11 @@ def test_cli_errors_are_one_line(tiny_engine, tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = cli("serve", str(tiny_engine), "--frontend", "grpc")
     assert r.returncode == 2 and "--frontend" in r.stderr
+    import importlib.util
+
+    if importlib.util.find_spec("llmc.serve.triton") is None:
+        r = cli("serve", str(tiny_engine), "--frontend", "triton")
+        assert r.returncode == 2 and "Triton frontend is not installed" in r.stderr, r.stderr
     r = cli("bench", "--url", "http://127.0.0.1:9", "--num-requests", "2", "--tokenizer", str(tiny_engine))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "cannot reach" in r.stderr, r.stderr
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from llmc.cli.output import choice
+
 
 def bench(
     engine_dir: Path = typer.Argument(None, help="Engine directory written by `llmc build` (with --url: optional, only its tokenizer is used)."),
@@ -24,7 +26,7 @@ def bench(
     url: str = typer.Option(None, "--url", help="Benchmark a running OpenAI-compatible server (http://HOST:PORT) instead of an in-process engine."),
     model: str = typer.Option(None, "--model", help="With --url: the model name to send (default: the first of /v1/models)."),
     tokenizer_dir: Path = typer.Option(None, "--tokenizer", help="With --url: a checkpoint/engine directory whose tokenizer cuts the prompts (default: ENGINE, else the default model's)."),
-    prompt_format: str = typer.Option("tokens", "--prompt-format", help="With --url: send prompts as token ids (tokens) or as decoded text (text)."),
+    prompt_format: str = typer.Option("tokens", "--prompt-format", **choice(("tokens", "text")), help="With --url: send prompts as token ids (tokens) or as decoded text (text)."),
     api_key: str = typer.Option(None, "--api-key", help="With --url: bearer token (default: $LLMC_API_KEY)."),
 ) -> None:
     """Benchmark an engine with in-flight batching over a reproducible workload (or a server, with --url)."""
@@ -101,15 +103,12 @@ def _bench_url(url, engine_dir, tokenizer_dir, model, prompt_format, api_key, da
     """Drive a running server with the same workload the in-process bench would run."""
     import os
 
-    from rich.console import Console
-    from rich.table import Table
-
     from llmc import bench as b
+    from llmc.cli.output import out_console
+    from llmc.cli.output import table as out_table
     from llmc.errors import LlmcError
     from llmc.tokenizer import load_tokenizer
 
-    if prompt_format not in ("tokens", "text"):
-        raise LlmcError(f"--prompt-format must be tokens or text, got {prompt_format!r}")
     if not url.startswith(("http://", "https://")):
         raise LlmcError(f"--url must start with http:// or https://, got {url!r}")
     try:
@@ -126,11 +125,10 @@ def _bench_url(url, engine_dir, tokenizer_dir, model, prompt_format, api_key, da
     work = b.make_workload(b.corpus_tokens(tok, dataset), num_requests, in_range, out_range, seed, request_rate)
     m = bench_url(url, work, model=model, concurrency=concurrency, prompt_format=prompt_format, tokenizer=tok,
                   api_key=api_key or os.environ.get("LLMC_API_KEY") or None)
-    console = Console()
-    table = Table(title=f"llmc bench --url {url} ({m['model']}; {what})")
-    for col in ("out tok/s", "req/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "ITL p50/p90/p99 ms",
-                "E2E p50/p90/p99 s", "errors"):
-        table.add_column(col)
+    console = out_console()
+    table = out_table(f"llmc bench --url {url} ({m['model']}; {what})",
+                      ("out tok/s", "req/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "ITL p50/p90/p99 ms",
+                       "E2E p50/p90/p99 s", "errors"))
     fmt = lambda d, k=1e3: "/".join(f"{d[q] * k:.1f}" for q in ("p50", "p90", "p99"))  # noqa: E731
     table.add_row(f"{m['output_tokens_per_s']:.1f}", f"{m['requests_per_s']:.2f}", fmt(m["ttft_s"]),
                   fmt(m["tpot_s"]), fmt(m["itl_s"]), fmt(m["e2e_s"], 1), str(m["errors"]))

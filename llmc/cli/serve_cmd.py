@@ -7,7 +7,10 @@ from pathlib import Path
 
 import typer
 
+from llmc.cli.output import choice
+
 FRONTENDS = ("openai", "triton")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def serve(
@@ -19,15 +22,13 @@ def serve(
     kv_cache_mb: float = typer.Option(None, "--kv-cache-mb", help="KV block pool size (default: a share of free memory, capped at max_batch_size full sequences)."),
     api_key: str = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' on every /v1 route (default: $LLMC_API_KEY, else none)."),
     drain_timeout: float = typer.Option(30.0, "--drain-timeout", help="On SIGINT/SIGTERM, seconds to let running requests finish before cancelling them."),
-    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level (debug, info, warning, error)."),
+    log_level: str = typer.Option("info", "--log-level", **choice(LOG_LEVELS), help="uvicorn's log level."),
     access_log: bool = typer.Option(False, "--access-log", help="Log every HTTP request."),
-    frontend: str = typer.Option("openai", "--frontend", help="openai (HTTP, this server) or triton (Triton Inference Server's Python backend)."),
+    frontend: str = typer.Option("openai", "--frontend", **choice(FRONTENDS), help="openai (HTTP, this server) or triton (Triton Inference Server's Python backend)."),
 ) -> None:
     """Serve an engine over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
     from llmc.errors import LlmcError
 
-    if frontend not in FRONTENDS:
-        raise LlmcError(f"--frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
     if frontend == "triton":
         try:
             from llmc.serve.triton import serve_triton
