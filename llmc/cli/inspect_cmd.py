@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -17,30 +16,35 @@ def _human_bytes(n: int) -> str:
 
 
 def inspect(
-    path: Path = typer.Argument(..., help="A checkpoint or engine directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+    path: Path = typer.Argument(..., help="A checkpoint or engine directory, or a .gguf file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout and nothing else."),
 ) -> None:
     """Show architecture, parameters, dtype, quantization, TP mapping, size and KV bytes/token."""
-    from rich.console import Console
-    from rich.table import Table
-
+    from llmc.cli.output import out_console, print_json, table
     from llmc.inspect import describe
 
     facts = describe(path)
     if as_json:
-        typer.echo(json.dumps(facts, indent=2))
+        print_json(facts)
         return
-    table = Table(title=f"{facts.get('kind', 'artifact')}: {path}", show_header=False)
+    t = table(f"{facts.get('kind', 'artifact')}: {path}", ["fact", "value"], show_header=False)
     for key, value in facts.items():
-        if key in ("kind", "path"):
+        if key in ("kind", "path") or value is None:  # None: does not apply (e.g. group size of fp8)
             continue
-        if key.endswith("_bytes") and isinstance(value, int):
-            value = f"{_human_bytes(value)} ({value:,} bytes)"
-        elif key == "parameters":
-            value = f"{value / 1e6:.2f}M ({value:,})"
-        elif key.endswith("_per_token"):
-            value = f"{value:,} bytes"
-        elif isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items())
-        table.add_row(key.replace("_", " "), str(value))
-    Console().print(table)
+        t.add_row(key.replace("_", " "), _show(key, value))
+    out_console().print(t)
+
+
+def _show(key: str, value) -> str:
+    """A fact in human units: bytes as KiB/MiB/GiB, parameters in millions, dicts inline."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_show(k, v)}" for k, v in value.items() if v is not None)
+    if isinstance(value, int) and not isinstance(value, bool) and ("bytes" in key or key in
+                                                                    ("weights", "kv_pool", "kv_pool_max",
+                                                                     "activations", "total_max")):
+        return f"{_human_bytes(value)} ({value:,} bytes)"
+    if key == "parameters" and isinstance(value, int):
+        return f"{value / 1e6:.2f}M ({value:,})"
+    if key.endswith("_per_token") and isinstance(value, int):
+        return f"{value:,} bytes"
+    return str(value)

@@ -10,20 +10,15 @@ recipes_app = typer.Typer(help="List and show the shipped pipeline recipes.", no
 @recipes_app.command("list", short_help="List shipped recipes (name, model, qformat, backend).")
 def list_recipes() -> None:
     """List shipped recipes (name, model, qformat, backend)."""
-    from rich.console import Console
-    from rich.table import Table
-
+    from llmc.cli.output import out_console, table
     from llmc.recipes.schema import DEFAULT_RECIPE, load_recipe, shipped_recipes
 
-    t = Table(title="llmc recipes")
-    t.add_column("name", no_wrap=True)
-    for col in ("model", "qformat", "backend"):
-        t.add_column(col)
+    t = table("llmc recipes", ["name", "model", "qformat", "backend"])
     for name in sorted(shipped_recipes()):
         r = load_recipe(name)
         t.add_row(name + (" (default)" if name == DEFAULT_RECIPE else ""), r.model,
                   r.quantize.qformat if r.quantize else "-", r.build.backend)
-    Console().print(t)
+    out_console().print(t)
 
 
 @recipes_app.command("show", short_help="Print a recipe with every default filled in (valid YAML you can copy and edit).")

@@ -20,12 +20,12 @@ def run(
     stop: list[str] = typer.Option(None, "--stop", help="Stop string; repeat for several."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated (one prompt at a time)."),
     kv_cache_mb: float = typer.Option(None, "--kv-cache-mb", help="KV block pool size (default: a share of free memory, capped at max_batch_size full sequences)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document (outputs, finish reasons, timings) on stdout and nothing else."),
 ) -> None:
     """Generate text for prompts and print Input/Output pairs, then TTFT, TPOT and tokens/s."""
     import time
 
-    from rich.console import Console
-
+    from llmc.cli.output import err_console, out_console, print_json
     from llmc.errors import LlmcError
     from llmc.runtime.llm import LLM
     from llmc.runtime.sampling import SamplingParams
@@ -37,7 +37,9 @@ def run(
         prompts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
     if not prompts:
         raise LlmcError("give at least one --prompt or a --prompts-file")
-    console = Console()
+    if stream and as_json:
+        raise LlmcError("--stream prints text as it comes; --json prints one document at the end: pick one")
+    console = err_console() if as_json else out_console()
     llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb)
     params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=None if seed is None else seed + i, max_new_tokens=max_new_tokens,
@@ -46,7 +48,8 @@ def run(
     if stream:
         outputs = []
         for i, (p, sp) in enumerate(zip(prompts, params)):
-            console.print(f"[bold]Input [{i}]:[/] {p!r}")
+            console.print(f"[bold]Input [{i}]:[/] ", end="")
+            console.out(_shorten(p))
             console.print(f"[bold]Output [{i}]:[/] ", end="")
             outs = []
             rid = llm.add_request(p, sp, chat=chat)
@@ -57,22 +60,57 @@ def run(
                     break
             print()
             outputs += outs
+            console.print(f"[dim]finish: {_reason(outs[-1])}[/]")
     else:
         outputs = llm.generate(prompts, params, chat=chat)
-        for i, out in enumerate(outputs):
-            console.print(f"[bold]Input [{i}]:[/] {prompts[i]!r}")
-            if out.error:
-                console.print(f"[bold red]Output [{i}]: error:[/] {out.error}")
-            else:
-                console.print(f"[bold]Output [{i}]:[/] {out.text!r}")
+        if not as_json:
+            for i, out in enumerate(outputs):
+                console.print(f"[bold]Input [{i}]:[/] ", end="")
+                console.out(_shorten(prompts[i]))
+                if out.error:
+                    console.print(f"[bold red]Output [{i}]: error:[/] ", end="")
+                    console.out(out.error)
+                else:
+                    console.print(f"[bold]Output [{i}]:[/] ", end="")
+                    console.out(out.text if out.text else "(no text)")
+                    console.print(f"[dim]finish: {_reason(out)}, {len(out.output_token_ids)} tokens[/]")
     elapsed = time.perf_counter() - start
     ok = [o for o in outputs if not o.error]
     n_out = sum(len(o.output_token_ids) for o in ok)
     ttfts = sorted(o.ttft for o in ok if o.ttft is not None)
     tpots = sorted(o.tpot for o in ok if o.tpot is not None)
-    med = lambda xs: xs[len(xs) // 2] if xs else float("nan")  # noqa: E731
-    console.print(f"[dim]{len(ok)}/{len(outputs)} requests, {n_out} output tokens in {elapsed:.2f}s | "
-                  f"TTFT {med(ttfts) * 1e3:.1f} ms | TPOT {med(tpots) * 1e3:.1f} ms | "
-                  f"{n_out / elapsed:.1f} output tokens/s[/]")
+    med = lambda xs: xs[len(xs) // 2] if xs else None  # noqa: E731
+    summary = {"requests": len(outputs), "ok": len(ok), "output_tokens": n_out, "seconds": elapsed,
+               "ttft_ms_p50": None if med(ttfts) is None else med(ttfts) * 1e3,
+               "tpot_ms_p50": None if med(tpots) is None else med(tpots) * 1e3,
+               "output_tokens_per_s": n_out / elapsed if elapsed > 0 else None}
+    if as_json:
+        print_json({"outputs": [{"index": i, "prompt": prompts[i], "text": o.text, "finish_reason": o.finish_reason,
+                                 "error": o.error, "prompt_tokens": len(o.prompt_token_ids),
+                                 "output_tokens": len(o.output_token_ids),
+                                 "ttft_ms": None if o.ttft is None else o.ttft * 1e3,
+                                 "tpot_ms": None if o.tpot is None else o.tpot * 1e3}
+                                for i, o in enumerate(outputs)], "summary": summary})
+    else:
+        ms = lambda v: "-" if v is None else f"{v:.1f} ms"  # noqa: E731  (never "nan")
+        console.print(f"[dim]{len(ok)}/{len(outputs)} requests, {n_out} output tokens in {elapsed:.2f}s | "
+                      f"TTFT {ms(summary['ttft_ms_p50'])} | TPOT {ms(summary['tpot_ms_p50'])} | "
+                      f"{n_out / elapsed:.1f} output tokens/s[/]")
     if len(ok) < len(outputs):
         raise typer.Exit(1)
+
+
+def _reason(out) -> str:
+    """The finish reason in words a user reads (an empty answer says why it is empty)."""
+    why = {"stop": "stop (EOS or a stop string)", "length": "length (--max-new-tokens or the engine's max_seq_len)",
+           "abort": "aborted", "error": "error"}
+    return why.get(out.finish_reason or "", str(out.finish_reason))
+
+
+def _shorten(text: str, max_lines: int = 4, max_chars: int = 400) -> str:
+    """An echoed prompt: long ones keep their head and tail so the output stays readable."""
+    lines = text.splitlines() or [""]
+    if len(lines) <= max_lines and len(text) <= max_chars:
+        return text
+    head, tail = "\n".join(lines[:2])[: max_chars // 2], "\n".join(lines[-1:])[-max_chars // 4:]
+    return f"{head} [... {len(text)} characters in all ...] {tail}"

@@ -7,6 +7,7 @@ are written once. Tensors are read one at a time, so conversion streams.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -259,10 +260,25 @@ def _match_layer_name(name: str, pattern: str, target: str) -> str | None:
     return None
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def missing_source_error(src: str | Path) -> LlmcError:
+    """'No such file', or, for what looks like a Hugging Face Hub id, how to get it locally:
+    llmc never downloads."""
+    text = str(src)
+    if HUB_ID.match(text) and not text.startswith((".", "/")):
+        return LlmcError(f"no such file or directory; {text!r} looks like a Hugging Face Hub id, and llmc never "
+                         f"downloads: fetch it first (`hf download {text} --local-dir models/{text.split('/')[-1]}` "
+                         f"where the hub is reachable), then `llmc convert models/{text.split('/')[-1]} -o OUT`",
+                         src)
+    return LlmcError("no such file or directory", src)
+
+
 def open_source(src: str | Path) -> ModelSource:
     path = Path(src)
     if not path.exists():
-        raise LlmcError("no such file or directory", path)
+        raise missing_source_error(src)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise LlmcError("expected a Hugging Face model directory or a .gguf file", path)
