@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from llmc.bench import Workload, percentiles
 from llmc.errors import LlmcError
 
@@ -89,8 +91,6 @@ async def stream_completion(client, url: str, body: dict[str, Any], headers: dic
 async def run_http_workload(base_url: str, work: Workload, model: str | None = None,
                             concurrency: int | None = None, prompt_format: str = "tokens", tokenizer=None,
                             api_key: str | None = None, timeout: float = 600.0) -> dict[str, Any]:
-    import httpx
-
     base = base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limit = concurrency or len(work.prompts)
@@ -147,8 +147,6 @@ def summarize(results: list[HttpResult], elapsed: float, work: Workload, model: 
 
 def wait_ready(base_url: str, timeout: float = 300.0, proc=None) -> None:
     """Poll GET /health until it answers 200 (a server started in `proc`, a Popen, must not exit)."""
-    import httpx
-
     deadline = time.monotonic() + timeout
     while True:
         if proc is not None and proc.poll() is not None:
