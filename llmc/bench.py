@@ -44,11 +44,17 @@ def corpus_tokens(tokenizer, dataset: Path | None) -> list[int]:
     if dataset is not None:
         if not dataset.is_file():
             raise LlmcError("no such dataset file", dataset)
+        from llmc.quantize.calib_data import read_text_file
+
+        raw = read_text_file(dataset)
         if dataset.suffix == ".jsonl":
-            lines = [json.loads(line) for line in dataset.read_text().splitlines() if line.strip()]
-            text = "\n\n".join(str(d.get("prompt") or d.get("text") or "") for d in lines)
+            try:
+                lines = [json.loads(line) for line in raw.splitlines() if line.strip()]
+                text = "\n\n".join(str(d.get("prompt") or d.get("text") or "") for d in lines)
+            except (json.JSONDecodeError, AttributeError):
+                raise LlmcError('expected one JSON object per line with a "prompt" or "text" field', dataset) from None
         else:
-            text = dataset.read_text(encoding="utf-8", errors="replace")
+            text = raw
     else:
         from llmc.quantize.calib_data import load_documents
 

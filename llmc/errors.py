@@ -22,3 +22,10 @@ class LlmcError(Exception):
 
 class UnsupportedError(LlmcError):
     """A valid request that this build of llmc, or this machine, cannot serve."""
+
+
+def warn(message: str, path: str | Path | None = None) -> None:
+    """A one-line warning on stderr (something odd that llmc can still handle)."""
+    import sys
+
+    print(f"warning: {path}: {message}" if path is not None else f"warning: {message}", file=sys.stderr)

@@ -152,6 +152,25 @@ def evaluate_engine(engine_dir: str | Path, windows: torch.Tensor, progress: boo
     return total
 
 
+def check_window(path: Path, seq_len: int) -> None:
+    """Refuse windows longer than the artifact can attend over, before any text is tokenized."""
+    from llmc.checkpoint.config import CheckpointConfig
+
+    if is_engine_dir(path):  # the engine's config is validated in full by load_engine
+        from llmc.engine.stamps import read_engine_config
+
+        build = read_engine_config(path).get("build")
+        limit = build.get("max_seq_len") if isinstance(build, dict) else None
+        if not isinstance(limit, int):
+            return
+        what = "the engine's max_seq_len"
+    else:
+        limit, what = CheckpointConfig.load(path / "config.json").max_position_embeddings, \
+            "the model's max_position_embeddings"
+    if seq_len > limit:
+        raise LlmcError(f"--seq-len {seq_len} exceeds {what} ({limit})", path)
+
+
 def _load_tokenizer(path: Path):
     from llmc.tokenizer import load_tokenizer
 
@@ -180,6 +199,7 @@ def evaluate(path: str | Path, data: str | Path, seq_len: int = DEFAULT_SEQ_LEN,
     if not path.exists():
         raise LlmcError("no such file or directory", path)
     engine = is_engine_dir(path)
+    check_window(path, seq_len if windows is None else windows.shape[1])
     if windows is None:
         windows, desc = token_windows(_load_tokenizer(path), data, seq_len, max_chunks)
     else:
@@ -208,6 +228,7 @@ def compare(paths: list[str | Path], data: str | Path, seq_len: int = DEFAULT_SE
     for p in paths:
         if not Path(p).exists():
             raise LlmcError("no such file or directory", p)
+        check_window(Path(p), seq_len)
     first_tok = _load_tokenizer(Path(paths[0]))
     windows, desc = token_windows(first_tok, data, seq_len, max_chunks)
     vocab = len(first_tok)

@@ -39,6 +39,8 @@ def describe_checkpoint(path: str | Path) -> dict[str, Any]:
         "tied_embeddings": cfg.tie_word_embeddings,
         "size_on_disk_bytes": ckpt.size_on_disk(),
         "kv_cache_bytes_per_token": cfg.kv_cache_bytes_per_token(),
+        "integrity": (f"{len(cfg.llmc['integrity'].get('files', {}))} files verified (full xxh3-128 digests)"
+                      if isinstance(cfg.llmc.get("integrity"), dict) else "no record (not written by this llmc)"),
     }
 
 
@@ -93,7 +95,9 @@ def describe_gguf(path: Path) -> dict[str, Any]:
     }
 
 
-def describe(path: str | Path) -> dict[str, Any]:
+def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
+    """Facts about a checkpoint or engine. Checkpoints are always verified against their digests
+    (as on every load); engines check file sizes, or full digests with `verify`."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
         return describe_gguf(path)
@@ -103,8 +107,10 @@ def describe(path: str | Path) -> dict[str, Any]:
             data = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as exc:
             raise LlmcError(f"invalid JSON ({exc.msg})", cfg_path) from None
+        except UnicodeDecodeError:
+            raise LlmcError("config.json is not UTF-8 text", cfg_path) from None
         if isinstance(data, dict) and "engine" in data:
             from llmc.engine import describe_engine  # provided by the engine package
 
-            return describe_engine(path)
+            return describe_engine(path, verify=verify)
     return describe_checkpoint(path)

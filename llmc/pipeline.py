@@ -63,11 +63,22 @@ def _source_signature(path: Path) -> dict[str, Any]:
     return {"path": str(path), "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
 
 
+def output_under(workdir: Path, name: str) -> Path:
+    """WORKDIR/name, refused unless it resolves (symlinks followed) inside the work dir."""
+    root = workdir.resolve()
+    path = workdir / name
+    real = path.resolve()
+    if real == root or root not in real.parents:
+        raise LlmcError(f"stage output {path} resolves to {real}, outside the work dir {root}; refusing to "
+                        "write there")
+    return path
+
+
 class Pipeline:
     def __init__(self, recipe: Recipe, workdir: Path, console=None, progress: bool = True):
         self.recipe = recipe
-        self.workdir = workdir
-        self.records_dir = workdir / "records"
+        self.workdir = Path(workdir)
+        self.records_dir = self.workdir / "records"
         self.console = console
         self.progress = progress
         self.records: list[StageRecord] = []
@@ -125,9 +136,10 @@ class Pipeline:
         r = self.recipe
         wd = self.workdir
         wd.mkdir(parents=True, exist_ok=True)
+        self.records_dir = output_under(wd, "records")
         source = resolve_model(r.model)
         conv_opts = {"source": _source_signature(source), **r.convert.model_dump()}
-        ckpt = wd / "checkpoint"
+        ckpt = output_under(wd, "checkpoint")
 
         def do_convert():
             from llmc.converters.convert import convert
@@ -139,7 +151,7 @@ class Pipeline:
         conv = self.stage("convert", conv_opts, "", ckpt, do_convert)
         model_ckpt, upstream = ckpt, conv.key
         if r.quantize is not None:
-            qdir = wd / "quantized"
+            qdir = output_under(wd, "quantized")
             q = r.quantize
 
             def do_quantize():
@@ -150,7 +162,7 @@ class Pipeline:
 
             quant = self.stage("quantize", q.model_dump(), upstream, qdir, do_quantize)
             model_ckpt, upstream = qdir, quant.key
-        engine = wd / "engine"
+        engine = output_under(wd, "engine")
 
         def do_build():
             from llmc.engine.build import build_engine
@@ -200,5 +212,5 @@ class Pipeline:
         results["run"] = self.stage("run", run.model_dump(), built.key, None, do_run).result
         report = {"recipe": r.name, "workdir": str(wd), "stages": [rec.__dict__ for rec in self.records],
                   "results": results}
-        (wd / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        output_under(wd, "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         return report

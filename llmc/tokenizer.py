@@ -23,7 +23,7 @@ def load_tokenizer(directory: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except Exception as exc:
-        raise LlmcError(f"cannot load the tokenizer ({str(exc).splitlines()[0]})", directory) from None
+        raise LlmcError(f"cannot load the tokenizer ({(str(exc).splitlines() or [type(exc).__name__])[0]})", directory) from None
 
 
 def eos_token_ids(directory: str | Path) -> set[int]:

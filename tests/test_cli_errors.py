@@ -83,8 +83,15 @@ def test_non_empty_out_without_force(tmp_path, capsys, tiny_hf_dirs):
     code, err = run_cli(["convert", str(tiny_hf_dirs["llama"]), "-o", str(out)], capsys)
     assert_user_error(code, err, "not empty", "--force")
     assert (out / "keep.txt").read_text() == "mine"
-    code, _ = run_cli(["convert", str(tiny_hf_dirs["llama"]), "-o", str(out), "--force"], capsys)
-    assert code == 0 and (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    # --force replaces only a previous llmc checkpoint (issue 10): a user's directory is refused
+    code, err = run_cli(["convert", str(tiny_hf_dirs["llama"]), "-o", str(out), "--force"], capsys)
+    assert_user_error(code, err, "not an llmc checkpoint", "--force only replaces")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    code, _ = run_cli(["convert", str(tiny_hf_dirs["llama"]), "-o", str(out)], capsys)  # empty: fine
+    assert code == 0 and (out / "config.json").is_file()
+    code, _ = run_cli(["convert", str(tiny_hf_dirs["qwen2"]), "-o", str(out), "--force"], capsys)
+    assert code == 0 and "Qwen2" in (out / "config.json").read_text()
 
 
 def test_tp_size_that_does_not_divide(tmp_path, capsys, tiny_hf_dirs):

@@ -123,7 +123,8 @@ def test_eval_errors(tiny_checkpoints, text_file, tmp_path, capsys):
     ck = str(tiny_checkpoints["llama"])
     assert main(["eval", ck, "--data", str(text_file), "--seq-len", "100000"]) == 2
     err = capsys.readouterr().err
-    assert "fewer than one --seq-len window" in err and len(err.strip().splitlines()) == 1
+    # issue 10: a window longer than the model's positions is refused before tokenizing
+    assert "exceeds the model's max_position_embeddings (512)" in err and len(err.strip().splitlines()) == 1
     # Several paths imply --compare (issue 13); tests/test_cli_conventions.py checks it runs.
     assert main(["eval", ck, "--data", str(tmp_path / "nope.txt")]) == 2
     assert "no such file" in capsys.readouterr().err

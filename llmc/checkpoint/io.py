@@ -25,7 +25,19 @@ def _open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise LlmcError(f"corrupt or truncated safetensors file ({str(exc).splitlines()[0]})", path) from None
+        raise LlmcError(f"corrupt or truncated safetensors file ({(str(exc).splitlines() or [type(exc).__name__])[0]})", path) from None
+
+
+def check_layer_count(names, num_hidden_layers: int, source) -> None:
+    """The config's num_hidden_layers must be exactly the number of layers the weights hold
+    (checked before anything loops over the config's count, which may be absurd)."""
+    import re
+
+    layers = {int(m.group(1)) for n in names if (m := re.search(r"(?:^|\.)layers\.(\d+)\.", n))}
+    held = max(layers) + 1 if layers else 0
+    if held != num_hidden_layers:
+        raise LlmcError(f"config and weights disagree: num_hidden_layers is {num_hidden_layers} but the weights "
+                        f"hold {held} layer(s)", source)
 
 
 @dataclass
@@ -82,9 +94,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     cfg = CheckpointConfig.load(path / "config.json")
     if "engine" in cfg.llmc:
         raise LlmcError("this is an engine directory, not a checkpoint", path)
+    record = cfg.llmc.get("integrity")
+    if record is not None:  # written by llmc >= issue 10; foreign checkpoints carry none
+        from llmc.integrity import verify_record
+
+        verify_record(path, record, rebuild="convert or quantize it again")
     for rank in range(cfg.mapping.world_size):
-        with _open_safetensors(rank_file(path, rank)):
-            pass
+        with _open_safetensors(rank_file(path, rank)) as f:
+            if rank == 0:
+                check_layer_count(f.keys(), cfg.num_hidden_layers, path)
     return Checkpoint(path, cfg)
 
 
@@ -100,4 +118,10 @@ def write_checkpoint(out_dir: str | Path, config: CheckpointConfig,
     for rank, tensors in enumerate(rank_tensors):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(rank_file(out_dir, rank)),
                   metadata={"format": "pt"})
+    from llmc.integrity import make_record
+
+    # A record of the files written here (a config loaded from another checkpoint carries that
+    # one's record, which no longer applies); callers that add files re-stamp it.
+    config.llmc = {**config.llmc, "integrity": make_record(out_dir, [rank_file(out_dir, r).name
+                                                                     for r in range(len(rank_tensors))])}
     config.save(out_dir / "config.json")

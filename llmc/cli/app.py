@@ -93,14 +93,18 @@ def _one_line(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; user and usage errors become one line on stderr and exit code 2."""
+    """Run the CLI; user and usage errors become one line on stderr and exit code 2. SIGTERM is
+    handled like Ctrl-C (temporaries removed), exit code 143."""
+    from llmc.fsutil import Terminated, sigterm_as_interrupt
+
     try:  # typer >= 0.29 vendors click; older releases use click itself
         from typer._click import exceptions as click_exc
     except ImportError:  # pragma: no cover
         from click import exceptions as click_exc
 
     try:
-        result = app(args=argv, standalone_mode=False, prog_name="llmc")
+        with sigterm_as_interrupt():
+            result = app(args=argv, standalone_mode=False, prog_name="llmc")
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
@@ -119,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except click_exc.ClickException as exc:
         print(f"error: {_one_line(exc.format_message())}", file=sys.stderr)
         return exc.exit_code

@@ -41,6 +41,16 @@ def bench(
         raise LlmcError("give --concurrency or --request-rate, not both")
     if num_requests < 1:
         raise LlmcError("--num-requests must be >= 1")
+    import math
+
+    if concurrency is not None and concurrency < 1:
+        raise LlmcError(f"--concurrency must be >= 1, got {concurrency}")
+    if request_rate is not None and not (math.isfinite(request_rate) and request_rate > 0):
+        raise LlmcError(f"--request-rate must be a positive number of requests/s, got {request_rate}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise LlmcError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if kv_cache_mb is not None and not (math.isfinite(kv_cache_mb) and kv_cache_mb > 0):
+        raise LlmcError(f"--kv-cache-mb must be a positive number, got {kv_cache_mb}")
     in_range, out_range = b.parse_range(input_len, "--input-len"), b.parse_range(output_len, "--output-len")
     if url is not None:
         if sweep or kv_cache_mb is not None or max_batch_size is not None:
@@ -60,11 +70,16 @@ def bench(
             values = [int(v) for v in vals.split(",")]
         except ValueError:
             raise LlmcError(f"--sweep values must be integers, got {vals!r}") from None
+        if any(v < 1 for v in values):
+            raise LlmcError(f"--sweep max-batch-size values must be >= 1, got {vals!r}")
     console = Console()
     bandwidth = b.measure_memory_bandwidth()
     rows = []
     for value in values:
         llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, max_batch_size=value)
+        if in_range[1] > llm.max_input_len:
+            raise LlmcError(f"--input-len {input_len}: prompts of up to {in_range[1]} tokens exceed the engine's "
+                            f"max_input_len {llm.max_input_len}")
         tokens = b.corpus_tokens(llm.tokenizer, dataset)
         work = b.make_workload(tokens, num_requests, in_range, out_range, seed, request_rate)
         b.run_workload(llm, b.make_workload(tokens, 2, (8, 8), (4, 4), seed, None))  # warm-up

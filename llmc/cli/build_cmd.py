@@ -52,7 +52,7 @@ def build(
     timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache file (read if present, "
                                                 "written after the build)."),
     trt_opt_level: int = typer.Option(_D.trt_opt_level, help="TensorRT builder optimization level 0-5."),
-    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is a previous llmc engine (or empty); any other directory is refused, and OUT may never be, contain or lie inside the input."),
 ) -> None:
     """Compile a checkpoint into an engine: one ONNX graph of standard ops over a paged KV cache."""
     from rich.console import Console

@@ -14,7 +14,7 @@ def convert(
     out: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
     dtype: str = typer.Option("auto", **choice(("auto", "float32", "float16", "bfloat16"), DTYPE_ALIASES), help="auto: the source's dtype (float32 for GGUF)."),
     tp_size: int = typer.Option(1, "--tp-size", help="Tensor-parallel ranks to shard into (must divide heads, KV heads and intermediate size)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is a previous llmc checkpoint (or empty); any other directory is refused, and OUT may never be, contain or lie inside the input."),
 ) -> None:
     """Convert a model into a checkpoint: fused QKV, TensorRT-LLM names, dtype, TP shards."""
     from rich.console import Console

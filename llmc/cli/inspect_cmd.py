@@ -18,12 +18,15 @@ def _human_bytes(n: int) -> str:
 def inspect(
     path: Path = typer.Argument(..., help="A checkpoint or engine directory, or a .gguf file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout and nothing else."),
+    verify: bool = typer.Option(False, "--verify", help="Engines: hash every file and compare with the digests "
+                                "recorded at build time (loading an engine does this too). Checkpoints are "
+                                "always verified."),
 ) -> None:
     """Show architecture, parameters, dtype, quantization, TP mapping, size and KV bytes/token."""
     from llmc.cli.output import out_console, print_json, table
     from llmc.inspect import describe
 
-    facts = describe(path)
+    facts = describe(path, verify=verify)
     if as_json:
         print_json(facts)
         return

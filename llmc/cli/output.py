@@ -8,8 +8,7 @@ Conventions (the same for every command):
   widest row, and on a narrow terminal cells wrap (overflow "fold").
 - `-q/--quiet` silences progress and logs on stderr; `-v/--verbose` adds debug logs.
 
-Only rich is imported here (typer already depends on it), so commands may import this at
-module level.
+Only typer and rich are imported here, so commands may import this at module level.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ import logging
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
+
+import typer
 
 
 
@@ -81,13 +82,11 @@ def choice(choices: Iterable[str], aliases: dict[str, str] | None = None) -> dic
     """typer.Option keyword arguments for a string option with fixed choices: the help shows
     them (`--qformat <fp8|int8_sq|...>`), common other spellings map to a choice (fp16 ->
     float16), and a near miss is answered with "did you mean"."""
-    import typer
-
     options = [str(c) for c in choices]
     aliases = {k.lower(): v for k, v in (aliases or {}).items()}
 
-    def parse(value: str) -> str:
-        if value in options:
+    def parse(param: typer.CallbackParam, value: str | None) -> str | None:
+        if value is None or value in options:
             return value
         low = str(value).lower()
         if low in aliases:
@@ -95,9 +94,11 @@ def choice(choices: Iterable[str], aliases: dict[str, str] | None = None) -> dic
         for opt in options:
             if opt.lower() == low:
                 return opt
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(options)}{did_you_mean(str(value), options)}")
+        name = max(param.opts, key=len) if param.opts else param.name
+        raise typer.BadParameter(f"{name} must be one of {', '.join(options)} (got {value!r})"
+                                 f"{did_you_mean(str(value), options)}")
 
-    return {"metavar": "<" + "|".join(options) + ">", "parser": parse}
+    return {"metavar": "<" + "|".join(options) + ">", "callback": parse}
 
 
 def did_you_mean(value: str, choices: Sequence[str]) -> str:

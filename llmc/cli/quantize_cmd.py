@@ -28,7 +28,7 @@ def quantize(
     sq_alpha: Optional[float] = typer.Option(None, "--sq-alpha", help="SmoothQuant migration strength in [0, 1]. Default: " + ", ".join(f"{f.default_sq_alpha} for {f.name}" for f in QFORMATS.values() if f.is_smoothquant) + " (chosen by measurement on SmolLM2)."),
     exclude: str = typer.Option(",".join(DEFAULTS["exclude"]), "--exclude", help="Comma-separated fnmatch patterns of TensorRT-LLM module names to leave unquantized, e.g. 'lm_head,transformer.layers.0.*'. Replaces the default (lm_head); 'none' quantizes everything."),
     seed: int = typer.Option(DEFAULTS["seed"], "--seed", help="Seed for choosing calibration samples."),
-    force: bool = typer.Option(False, "--force", help="Overwrite a non-empty OUT."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it is a previous llmc checkpoint (or empty); any other directory is refused, and OUT may never be, contain or lie inside the input."),
 ) -> None:
     """Quantize with NVIDIA ModelOpt (max calibration for FP8, SmoothQuant, AWQ) and write a
     TensorRT-LLM quantized checkpoint."""

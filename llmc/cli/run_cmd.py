@@ -7,10 +7,30 @@ from pathlib import Path
 import typer
 
 
+def read_prompts_file(path: Path) -> list[str]:
+    """The lines of a prompts file (UTF-8; a one-line error naming the first bad line if not)."""
+    from llmc.errors import LlmcError
+
+    if not path.is_file():
+        raise LlmcError("no such prompts file", path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise LlmcError(f"line {line} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                        "save the file as UTF-8", path) from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line, it does not start a new one
+    return [line.removesuffix("\r") for line in lines]
+
+
 def run(
     engine_dir: Path = typer.Argument(..., help="Engine directory written by `llmc build`."),
     prompt: list[str] = typer.Option(None, "--prompt", "-p", help="A prompt; repeat for several (they run batched)."),
-    prompts_file: Path = typer.Option(None, "--prompts-file", help="A text file with one prompt per line."),
+    prompts_file: Path = typer.Option(None, "--prompts-file", help="A UTF-8 text file with one prompt per line; "
+                                      "outputs are numbered by line (empty lines are skipped and reported)."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Tokens to generate per prompt (capped by the engine's max_seq_len)."),
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt in the tokenizer's chat template."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
@@ -23,6 +43,8 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (outputs, finish reasons, timings) on stdout and nothing else."),
 ) -> None:
     """Generate text for prompts and print Input/Output pairs, then TTFT, TPOT and tokens/s."""
+    import math
+    import sys
     import time
 
     from llmc.cli.output import err_console, out_console, print_json
@@ -31,12 +53,20 @@ def run(
     from llmc.runtime.sampling import SamplingParams
 
     prompts = list(prompt or [])
+    labels = list(range(len(prompts)))  # printed index of each prompt
     if prompts_file is not None:
-        if not prompts_file.is_file():
-            raise LlmcError("no such prompts file", prompts_file)
-        prompts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
+        lines = read_prompts_file(prompts_file)
+        skipped = [n for n, line in enumerate(lines, 1) if not line.strip()]
+        # numbered by line (after any --prompt), so Output [i] is line i + 1 of the file
+        labels += [len(prompts) + n - 1 for n, line in enumerate(lines, 1) if line.strip()]
+        prompts += [line for line in lines if line.strip()]
+        if skipped:
+            shown = ", ".join(map(str, skipped[:10])) + (f" (+{len(skipped) - 10} more)" if len(skipped) > 10 else "")
+            print(f"note: {prompts_file}: skipped {len(skipped)} empty line(s): {shown}", file=sys.stderr)
     if not prompts:
-        raise LlmcError("give at least one --prompt or a --prompts-file")
+        raise LlmcError("give at least one --prompt or a --prompts-file with a non-empty line")
+    if kv_cache_mb is not None and not (math.isfinite(kv_cache_mb) and kv_cache_mb > 0):
+        raise LlmcError(f"--kv-cache-mb must be a positive number, got {kv_cache_mb}")
     if stream and as_json:
         raise LlmcError("--stream prints text as it comes; --json prints one document at the end: pick one")
     console = err_console() if as_json else out_console()
@@ -48,9 +78,9 @@ def run(
     if stream:
         outputs = []
         for i, (p, sp) in enumerate(zip(prompts, params)):
-            console.print(f"[bold]Input [{i}]:[/] ", end="")
+            console.print(f"[bold]Input [{labels[i]}]:[/] ", end="")
             console.out(_shorten(p))
-            console.print(f"[bold]Output [{i}]:[/] ", end="")
+            console.print(f"[bold]Output [{labels[i]}]:[/] ", end="")
             outs = []
             rid = llm.add_request(p, sp, chat=chat)
             while True:
@@ -65,13 +95,13 @@ def run(
         outputs = llm.generate(prompts, params, chat=chat)
         if not as_json:
             for i, out in enumerate(outputs):
-                console.print(f"[bold]Input [{i}]:[/] ", end="")
+                console.print(f"[bold]Input [{labels[i]}]:[/] ", end="")
                 console.out(_shorten(prompts[i]))
                 if out.error:
-                    console.print(f"[bold red]Output [{i}]: error:[/] ", end="")
+                    console.print(f"[bold red]Output [{labels[i]}]: error:[/] ", end="")
                     console.out(out.error)
                 else:
-                    console.print(f"[bold]Output [{i}]:[/] ", end="")
+                    console.print(f"[bold]Output [{labels[i]}]:[/] ", end="")
                     console.out(out.text if out.text else "(no text)")
                     console.print(f"[dim]finish: {_reason(out)}, {len(out.output_token_ids)} tokens[/]")
     elapsed = time.perf_counter() - start
@@ -85,7 +115,7 @@ def run(
                "tpot_ms_p50": None if med(tpots) is None else med(tpots) * 1e3,
                "output_tokens_per_s": n_out / elapsed if elapsed > 0 else None}
     if as_json:
-        print_json({"outputs": [{"index": i, "prompt": prompts[i], "text": o.text, "finish_reason": o.finish_reason,
+        print_json({"outputs": [{"index": labels[i], "prompt": prompts[i], "text": o.text, "finish_reason": o.finish_reason,
                                  "error": o.error, "prompt_tokens": len(o.prompt_token_ids),
                                  "output_tokens": len(o.output_token_ids),
                                  "ttft_ms": None if o.ttft is None else o.ttft * 1e3,

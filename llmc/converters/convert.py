@@ -8,6 +8,7 @@ read, so peak memory stays near the largest tensor rather than the whole model.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from llmc import __version__
 from llmc.checkpoint import tensor_parallel as tpmod
 from llmc.checkpoint.config import CHECKPOINT_FORMAT_VERSION, CheckpointConfig
-from llmc.checkpoint.io import rank_file
+from llmc.checkpoint.io import check_layer_count, rank_file
 from llmc.checkpoint.safetensors_stream import StreamingSafetensorsWriter
 from llmc.checkpoint.schema import expected_shapes
 from llmc.converters.family import Family
@@ -26,6 +27,7 @@ from llmc.converters.registry import architecture_of, family_for
 from llmc.converters.sources import ModelSource, open_source
 from llmc.errors import LlmcError
 from llmc.fsutil import atomic_output_dir
+from llmc.integrity import make_record
 from llmc.progress import stage_progress
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -94,6 +96,26 @@ def _check_source_shapes(source: ModelSource, family: Family, cfg: CheckpointCon
                             f"{shapes[target]}", source.path)
 
 
+# Source tensors that carry nothing a checkpoint needs (recomputed from the config).
+IGNORED_SOURCE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _check_all_used(source: ModelSource, cfg: CheckpointConfig, plan: dict[str, tuple[str, ...]]) -> None:
+    """Config and weights must agree exactly: a tensor the plan never reads means the config
+    describes a different (e.g. truncated) model, which would otherwise convert silently."""
+    used = {n for names in plan.values() for n in names}
+    if cfg.tie_word_embeddings:
+        used.add("lm_head.weight")  # a tied copy, stored by some exporters
+    unused = sorted(n for n in source.names() - used if not n.endswith(IGNORED_SOURCE_SUFFIXES))
+    if unused:
+        import re
+
+        layers = {int(m.group(1)) for n in source.names() if (m := re.search(r"layers\.(\d+)\.", n))}
+        held = f"; the weights hold {max(layers) + 1} layers" if layers else ""
+        raise LlmcError(f"config and weights disagree: {len(unused)} tensor(s) would be left unused, e.g. "
+                        f"{unused[0]} (config num_hidden_layers={cfg.num_hidden_layers}{held})", source.path)
+
+
 def convert(src: str | Path, out: str | Path, dtype: str = "auto", tp_size: int = 1,
             force: bool = False, progress: bool = True) -> ConvertResult:
     """Convert a Hugging Face directory or a GGUF file into a checkpoint at `out`."""
@@ -108,9 +130,11 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", tp_size: int 
     cfg = checkpoint_config(source.hf_config, family, resolved_dtype, source.path)
     tpmod.check_tp_size(cfg, tp_size, str(source.path))
     cfg.mapping.tp_size = cfg.mapping.world_size = tp_size
+    check_layer_count(source.names(), cfg.num_hidden_layers, source.path)
     shapes = expected_shapes(cfg)
     plan = {target: _resolve(source, family, target, cfg) for target in shapes}
     _check_source_shapes(source, family, cfg, plan, shapes)
+    _check_all_used(source, cfg, plan)
     torch_dtype = DTYPES[resolved_dtype]
     cfg.llmc = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -120,7 +144,9 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", tp_size: int 
         "source_format": "gguf" if Path(src).is_file() else "hf",
     }
     num_params = 0
-    with atomic_output_dir(out, force=force) as tmp:
+    elem = torch.empty((), dtype=torch_dtype).element_size()
+    expected = sum(math.prod(s) for s in shapes.values()) * elem
+    with atomic_output_dir(out, force=force, kind="checkpoint", inputs=[src], expected_bytes=expected) as tmp:
         writers = [StreamingSafetensorsWriter(
             rank_file(tmp, r),
             [(n, torch_dtype, tpmod.shard_shape(n, shapes[n], tp_size, cfg)) for n in shapes],
@@ -138,5 +164,6 @@ def convert(src: str | Path, out: str | Path, dtype: str = "auto", tp_size: int 
         for w in writers:
             w.close()
         cfg.llmc["tokenizer_files"] = source.write_tokenizer(tmp)
+        cfg.llmc["integrity"] = make_record(tmp)
         cfg.save(tmp / "config.json")
     return ConvertResult(Path(out), cfg, time.perf_counter() - start, num_params)

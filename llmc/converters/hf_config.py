@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmc.checkpoint.config import CheckpointConfig
+from llmc.checkpoint.config import ROPE_REQUIRED, CheckpointConfig
 from llmc.converters.family import Family
 from llmc.errors import LlmcError
 
-SUPPORTED_ROPE_TYPES = ("linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = tuple(t for t in ROPE_REQUIRED if t != "default")  # what llmc.models.rope computes
 # Keys copied from the HF rope dict into rotary_scaling when present.
 ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
              "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
@@ -43,6 +43,8 @@ def checkpoint_config(hf: dict[str, Any], family: Family, dtype: str, source: ob
     try:
         hidden = int(hf["hidden_size"])
         heads = int(hf["num_attention_heads"])
+        if heads < 1 or hidden < 1:
+            raise LlmcError(f"hidden_size ({hidden}) and num_attention_heads ({heads}) must be positive", source)
         theta, scaling = rope_settings(hf, source)
         extra = {k: hf.get(v) for k, v in family.extra_config.items()}
         cfg = CheckpointConfig(
@@ -65,8 +67,9 @@ def checkpoint_config(hf: dict[str, Any], family: Family, dtype: str, source: ob
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             **{k: v for k, v in extra.items() if v is not None},
         )
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError) as exc:
         raise LlmcError(f"config.json lacks or mangles a required field ({exc})", source) from None
+    cfg.validate(source)
     if cfg.hidden_act != "silu":
         raise LlmcError(f"unsupported hidden_act {cfg.hidden_act!r} (only silu / SwiGLU)", source)
     if cfg.mlp_bias:

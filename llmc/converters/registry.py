@@ -29,12 +29,15 @@ def supported_architectures() -> list[str]:
 def architecture_of(hf_config: dict) -> str | None:
     """`architectures[0]`, or the family's architecture for a bare `model_type`."""
     archs = hf_config.get("architectures") or []
-    if archs:
-        return archs[0]
+    if isinstance(archs, list) and archs:
+        return archs[0] if isinstance(archs[0], str) else repr(archs[0])
+    model_type = hf_config.get("model_type")
+    if not isinstance(model_type, str):
+        return None
     for arch, family in families().items():
-        if hf_config.get("model_type") in family.model_types:
+        if model_type in family.model_types:
             return arch
-    return hf_config.get("model_type")
+    return model_type
 
 
 def family_for(architecture: str | None, source: object) -> Family:

@@ -45,6 +45,11 @@ class HFSource:
             self.hf_config = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as exc:
             raise LlmcError(f"invalid JSON ({exc.msg} at line {exc.lineno})", cfg_path) from None
+        except UnicodeDecodeError:
+            raise LlmcError("config.json is not UTF-8 text", cfg_path) from None
+        if not isinstance(self.hf_config, dict):
+            raise LlmcError(f"config.json must hold a JSON object, not a {type(self.hf_config).__name__}",
+                            cfg_path)
         self._file_of = self._index_files()
         self._handles: dict[Path, Any] = {}
 
@@ -53,9 +58,12 @@ class HFSource:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
+                if not all(isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+                           for v in weight_map.values()):
+                    raise ValueError("weight_map values must be file names in the model directory")
+                return {name: self.path / fname for name, fname in weight_map.items()}
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as exc:
                 raise LlmcError(f"invalid safetensors index ({exc})", index) from None
-            return {name: self.path / fname for name, fname in weight_map.items()}
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise LlmcError("no *.safetensors weights found (pytorch .bin is not supported)", self.path)
@@ -74,7 +82,7 @@ class HFSource:
             try:
                 handle = safe_open(str(f), framework="pt")
             except Exception as exc:
-                raise LlmcError(f"corrupt or truncated safetensors file ({str(exc).splitlines()[0]})", f) from None
+                raise LlmcError(f"corrupt or truncated safetensors file ({(str(exc).splitlines() or [type(exc).__name__])[0]})", f) from None
             self._handles = getattr(self, "_handles", {})
             self._handles[f] = handle
         return self._handles[f]
@@ -90,7 +98,7 @@ class HFSource:
         try:
             return self._open(f).get_tensor(name)
         except Exception as exc:
-            raise LlmcError(f"cannot read tensor {name} ({str(exc).splitlines()[0]})", f) from None
+            raise LlmcError(f"cannot read tensor {name} ({(str(exc).splitlines() or [type(exc).__name__])[0]})", f) from None
 
     def write_tokenizer(self, out: Path) -> list[str]:
         import shutil
@@ -138,6 +146,7 @@ GGUF_CONFIG_KEYS = {
     "vocab_size": "vocab_size",
 }
 
+GGUF_REQUIRED_KEYS = ("block_count", "embedding_length", "feed_forward_length", "attention.head_count")
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # llama.cpp permutes q/k rows of Llama models for its RoPE kernel; undo that (Qwen2 is stored as-is).
 GGUF_PERMUTED_QK = {"llama"}
@@ -164,9 +173,9 @@ class GGUFSource:
         try:
             self._reader = gguf.GGUFReader(str(path))
         except Exception as exc:
-            raise LlmcError(f"not a readable GGUF file ({str(exc).splitlines()[0]})", path) from None
+            raise LlmcError(f"not a readable GGUF file ({(str(exc).splitlines() or [type(exc).__name__])[0]})", path) from None
         arch = _field(self._reader, "general.architecture")
-        if arch not in GGUF_ARCHITECTURES:
+        if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
             raise LlmcError(f"unsupported GGUF architecture {arch!r}; supported: "
                             f"{', '.join(sorted(GGUF_ARCHITECTURES))}", path)
         self.arch = arch
@@ -187,7 +196,18 @@ class GGUFSource:
                     self._tensors[name] = t
                     break
         cfg["tie_word_embeddings"] = "lm_head.weight" not in self._tensors
-        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+        for key in GGUF_REQUIRED_KEYS:
+            if GGUF_CONFIG_KEYS[key] not in cfg:
+                raise LlmcError(f"GGUF metadata lacks {arch}.{key}", path)
+        try:
+            hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        except (TypeError, ValueError):
+            raise LlmcError(f"GGUF metadata {arch}.embedding_length / {arch}.attention.head_count are not "
+                            "integers", path) from None
+        if hidden < 1 or heads < 1:
+            raise LlmcError(f"GGUF metadata: embedding_length ({hidden}) and attention.head_count ({heads}) "
+                            "must be positive", path)
+        cfg["head_dim"] = hidden // heads
         for key in ("bos_token_id", "eos_token_id"):
             value = _field(self._reader, f"tokenizer.ggml.{key}")
             if value is not None:
@@ -211,11 +231,11 @@ class GGUFSource:
         shape = self.shape(name)
         out = np.empty(shape, dtype=np.float32)
         rows = out.reshape(-1, shape[-1])
-        raw = t.data.reshape(rows.shape[0], -1)
         # Dequantize a few MB of rows at a time: gguf's dequantizers allocate several float
         # intermediates the size of their input, which would triple the peak on big tensors.
         step = max(1, (4 << 20) // (4 * shape[-1]))
         try:
+            raw = t.data.reshape(rows.shape[0], -1)
             for start in range(0, rows.shape[0], step):
                 chunk = gguf.quants.dequantize(raw[start:start + step], t.tensor_type)
                 rows[start:start + step] = chunk.reshape(-1, shape[-1])
@@ -227,7 +247,7 @@ class GGUFSource:
             if name.endswith("q_proj.weight"):
                 w = _unpermute(w, self.hf_config["num_attention_heads"])
             elif name.endswith("k_proj.weight"):
-                w = _unpermute(w, self.hf_config["num_key_value_heads"])
+                w = _unpermute(w, self.hf_config.get("num_key_value_heads") or self.hf_config["num_attention_heads"])
         return w
 
     def write_tokenizer(self, out: Path) -> list[str]:

@@ -115,10 +115,12 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
     import onnx
 
     from llmc.checkpoint.io import load_checkpoint
+    from llmc.checkpoint.validate import validate_tensors
     from llmc.engine.memory import plan_memory, render_plan
     from llmc.engine.model_graph import build_graph, check_supported
     from llmc.engine.weights import kv_quant, quant_kind
     from llmc.fsutil import atomic_output_dir, check_output_dir
+    from llmc.integrity import make_record
     from llmc.plugins.base import Target
 
     t0 = time.perf_counter()
@@ -127,7 +129,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
     out = Path(out)
-    check_output_dir(out, options.force)
+    check_output_dir(out, options.force, kind="engine", inputs=[ckpt.path])
     check_supported(cfg)
     qkind = quant_kind(cfg)
     opts = options.resolve(cfg.max_position_embeddings)
@@ -142,12 +144,14 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
         log(f"note: TensorRT takes no {kvq.upper()} Gather/ScatterND, so the KV pool stores the "
             f"dequantized {kvq} values in {dtype} (same numerics, no memory saving)")
     tensors = ckpt.merged_tensors()
+    validate_tensors(tensors, cfg, ckpt.path)
     plan = plan_memory(tensors, cfg, opts, dtype, kv_dtype, fp8_dequantized=(target.fp8 == "emulate"))
     render_plan(plan, opts, kv_dtype, console)
     source_hash = checkpoint_hash(ckpt.path)
 
     extra: dict[str, Any] = {}
-    with atomic_output_dir(out, force=opts.force) as tmp:
+    with atomic_output_dir(out, force=opts.force, kind="engine", inputs=[ckpt.path],
+                           expected_bytes=plan.weights) as tmp:
         spec = None
         files = ["config.json"]
         if backend != "tensorrt-llm":
@@ -190,7 +194,8 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
         model_cfg = cfg.to_dict()
         data = {
             **model_cfg,  # the checkpoint config at top level, like TensorRT-LLM engine configs
-            "llmc": {**(model_cfg.get("llmc") or {}), "engine": True, "engine_format_version": ENGINE_FORMAT_VERSION},
+            "llmc": {**{k: v for k, v in (model_cfg.get("llmc") or {}).items() if k != "integrity"},
+                     "engine": True, "engine_format_version": ENGINE_FORMAT_VERSION},
             "engine": {
                 "format_version": ENGINE_FORMAT_VERSION,
                 "backend": backend,
@@ -210,5 +215,6 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
             "tokenizer_files": tok,
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
+        data["integrity"] = make_record(tmp)
         write_engine_config(tmp, data)
     return BuildResult(out, data, time.perf_counter() - t0, backend)

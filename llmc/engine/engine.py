@@ -20,7 +20,8 @@ import numpy as np
 from llmc.checkpoint.config import CheckpointConfig
 from llmc.errors import LlmcError, UnsupportedError
 from llmc.engine.step import StepBatch, step_feeds
-from llmc.engine.stamps import check_compatible, read_engine_config
+from llmc.engine.stamps import (check_compatible, read_engine_config, validate_engine_config, verify_engine_files,
+                                warn_version_drift)
 
 KV_ELEM = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
 
@@ -161,14 +162,23 @@ def load_engine(engine_dir: str | Path, *, threads: int | None = None, num_threa
     threads = threads or num_threads
     data = read_engine_config(engine_dir)
     check_compatible(data, engine_dir)
+    validate_engine_config(data, engine_dir)
+    warn_version_drift(data, engine_dir)
+    if verify_engine_files(data, engine_dir) is None:
+        from llmc.errors import warn
+
+        warn("engine has no integrity record (built by an older llmc): damage to its files cannot be "
+             "detected; rebuild it", engine_dir)
     return Engine(Path(engine_dir), data, threads, int4_accuracy_level)
 
 
-def describe_engine(path: str | Path) -> dict[str, Any]:
-    """Facts about an engine directory, for `llmc inspect`."""
+def describe_engine(path: str | Path, verify: bool = False) -> dict[str, Any]:
+    """Facts about an engine directory, for `llmc inspect` (verify: hash every file)."""
     from llmc.fsutil import dir_size
 
     data = read_engine_config(path)
+    validate_engine_config(data, path)
+    checked = verify_engine_files(data, path, full=verify)
     e, b, m = data.get("engine", {}), data.get("build", {}), data
     graph = e.get("graph") or {}
     return {
@@ -192,5 +202,7 @@ def describe_engine(path: str | Path) -> dict[str, Any]:
         "source": data.get("source"),
         "graph_nodes": graph.get("node_count"),
         "size_on_disk_bytes": dir_size(path),
+        "integrity": ("no record (built by an older llmc)" if checked is None else
+                      f"{len(checked)} files {'verified (full xxh3-128 digests)' if verify else 'present, sizes match (--verify hashes them)'}"),
         "build_command": data.get("build_command"),
     }

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from llmc.checkpoint.config import CheckpointConfig
+from llmc.fsutil import human_bytes
 
 ELEM = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
 
@@ -84,12 +85,7 @@ def plan_memory(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, opts, c
     )
 
 
-def human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+human = human_bytes  # the one formatter, in llmc.fsutil
 
 
 def render_plan(plan: MemoryPlan, opts, kv_dtype: str, console=None) -> None:

@@ -104,6 +104,9 @@ class BuildOptions:
             o.tokens_per_block = o.max_seq_len  # contiguous: one block holds a whole sequence
         if o.tokens_per_block & (o.tokens_per_block - 1) and o.paged_kv_cache:
             raise LlmcError(f"--tokens-per-block must be a power of two (got {o.tokens_per_block})")
+        if o.paged_kv_cache and o.tokens_per_block > o.max_seq_len:
+            raise LlmcError(f"--tokens-per-block {o.tokens_per_block} exceeds --max-seq-len {o.max_seq_len}: "
+                            "a block would be larger than the longest sequence")
         if o.kv_cache_blocks is None:
             o.kv_cache_blocks = o.max_batch_size * o.blocks_per_seq
         elif o.kv_cache_blocks < o.blocks_per_seq:

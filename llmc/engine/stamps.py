@@ -112,6 +112,8 @@ def read_engine_config(engine_dir: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise LlmcError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from None
+    except UnicodeDecodeError:
+        raise LlmcError("config.json is not UTF-8 text", path) from None
     if not isinstance(data, dict) or "engine" not in data:
         hint = " (this is a checkpoint: build it with `llmc build`)" if isinstance(data, dict) and \
             "architecture" in data else ""
@@ -128,8 +130,10 @@ def _ver_tuple(v: str | None) -> tuple[int, ...]:
 
 
 def check_compatible(data: dict[str, Any], engine_dir: str | Path) -> None:
-    eng = data.get("engine") or {}
     rebuild = data.get("build_command") or f"llmc build CHECKPOINT -o {engine_dir} --force"
+    eng = data.get("engine")
+    if not isinstance(eng, dict):
+        raise LlmcError(f"damaged engine config.json: 'engine' is not an object; rebuild it: {rebuild}", engine_dir)
     fmt = eng.get("format_version")
     if fmt != ENGINE_FORMAT_VERSION:
         raise LlmcError(f"engine format version {fmt!r} is not the one this llmc reads "
@@ -159,7 +163,96 @@ def check_compatible(data: dict[str, Any], engine_dir: str | Path) -> None:
 
 
 ENGINE_KEYS = ("engine", "build", "memory_plan", "versions", "source", "build_command", "tokenizer_files",
-               "build_seconds")
+               "build_seconds", "integrity")
+
+# Engine config.json fields the runtime reads: (section, key) -> what it must be.
+_POS_INT = ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+_BOOL = ("true or false", lambda v: isinstance(v, bool))
+_STR = ("a string", lambda v: isinstance(v, str))
+_LIST = ("a list", lambda v: isinstance(v, list))
+_INT = ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+ENGINE_SCHEMA = {
+    ("engine", "backend"): _STR, ("engine", "compute_dtype"): _STR, ("engine", "kv_cache_dtype"): _STR,
+    ("build", "max_batch_size"): _POS_INT, ("build", "max_input_len"): _POS_INT,
+    ("build", "max_seq_len"): _POS_INT, ("build", "max_num_tokens"): _POS_INT,
+    ("build", "tokens_per_block"): _POS_INT, ("build", "kv_cache_blocks"): _POS_INT,
+    ("build", "paged_kv_cache"): _BOOL, ("build", "inflight_batching"): _BOOL,
+}
+KV_CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8", "fp8")
+GRAPH_SCHEMA = {"num_buckets": _POS_INT, "block_size": _POS_INT, "num_kv_heads": _POS_INT, "head_dim": _POS_INT,
+                "bucket_kinds": _LIST, "attention": _LIST, "kv_pool_onnx_type": _INT}
+
+
+def validate_engine_config(data: dict[str, Any], engine_dir: str | Path) -> None:
+    """One line naming the first missing or mangled field of a damaged engine config.json."""
+    rebuild = data.get("build_command") if isinstance(data.get("build_command"), str) else None
+    hint = f"; rebuild it: {rebuild}" if rebuild else "; rebuild it with `llmc build`"
+
+    def bad(what: str) -> LlmcError:
+        return LlmcError(f"damaged engine config.json: {what}{hint}", engine_dir)
+
+    for section in ("engine", "build"):
+        if not isinstance(data.get(section), dict):
+            raise bad(f"no '{section}' block" if section not in data else f"'{section}' is not an object")
+    for (section, key), (what, ok) in ENGINE_SCHEMA.items():
+        if not ok(data[section].get(key)):
+            raise bad(f"{section}.{key} must be {what} (got {data[section].get(key)!r})")
+    graph = data["engine"].get("graph")
+    if data["engine"]["backend"] in ("onnxruntime", "tensorrt"):
+        if not isinstance(graph, dict):
+            raise bad("engine.graph is not an object")
+        for key, (what, ok) in GRAPH_SCHEMA.items():
+            if not ok(graph.get(key)):
+                raise bad(f"engine.graph.{key} must be {what} (got {graph.get(key)!r})")
+        n = graph["num_buckets"]
+        if len(graph["bucket_kinds"]) != n or len(graph["attention"]) != n:
+            raise bad(f"engine.graph lists {len(graph['bucket_kinds'])} bucket kinds for {n} buckets")
+        if graph.get("num_layers") != data.get("num_hidden_layers"):
+            raise bad(f"engine.graph.num_layers {graph.get('num_layers')!r} differs from num_hidden_layers "
+                      f"{data.get('num_hidden_layers')!r}")
+        if graph["block_size"] != data["build"]["tokens_per_block"]:
+            raise bad(f"engine.graph.block_size {graph['block_size']} differs from build.tokens_per_block "
+                      f"{data['build']['tokens_per_block']}")
+    if data["engine"]["kv_cache_dtype"] not in KV_CACHE_DTYPES:
+        raise bad(f"engine.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}")
+    b = data["build"]
+    if b["max_input_len"] > b["max_seq_len"]:
+        raise bad(f"build.max_input_len {b['max_input_len']} exceeds build.max_seq_len {b['max_seq_len']}")
+    from llmc.checkpoint.config import CheckpointConfig
+
+    CheckpointConfig.from_dict(model_config_dict(data), Path(engine_dir) / "config.json")
+
+
+def verify_engine_files(data: dict[str, Any], engine_dir: str | Path, full: bool = True) -> dict[str, str] | None:
+    """Check every file against the integrity record written at build time (None: no record,
+    an engine built before llmc recorded digests)."""
+    from llmc.integrity import verify_record
+
+    if "integrity" not in data:
+        return None
+    rebuild = data.get("build_command") if isinstance(data.get("build_command"), str) else "llmc build ..."
+    return verify_record(engine_dir, data["integrity"], full=full, rebuild=f"rebuild it: {rebuild}")
+
+
+def warn_version_drift(data: dict[str, Any], engine_dir: str | Path) -> list[str]:
+    """Warn (stderr) when the engine was built by another llmc or onnxruntime version."""
+    from llmc import __version__
+    from llmc.errors import warn
+
+    built = data.get("versions") if isinstance(data.get("versions"), dict) else {}
+    now = {"llmc": __version__}
+    if (data.get("engine") or {}).get("backend") == "onnxruntime":
+        now["onnxruntime"] = _version("onnxruntime")
+    notes = []
+    for tool, have in now.items():
+        was = built.get(tool)
+        if was and have and was != have:
+            notes.append(f"engine was built with {tool} {was}, this is {tool} {have}")
+    if notes:
+        rebuild = data.get("build_command") or "llmc build CHECKPOINT -o ENGINE --force"
+        warn(f"{'; '.join(notes)} (the engine format is unchanged, so it loads; rebuild if outputs look "
+             f"wrong: {rebuild})", engine_dir)
+    return notes
 
 
 def model_config_dict(data: dict[str, Any]) -> dict[str, Any]:

@@ -206,7 +206,10 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
         raise LlmcError(f"checkpoint is already quantized ({cfg.quantization.quant_algo or cfg.quantization.kv_cache_quant_algo}); "
                         f"quantize the unquantized checkpoint instead", source.path)
     out = Path(out)
-    check_output_dir(out, force)
+    check_output_dir(out, force, kind="checkpoint", inputs=[source.path])
+    if (fmt.needs_activations or kv_algo) and calib_seq_len > cfg.max_position_embeddings:
+        raise LlmcError(f"--calib-seq-len {calib_seq_len} exceeds the model's max_position_embeddings "
+                        f"({cfg.max_position_embeddings})")
     patterns = parse_exclude(exclude)
     quantized, kept = resolve_exclusions(patterns, cfg)
     if not quantized:
@@ -269,9 +272,14 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
                         "seconds": round(stats.seconds, 2)} if batches else None,
         "source_checkpoint": str(source.path.resolve()),
     }
-    with atomic_output_dir(out, force=force) as tmp:
+    from llmc.integrity import make_record
+
+    with atomic_output_dir(out, force=force, kind="checkpoint", inputs=[source.path],
+                           expected_bytes=source.size_on_disk()) as tmp:
         write_checkpoint(tmp, new_cfg, [out_tensors])
         _copy_side_files(source.path, tmp)
+        new_cfg.llmc["integrity"] = make_record(tmp)
+        new_cfg.save(tmp / "config.json")
     return QuantizeResult(out=out, qformat=fmt.name, quant_algo=fmt.quant_algo, kv_cache_quant_algo=kv_algo,
                           group_size=group, sq_alpha=sq_alpha, exclude=patterns,
                           seconds=time.perf_counter() - start, calib_seconds=stats.seconds,

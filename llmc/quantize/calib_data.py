@@ -113,16 +113,43 @@ BUILTINS: dict[str, tuple[str, Callable[[], Path]]] = {
 }
 
 
-def _read_text(path: Path) -> str:
+NOT_TEXT_LIMIT = 0.25   # share of bad characters above which a file is refused as "not text"
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+_REPLACEMENT_UTF8 = "\ufffd".encode()
+
+
+def decode_text(raw: bytes, source: object) -> str:
+    """UTF-8 text of a file, with a warning counting what was not text (invalid bytes become
+    U+FFFD, NUL and other control characters are dropped); LlmcError when most of it is not text
+    (a binary file given by mistake)."""
+    from llmc.errors import warn
+
+    text = raw.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - raw.count(_REPLACEMENT_UTF8)
+    controls = len(_CONTROL.findall(text))
+    bad = replaced + controls
+    if not bad:
+        return text
+    share = bad / max(1, len(text))
+    if share > NOT_TEXT_LIMIT:
+        raise LlmcError(f"mostly not text: {share:.0%} of its {len(text):,} characters are invalid UTF-8 or "
+                        "control bytes (a binary file?)", source)
+    warn(f"{bad:,} of {len(text):,} characters are not UTF-8 text ({replaced:,} invalid bytes replaced by "
+         f"U+FFFD, {controls:,} NUL/control characters dropped)", source)
+    return _CONTROL.sub("", text)
+
+
+def read_text_file(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
     except OSError as exc:
         raise LlmcError(f"cannot read ({exc.strerror})", path) from None
+    return decode_text(raw, path)
 
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+    for lineno, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -145,7 +172,7 @@ def load_documents(spec: str | Path) -> tuple[list[str], str]:
                             f"{', '.join('builtin:' + n for n in BUILTINS)}")
         directory = BUILTINS[name][1]()
         files = sorted(directory.glob("*.txt"))
-        docs = [_read_text(f) for f in files]
+        docs = [read_text_file(f) for f in files]
         desc = f"builtin:{name} ({len(files)} documents)"
     else:
         path = Path(spec_s)
@@ -157,13 +184,13 @@ def load_documents(spec: str | Path) -> tuple[list[str], str]:
                 raise LlmcError("directory has no .txt or .jsonl files", path)
             docs = []
             for f in files:
-                docs.extend(_read_jsonl(f) if f.suffix == ".jsonl" else [_read_text(f)])
+                docs.extend(_read_jsonl(f) if f.suffix == ".jsonl" else [read_text_file(f)])
             desc = f"{path} ({len(files)} files)"
         elif path.suffix == ".jsonl":
             docs = _read_jsonl(path)
             desc = f"{path} ({len(docs)} documents)"
         else:
-            docs = [_read_text(path)]
+            docs = [read_text_file(path)]
             desc = str(path)
     docs = [d for d in docs if d.strip()]
     if not docs:

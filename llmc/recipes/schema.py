@@ -78,8 +78,12 @@ class RunStage(_Stage):
     chat: bool = True
 
 
+PLAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
 class Recipe(_Stage):
-    name: str
+    # The default work dir is llmc-work/<name>: a plain name, never a path (no "/", "..", absolute).
+    name: str = Field(pattern=PLAIN_NAME, description="a plain name: letters, digits, '.', '_', '-'")
     description: str = ""
     model: str = Field(description="builtin:smollm2, or a Hugging Face directory / .gguf path (override with --model)")
     convert: ConvertStage = Field(default_factory=ConvertStage)
@@ -93,6 +97,9 @@ def _format_error(exc: ValidationError, source: object) -> LlmcError:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
+    if err.get("type") == "string_pattern_mismatch" and loc == "name":
+        msg = (f"must be a plain name (letters, digits, '.', '_', '-'; no path separators), "
+               f"got {err.get('input')!r}")
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     return LlmcError(f"invalid recipe: {loc}: {msg}{more}", source)
 
@@ -119,7 +126,7 @@ def load_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise LlmcError("no such recipe file", path) from None
     except yaml.YAMLError as exc:
-        raise LlmcError(f"invalid YAML ({str(exc).splitlines()[0]})", path) from None
+        raise LlmcError(f"invalid YAML ({(str(exc).splitlines() or [type(exc).__name__])[0]})", path) from None
 
 
 def load_recipe(name_or_path: str) -> Recipe:

@@ -1,0 +1,137 @@
+"""Check a checkpoint's tensors against its config before anything is built from them.
+
+A damaged or hand-edited checkpoint must fail with one line naming the tensor, not build an
+engine that prints garbage. Checked, for every linear, norm and embedding the config implies:
+- presence and shape (packed INT4 weights hold out/2 rows; group scales [out, in / group]);
+- dtype per quant_algo (table below): quantized weights in their integer/FP8 dtype, excluded
+  linears, norms and embeddings in a float dtype (a quantized layer norm is refused);
+- every float tensor finite (no NaN/Inf), every scale finite and > 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmc.checkpoint.config import CheckpointConfig
+from llmc.errors import LlmcError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# quant_algo -> (allowed quantized weight dtypes, packed INT4?, weight-scale layout)
+#   layout: "tensor" (1 value), "channel" (1 or out values), "group" ([out, in / group])
+QUANT_TABLE: dict[str, tuple[tuple[torch.dtype, ...], bool, str]] = {
+    "FP8": ((torch.float8_e4m3fn, torch.int8), False, "channel"),
+    "W8A8_SQ_PER_CHANNEL": ((torch.int8,), False, "channel"),
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": ((torch.int8,), False, "channel"),
+    "W8A16": ((torch.int8,), False, "channel"),
+    "W4A16_AWQ": ((torch.int8, torch.uint8), True, "group"),
+    "W4A8_AWQ": ((torch.int8, torch.uint8), True, "group"),
+}
+SCALE_MARK = "scaling_factor"
+
+
+def linear_shapes(cfg: CheckpointConfig) -> dict[str, tuple[int, int]]:
+    """Every linear (TensorRT-LLM prefix) -> (out, in)."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    shapes = {"lm_head": (cfg.vocab_size, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"transformer.layers.{i}."
+        shapes.update({p + "attention.qkv": (qkv, h), p + "attention.dense": (h, cfg.q_size),
+                       p + "mlp.fc": (inter, h), p + "mlp.gate": (inter, h), p + "mlp.proj": (h, inter)})
+    return shapes
+
+
+def float_shapes(cfg: CheckpointConfig) -> dict[str, tuple[int, ...]]:
+    """Tensors that are never quantized: embedding and norms."""
+    h = cfg.hidden_size
+    shapes: dict[str, tuple[int, ...]] = {"transformer.vocab_embedding.weight": (cfg.vocab_size, h),
+                                          "transformer.ln_f.weight": (h,)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"transformer.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_layernorm.weight"] = (h,)
+    return shapes
+
+
+def _finite(name: str, t: torch.Tensor, source) -> None:
+    if t.dtype in FLOAT_DTYPES and not bool(torch.isfinite(t).all()):
+        raise LlmcError(f"tensor {name} holds NaN or Inf values", source)
+
+
+def _check_scale(name: str, t: torch.Tensor, source) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise LlmcError(f"scale {name} has dtype {t.dtype}, expected a float dtype", source)
+    if t.numel() == 0 or not bool(torch.isfinite(t).all()) or not bool((t > 0).all()):
+        raise LlmcError(f"scale {name} holds NaN, Inf, zero or negative values (scales must be finite and > 0)",
+                        source)
+
+
+def _check_linear(prefix: str, out_in: tuple[int, int], tensors: dict[str, torch.Tensor], algo: str | None,
+                  group_size: int | None, source) -> None:
+    out_f, in_f = out_in
+    name = prefix + ".weight"
+    if name not in tensors:
+        raise LlmcError(f"missing tensor {name}", source)
+    w = tensors[name]
+    if w.dtype in FLOAT_DTYPES:  # unquantized (or excluded) linear
+        if tuple(w.shape) != out_in:
+            raise LlmcError(f"tensor {name} has shape {tuple(w.shape)}, expected {out_in}", source)
+        _finite(name, w, source)
+        return
+    if algo is None:
+        raise LlmcError(f"tensor {name} has dtype {w.dtype} but the checkpoint is not quantized", source)
+    dtypes, packed, layout = QUANT_TABLE[algo]
+    if w.dtype not in dtypes:
+        raise LlmcError(f"tensor {name} has dtype {w.dtype}; {algo} stores "
+                        f"{' or '.join(str(d).removeprefix('torch.') for d in dtypes)}", source)
+    want = (out_f // 2, in_f) if packed else out_in
+    if tuple(w.shape) != want:
+        raise LlmcError(f"tensor {name} has shape {tuple(w.shape)}, {algo} needs {want}", source)
+    wsf_name = prefix + ".weights_scaling_factor"
+    if wsf_name not in tensors:
+        raise LlmcError(f"quantized checkpoint ({algo}) is missing {wsf_name}", source)
+    wsf = tensors[wsf_name]
+    if layout == "channel" and wsf.numel() not in (1, out_f):
+        raise LlmcError(f"scale {wsf_name} has {wsf.numel()} values for {out_f} output channels", source)
+    if layout == "group":
+        g = group_size or 0
+        if g < 1 or in_f % g or tuple(wsf.shape) != (out_f, in_f // g):
+            raise LlmcError(f"scale {wsf_name} has shape {tuple(wsf.shape)}, group size {group_size} needs "
+                            f"({out_f}, {in_f // g if g >= 1 else '?'})", source)
+    for key, t in tensors.items():
+        if key.startswith(prefix + ".") and SCALE_MARK in key:
+            _check_scale(key, t, source)
+
+
+def validate_tensors(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, source=None) -> None:
+    """LlmcError naming the first tensor that does not fit `cfg` (see module doc)."""
+    q = cfg.quantization
+    algo = q.quant_algo
+    if algo is not None and algo not in QUANT_TABLE:
+        raise LlmcError(f"quant_algo {algo!r} is not supported (llmc reads {', '.join(QUANT_TABLE)})", source)
+    for name, shape in float_shapes(cfg).items():
+        if name not in tensors:
+            raise LlmcError(f"missing tensor {name}", source)
+        t = tensors[name]
+        if t.dtype not in FLOAT_DTYPES:
+            raise LlmcError(f"tensor {name} has dtype {t.dtype}: embeddings and layer norms must stay float "
+                            "(they are never quantized)", source)
+        if tuple(t.shape) != shape:
+            raise LlmcError(f"tensor {name} has shape {tuple(t.shape)}, expected {shape}", source)
+        _finite(name, t, source)
+    shapes = linear_shapes(cfg)
+    if "lm_head.weight" not in tensors and cfg.tie_word_embeddings:
+        shapes.pop("lm_head")
+    for prefix, out_in in shapes.items():
+        _check_linear(prefix, out_in, tensors, algo, q.group_size, source)
+        bias = tensors.get(prefix + ".bias")
+        if bias is not None:
+            if bias.dtype not in FLOAT_DTYPES or tuple(bias.shape) != (out_in[0],):
+                raise LlmcError(f"tensor {prefix}.bias must be float of shape ({out_in[0]},)", source)
+            _finite(prefix + ".bias", bias, source)
+    for i in range(cfg.num_hidden_layers):
+        name = f"transformer.layers.{i}.attention.kv_cache_scaling_factor"
+        if name in tensors:
+            _check_scale(name, tensors[name], source)
+        elif q.kv_cache_quant_algo:
+            raise LlmcError(f"KV-cache-quantized checkpoint ({q.kv_cache_quant_algo}) is missing {name}", source)
