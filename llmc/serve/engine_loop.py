@@ -28,11 +28,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Callable, Hashable
 
 from llmc.errors import LlmcError
-from llmc.runtime.llm import LLM, RequestOutput
+from llmc.runtime.llm import LLM, RequestOutput, encode_prompt
 from llmc.runtime.sampling import SamplingParams
 
 
@@ -88,7 +87,7 @@ class EngineLoop:
         self.ready = False
         self.error: str | None = None  # set if the engine failed; the loop then stops
         self.tokenizer_lock = threading.Lock()
-        self._encoder: SimpleNamespace | None = None  # submitters' tokenizer (see _encode)
+        self._encoder = None  # submitters' own tokenizer instance (see _encode)
         self._encoder_lock = threading.Lock()
         self._bos = llm.tokenizer.bos_token_id
         self._cond = threading.Condition()
@@ -183,14 +182,9 @@ class EngineLoop:
         if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
             with self._encoder_lock:
                 if self._encoder is None:
-                    self._encoder = SimpleNamespace(tokenizer=copy.deepcopy(llm.tokenizer))
-                if isinstance(prompt, str):
-                    ids, text = LLM.encode(self._encoder, prompt, chat), prompt  # LLM.encode needs only .tokenizer
-                else:
-                    ids = self._encoder.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True,
-                                                                      tokenize=True)
-                    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-                    text = None
+                    self._encoder = copy.deepcopy(llm.tokenizer)
+                ids = encode_prompt(self._encoder, prompt, chat)
+            text = prompt if isinstance(prompt, str) else None
         else:
             ids, text = [int(t) for t in prompt], None
         bos = self._bos
