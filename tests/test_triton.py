@@ -479,7 +479,6 @@ def test_llmc_serve_frontend_triton_cli(triton_env, smollm2_engine, tmp_path):
 
     from llmc.serve.triton.launch import free_port
 
-    pytest.importorskip("llmc.cli.serve_cmd", reason="`llmc serve` (llmc/cli/serve_cmd.py) is not in this tree yet")
     http, grpc, metrics = free_port(), free_port(), free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "llmc.cli.app", "serve", str(smollm2_engine), "--frontend", "triton",

@@ -59,6 +59,7 @@ COMMANDS = [
     ("quantize", "llmc.cli.quantize_cmd", "quantize"),
     ("build", "llmc.cli.build_cmd", "build"),
     ("run", "llmc.cli.run_cmd", "run"),
+    ("serve", "llmc.cli.serve_cmd", "serve"),
     ("bench", "llmc.cli.bench_cmd", "bench"),
     ("eval", "llmc.cli.eval_cmd", "eval_cmd"),
     ("inspect", "llmc.cli.inspect_cmd", "inspect"),

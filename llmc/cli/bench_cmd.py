@@ -6,9 +6,11 @@ from pathlib import Path
 
 import typer
 
+from llmc.cli.output import choice
+
 
 def bench(
-    engine_dir: Path = typer.Argument(..., help="Engine directory written by `llmc build`."),
+    engine_dir: Path = typer.Argument(None, help="Engine directory written by `llmc build` (with --url: optional, only its tokenizer is used)."),
     num_requests: int = typer.Option(32, "--num-requests", help="Requests in the workload."),
     input_len: str = typer.Option("16:256", "--input-len", help="Prompt length range A:B in tokens (uniform)."),
     output_len: str = typer.Option("16:128", "--output-len", help="Output length range A:B in tokens (uniform; EOS ignored)."),
@@ -21,8 +23,13 @@ def bench(
     json_out: Path = typer.Option(None, "--json", help="Write all figures as JSON here."),
     sweep: str = typer.Option(None, "--sweep", help="e.g. max-batch-size=1,2,4,8,16: run once per value; writes CSV/JSON and a throughput-latency PNG."),
     sweep_out: Path = typer.Option(Path("bench-sweep"), "--sweep-out", help="Directory for the sweep's CSV, JSON and PNG."),
+    url: str = typer.Option(None, "--url", help="Benchmark a running OpenAI-compatible server (http://HOST:PORT) instead of an in-process engine."),
+    model: str = typer.Option(None, "--model", help="With --url: the model name to send (default: the first of /v1/models)."),
+    tokenizer_dir: Path = typer.Option(None, "--tokenizer", help="With --url: a checkpoint/engine directory whose tokenizer cuts the prompts (default: ENGINE, else the default model's)."),
+    prompt_format: str = typer.Option("tokens", "--prompt-format", **choice(("tokens", "text")), help="With --url: send prompts as token ids (tokens) or as decoded text (text)."),
+    api_key: str = typer.Option(None, "--api-key", help="With --url: bearer token (default: $LLMC_API_KEY)."),
 ) -> None:
-    """Benchmark an engine with in-flight batching over a reproducible workload."""
+    """Benchmark an engine with in-flight batching over a reproducible workload (or a server, with --url)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -45,6 +52,15 @@ def bench(
     if kv_cache_mb is not None and not (math.isfinite(kv_cache_mb) and kv_cache_mb > 0):
         raise LlmcError(f"--kv-cache-mb must be a positive number, got {kv_cache_mb}")
     in_range, out_range = b.parse_range(input_len, "--input-len"), b.parse_range(output_len, "--output-len")
+    if url is not None:
+        if sweep or kv_cache_mb is not None or max_batch_size is not None:
+            raise LlmcError("--sweep, --kv-cache-mb and --max-batch-size apply to an in-process engine, not --url")
+        _bench_url(url, engine_dir, tokenizer_dir, model, prompt_format, api_key, dataset, num_requests,
+                   in_range, out_range, seed, request_rate, concurrency, json_out,
+                   f"{num_requests} requests, in {input_len}, out {output_len}")
+        return
+    if engine_dir is None:
+        raise LlmcError("give an ENGINE directory, or --url of a running server")
     values: list[int | None] = [max_batch_size]
     if sweep:
         key, _, vals = sweep.partition("=")
@@ -95,6 +111,49 @@ def bench(
     if sweep:
         _write_sweep(sweep_out, rows)
         console.print(f"sweep written to {sweep_out}/sweep.{{csv,json,png}}")
+
+
+def _bench_url(url, engine_dir, tokenizer_dir, model, prompt_format, api_key, dataset, num_requests, in_range,
+               out_range, seed, request_rate, concurrency, json_out, what) -> None:
+    """Drive a running server with the same workload the in-process bench would run."""
+    import os
+
+    from llmc import bench as b
+    from llmc.cli.output import out_console
+    from llmc.cli.output import table as out_table
+    from llmc.errors import LlmcError
+    from llmc.tokenizer import load_tokenizer
+
+    if not url.startswith(("http://", "https://")):
+        raise LlmcError(f"--url must start with http:// or https://, got {url!r}")
+    try:
+        from llmc.serve.bench_client import bench_url
+    except ModuleNotFoundError as exc:
+        raise LlmcError(f"`llmc bench --url` needs the serve extra ({exc.name} is missing): "
+                        "pip install 'llmc[serve]'") from None
+    source = tokenizer_dir or engine_dir
+    if source is None:
+        from llmc.default_model import ensure_default_checkpoint
+
+        source = ensure_default_checkpoint("float32")
+    tok = load_tokenizer(source)
+    work = b.make_workload(b.corpus_tokens(tok, dataset), num_requests, in_range, out_range, seed, request_rate)
+    m = bench_url(url, work, model=model, concurrency=concurrency, prompt_format=prompt_format, tokenizer=tok,
+                  api_key=api_key or os.environ.get("LLMC_API_KEY") or None)
+    console = out_console()
+    table = out_table(f"llmc bench --url {url} ({m['model']}; {what})",
+                      ("out tok/s", "req/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "ITL p50/p90/p99 ms",
+                       "E2E p50/p90/p99 s", "errors"))
+    fmt = lambda d, k=1e3: "/".join(f"{d[q] * k:.1f}" for q in ("p50", "p90", "p99"))  # noqa: E731
+    table.add_row(f"{m['output_tokens_per_s']:.1f}", f"{m['requests_per_s']:.2f}", fmt(m["ttft_s"]),
+                  fmt(m["tpot_s"]), fmt(m["itl_s"]), fmt(m["e2e_s"], 1), str(m["errors"]))
+    console.print(table)
+    if m["errors"]:
+        console.print(f"[red]{m['errors']} requests failed[/]: {'; '.join(m['error_samples'])}")
+    if json_out:
+        b.write_json(json_out, m)
+    if m["errors"] == m["requests"]:
+        raise LlmcError(f"every request to {url} failed: {m['error_samples'][0]}")
 
 
 def _write_sweep(out: Path, rows: list[dict]) -> None:

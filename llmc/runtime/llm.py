@@ -70,6 +70,16 @@ class StepStats:
 TokenCallback = Callable[[Hashable, int | None, str], None]
 
 
+def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = False) -> list[int]:
+    """Token ids of a prompt: plain text as is (no special tokens added), or through the chat
+    template for `chat=True` (one user turn) or a list of {"role", "content"} messages."""
+    if isinstance(prompt, str) and not chat:
+        return list(tokenizer.encode(prompt, add_special_tokens=False))
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
 class LLM:
     """Serve requests on a built engine with a paged KV cache and in-flight batching."""
 
@@ -131,12 +141,8 @@ class LLM:
                          "generation_tokens": 0, "steps": 0}
 
     # ---- requests ---------------------------------------------------------------------------
-    def encode(self, prompt: str, chat: bool = False) -> list[int]:
-        if chat:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                     add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+    def encode(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+        return encode_prompt(self.tokenizer, prompt, chat)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: Hashable | None = None, chat: bool = False,

@@ -2,5 +2,6 @@
 
 `engine_loop.EngineLoop` is the only code that touches an `LLM` while serving; HTTP handlers
 (the OpenAI-compatible server) and Triton's Python backend only submit requests to it and read
-their token events. Nothing here is imported at CLI start-up.
+their token events. Nothing here is imported at CLI start-up: FastAPI, uvicorn and
+prometheus-client load only when a server starts.
 """

@@ -15,12 +15,14 @@ batching across clients). Each request has a *sink*, a callable that the loop th
 Python backend sends a response).
 
 Tokenisation of a submitted prompt happens in the caller's thread, so a prompt the engine cannot
-take is refused synchronously (HTTP 400) instead of as a late event; a lock serialises it with the
-loop thread's detokenisation (Hugging Face fast tokenizers are not safe to share across threads).
+take is refused synchronously (HTTP 400) instead of as a late event. Submitters use their own
+tokenizer instance (Hugging Face fast tokenizers are not safe to share across threads, and the
+loop thread's is locked for whole steps while it detokenises), so a submit never waits for a step.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import threading
 import time
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 from llmc.errors import LlmcError
-from llmc.runtime.llm import LLM, RequestOutput
+from llmc.runtime.llm import LLM, RequestOutput, encode_prompt
 from llmc.runtime.sampling import SamplingParams
 
 
@@ -85,6 +87,9 @@ class EngineLoop:
         self.ready = False
         self.error: str | None = None  # set if the engine failed; the loop then stops
         self.tokenizer_lock = threading.Lock()
+        self._encoder = None  # submitters' own tokenizer instance (see _encode)
+        self._encoder_lock = threading.Lock()
+        self._bos = llm.tokenizer.bos_token_id
         self._cond = threading.Condition()
         self._pending: list[_Submission] = []
         self._aborts: set[str] = set()
@@ -170,17 +175,19 @@ class EngineLoop:
         return rid
 
     def _encode(self, prompt: str | list[int] | list[dict], chat: bool) -> tuple[list[int], str | None]:
+        """Tokenise in the caller's thread with the submitters' own tokenizer instance: the loop
+        thread holds `tokenizer_lock` for whole engine steps, and a submit that waited for it would
+        let requests trickle into the batch one step apart instead of joining it together."""
         llm = self.llm
-        with self.tokenizer_lock:
-            if isinstance(prompt, str):
-                ids, text = llm.encode(prompt, chat), prompt
-            elif prompt and all(isinstance(m, dict) for m in prompt):
-                ids = llm.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-                ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-                text = None
-            else:
-                ids, text = [int(t) for t in prompt], None
-            bos = llm.tokenizer.bos_token_id
+        if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
+            with self._encoder_lock:
+                if self._encoder is None:
+                    self._encoder = copy.deepcopy(llm.tokenizer)
+                ids = encode_prompt(self._encoder, prompt, chat)
+            text = prompt if isinstance(prompt, str) else None
+        else:
+            ids, text = [int(t) for t in prompt], None
+        bos = self._bos
         vocab = llm.engine.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise LlmcError(f"prompt token ids must be in [0, {vocab})")
