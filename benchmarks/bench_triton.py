@@ -6,7 +6,7 @@ engine of the smollm2-fp32 recipe. Legs, run one after another on the same engin
   - in-process: llmc.bench.run_workload on an LLM (no server at all);
   - Triton: the real tritonserver 2.51 (Python backend, decoupled) with an `llmc export triton`
     repository, 32 requests streamed over one gRPC stream by tritonclient;
-  - llmc serve (OpenAI frontend): 32 concurrent streaming /v1/completions, if `llmc serve` exists.
+  - llmc serve (OpenAI frontend): 32 concurrent streaming /v1/completions (llmc.serve.bench_client).
 Prompts are sent as text; every leg uses the token ids that text encodes to, so all see the
 same prompts. Prints a table with ratios to in-process; writes benchmarks/results/bench_triton.json.
 
@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -116,61 +115,28 @@ def triton(engine: Path, texts: list[str], want: list[int]) -> dict:
             return run(texts, want)
 
 
-def llmc_serve(engine: Path, texts: list[str], want: list[int]) -> dict | None:
-    """32 concurrent streaming /v1/completions against `llmc serve` (OpenAI frontend)."""
-    import importlib.util
-
-    if importlib.util.find_spec("llmc.cli.serve_cmd") is None:
-        return None
+def llmc_serve(engine: Path, work) -> dict:
+    """`llmc serve` (OpenAI frontend) in its own process, driven by llmc's HTTP bench client
+    (32 concurrent streaming /v1/completions with the same token-id prompts)."""
+    from llmc.serve.bench_client import bench_url, wait_ready
     from llmc.serve.triton.launch import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "llmc.cli.app", "serve", str(engine), "--port", str(port),
-                             "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--host", "127.0.0.1", "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    return None
-                time.sleep(0.5)
-        model = json.loads(urllib.request.urlopen(f"{base}/v1/models").read())["data"][0]["id"]
+        wait_ready(base, timeout=300, proc=proc)
+        from llmc.bench import make_workload
 
-        def one(i: int, t0: float, res: dict) -> None:
-            body = json.dumps({"model": model, "prompt": texts[i], "max_tokens": want[i], "stream": True,
-                               "stream_options": {"include_usage": True}, "ignore_eos": True,
-                               "temperature": 0}).encode()
-            req = urllib.request.Request(f"{base}/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=600) as resp:
-                for line in resp:
-                    line = line.decode().strip()
-                    if not line.startswith("data:") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[5:])
-                    if chunk.get("choices") and chunk["choices"][0].get("text"):
-                        res.setdefault(("first", i), time.perf_counter() - t0)
-                    if chunk.get("usage"):
-                        res[("n", i)] = chunk["usage"]["completion_tokens"]
-
-        res: dict = {}
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(i, t0, res)) for i in range(len(texts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - t0
-        counts = [res.get(("n", i), want[i]) for i in range(len(texts))]  # usage when the server sends it
-        return summarize(seconds, [res[("first", i)] for i in range(len(texts)) if ("first", i) in res],
-                         counts, want)
+        bench_url(base, make_workload(list(range(100, 400)), 2, (8, 8), (4, 4), 0, None))  # warm-up
+        m = bench_url(base, work)
     finally:
         proc.terminate()
-        proc.wait(30)
+        proc.wait(60)
+    m["exact_counts"] = m["errors"] == 0 and m["output_tokens"] == sum(work.output_lens)
+    return m
 
 
 def main() -> None:
@@ -196,10 +162,8 @@ def main() -> None:
     rows["in-process"] = in_process(engine, work)
     console.print("Triton (tritonserver 2.51, python backend, gRPC streaming)...")
     rows["triton"] = triton(engine, texts, work.output_lens)
-    console.print("llmc serve (OpenAI frontend)...")
-    serve = llmc_serve(engine, texts, work.output_lens)
-    if serve is not None:
-        rows["llmc serve"] = serve
+    console.print("llmc serve (OpenAI frontend, llmc's HTTP bench client)...")
+    rows["llmc serve"] = llmc_serve(engine, work)
     base = rows["in-process"]["output_tokens_per_s"]
     t = Table(title=f"{n} requests, prompts 16-256, outputs {out_range[0]}-{out_range[1]} (EOS ignored), SmolLM2 fp32")
     for col in ("leg", "seconds", "output tok/s", "vs in-process", "TTFT p50 (s)", "exact counts"):
