@@ -16,7 +16,6 @@ same prompts. Prints a table with ratios to in-process; writes benchmarks/result
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
