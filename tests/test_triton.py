@@ -539,3 +539,11 @@ def _cmdline(p: Path) -> str:
         return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def test_serve_frontend_triton_user_errors_are_one_line(tiny_engine, tmp_path):
+    for args, msg in (([str(tmp_path / "nope")], "no such engine directory"),
+                      ([str(tiny_engine), "--grpc-port", "70000"], "--grpc-port must be in 1..65535")):
+        r = subprocess.run([sys.executable, "-m", "llmc.cli.app", "serve", *args, "--frontend", "triton"],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and msg in r.stderr, r.stderr
