@@ -85,7 +85,9 @@ class Engine:
         # Graphs built with explicit reshape targets run unused MatMul/Softmax buckets as zero rows
         # on ORT (its Attention kernel refuses an empty batch: fused buckets keep a dummy row).
         empty = cfg.backend == "onnxruntime" and bool(self.graph.get("empty_buckets"))
-        self._empty_buckets = [empty and impl == "decomposed" for impl in self.graph["attention"]]
+        # Buckets guarded by If(rows > 0) may be empty whatever their attention form.
+        guarded = bool(self.graph.get("guarded_buckets"))
+        self._empty_buckets = [empty and (guarded or impl == "decomposed") for impl in self.graph["attention"]]
         rebuild = data.get("build_command", "")
         if cfg.backend == "onnxruntime":
             from llmc.engine.backends.onnxruntime import OrtSession

@@ -60,6 +60,7 @@ class GraphSpec:
     decode_read_bytes: int = 0  # weights one decode step reads: all but a gather-only embedding table
     lm_head: str = "float"      # how the logits GEMM is stored: "float" | "int8-blocks" | "quantized"
     empty_buckets: bool = True  # explicit reshape targets: an unused bucket may have zero rows
+    guarded_buckets: bool = False  # attention buckets inside If(rows > 0): any bucket may be empty
     node_count: int = 0
     op_counts: dict = field(default_factory=dict)
 
@@ -176,5 +177,5 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
                      int(pool.pool_type), DTYPE_OF[target.dtype], max_positions,
                      [bk.impl for bk in buckets], bucket_kinds(num_buckets), target.backend,
                      g.weight_bytes, g.weight_bytes - (0 if tied and lm_kind == "float" else emb_bytes),
-                     lm_kind, True, len(model.graph.node), counts)
+                     lm_kind, True, any(bk.guarded for bk in buckets), len(model.graph.node), counts)
     return model, spec
