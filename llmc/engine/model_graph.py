@@ -15,7 +15,9 @@ Outputs:
 
 Per layer: RMSNorm -> ONE qkv MatMul (+bias) -> RoPE on q and k together -> paged attention
 (KV write + fused Attention) -> dense -> residual -> RMSNorm -> ONE gate+up MatMul -> SiLU*up ->
-proj -> residual. Logits are computed only for `logits_index` rows.
+proj -> residual. Logits are computed only for `logits_index` rows. On ONNX Runtime each residual
+add is fused into the norm after it (com.microsoft SkipSimplifiedLayerNormalization) and every
+attention bucket runs inside If(rows > 0), so a step pays only for the buckets it uses.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_pa
 from llmc.plugins.base import Target
 from llmc.plugins.gated_mlp import emit_gated_mlp
 from llmc.plugins.linear import LinearSpec, emit_linear, exact_int8_blocks
-from llmc.plugins.rmsnorm import emit_rmsnorm
+from llmc.plugins.rmsnorm import emit_add_rmsnorm, emit_rmsnorm
 from llmc.plugins.rope import emit_rope, emit_rope_tables
 
 
@@ -124,10 +126,15 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     x = g.op("Gather", [emb, input_ids], name="embed", axis=0)
 
     qk_heads = d.num_heads + d.num_kv_heads
+    pending = None  # the previous layer's MLP output, added to x by the next norm
     for i in range(cfg.num_hidden_layers):
         lw = reader.layer(i)
         p = f"transformer.layers.{i}"
-        h = emit_rmsnorm(g, target, x, lw.input_layernorm, cfg.norm_epsilon, f"{p}.input_layernorm")
+        if pending is None:
+            h = emit_rmsnorm(g, target, x, lw.input_layernorm, cfg.norm_epsilon, f"{p}.input_layernorm")
+        else:
+            h, x = emit_add_rmsnorm(g, target, x, pending, lw.input_layernorm, cfg.norm_epsilon,
+                                    f"{p}.input_layernorm")
         qkv = emit_linear(g, target, h, lw.qkv, f"{p}.attention.qkv")
         qk, v = g.op("Split", [qkv, g.const([d.q_size + d.kv_size, d.kv_size])], n_out=2,
                      name=f"l{i}_qkv_split", axis=-1)
@@ -139,10 +146,9 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
         pool = KVPool(g, target, d, i, kvq or "float", lw.kv_cache_scale)
         attn = emit_paged_attention(g, target, d, pool, q, k3, v3, scatter_index, buckets, out_index)
         attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
-        x = g.op("Add", [x, attn], name=f"l{i}_residual_attn")
-        h = emit_rmsnorm(g, target, x, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")
-        m = emit_gated_mlp(g, target, h, lw.gate_up, lw.proj, f"{p}.mlp")
-        x = g.op("Add", [x, m], name=f"l{i}_residual_mlp")
+        h, x = emit_add_rmsnorm(g, target, x, attn, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")
+        pending = emit_gated_mlp(g, target, h, lw.gate_up, lw.proj, f"{p}.mlp")
+    x = g.op("Add", [x, pending], name="residual_mlp_last")
 
     last = g.op("Gather", [x, logits_index], name="logits_rows", axis=0)
     last = emit_rmsnorm(g, target, last, np32(tensors["transformer.ln_f.weight"]), cfg.norm_epsilon,

@@ -116,6 +116,7 @@ class BucketInputs:
     o5_shape: str = ""   # (kvH, R, G, Qt, hd): grouped output (decomposed form)
     rows_shape: str = "" # (R*Qt, H*hd): output rows
     mask: str = ""       # bool mask for this bucket, computed once per step
+    kind: str = "any"      # "decode": every row is one token (Qt = 1) | "any"
     guarded: bool = False  # attention wrapped in If(rows > 0): an unused bucket runs no kernels
     nonempty: str = ""     # bool scalar rows > 0 (guarded buckets), computed once per step
 
@@ -155,6 +156,7 @@ def step_inputs(g: GraphBuilder, t: Target, num_buckets: int) -> tuple[str, list
             g.input(f"attn_kv_blocks_{b}", i64, [f"rows_{b}", f"blocks_{b}"]),
             g.input(f"attn_q_pos_{b}", i64, [f"rows_{b}", f"qt_{b}"]),
             bucket_impl(t, kind),
+            kind=kind,
             guarded=bucket_guarded(t),
         ))
     out_index = g.input("attn_out_index", i64, ["num_tokens"])
@@ -302,6 +304,26 @@ def _attend_decomposed(g: GraphBuilder, t: Target, d: AttentionDims, q4: str, k:
     return g.op("Reshape", [ot, bk.rows_shape], name=f"{name}_rows")
 
 
+def _attend_decode_rows(g: GraphBuilder, t: Target, d: AttentionDims, qb: str, k: str, v: str,
+                        bk: BucketInputs, name: str) -> str:
+    """The grouped MatMul/Softmax form for 1-token rows: qb [R, H*hd] -> [R, H*hd].
+
+    With Qt = 1 the queries of a row are already [kvH, G, hd] after one reshape, so the row
+    packing of the general form (two reshapes and a transpose each way) reduces to one Transpose.
+    """
+    kvh, grp, hd = d.num_kv_heads, d.groups, d.head_dim
+    q4 = g.op("Reshape", [qb, g.const([0, kvh, grp, hd])], name=f"{name}_q4")     # [R, kvH, G, hd]
+    qt = g.op("Transpose", [q4], name=f"{name}_qt", perm=[1, 0, 2, 3])             # [kvH, R, G, hd]
+    qs = g.op("Mul", [qt, g.const(np.float32(1.0 / np.sqrt(hd)), t.dtype)], name=f"{name}_qscale")
+    kt = g.op("Transpose", [k], name=f"{name}_kt", perm=[0, 1, 3, 2])              # [kvH, R, hd, S]
+    scores = g.op("MatMul", [qs, kt], name=f"{name}_qk")                           # [kvH, R, G, S]
+    scores = g.op("Where", [bk.mask, scores, g.const(np.float32(-np.inf), t.dtype)], name=f"{name}_mask")
+    probs = g.op("Softmax", [scores], name=f"{name}_softmax", axis=-1)
+    out = g.op("MatMul", [probs, v], name=f"{name}_pv")                            # [kvH, R, G, hd]
+    ot = g.op("Transpose", [out], name=f"{name}_ot", perm=[1, 0, 2, 3])            # [R, kvH, G, hd]
+    return g.op("Reshape", [ot, g.const([0, d.q_size])], name=f"{name}_rows")
+
+
 def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVPool, q: str, k_new: str,
                          v_new: str, write_index: str, buckets: list[BucketInputs], out_index: str) -> str:
     """q [T, H*hd], k_new/v_new [T, kvH, hd] -> attention output [T, H*hd] (packed order).
@@ -315,10 +337,12 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
     for b, bk in enumerate(buckets):
         def attend(b=b, bk=bk) -> str:
             qb = g.op("Gather", [q, bk.q_index], name=f"l{layer}_b{b}_q_rows", axis=0)
-            q4 = g.op("Reshape", [qb, bk.q_shape], name=f"l{layer}_b{b}_q")            # [R, Qt, H, hd]
             kb = pool.read(k_pool, "key", bk, b)
             vb = pool.read(v_pool, "value", bk, b)
             name = f"l{layer}_b{b}_attention"
+            if bk.impl == "decomposed" and bk.kind == "decode":
+                return _attend_decode_rows(g, t, d, qb, kb, vb, bk, name)
+            q4 = g.op("Reshape", [qb, bk.q_shape], name=f"l{layer}_b{b}_q")            # [R, Qt, H, hd]
             if bk.impl == "fused":
                 return _attend_fused(g, d, q4, kb, vb, bk, name)
             return _attend_decomposed(g, t, d, q4, kb, vb, bk, name)
