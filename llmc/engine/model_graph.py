@@ -39,7 +39,7 @@ from llmc.plugins.base import Target
 from llmc.plugins.gated_mlp import emit_gated_mlp
 from llmc.plugins.linear import LinearSpec, emit_linear, exact_int8_blocks
 from llmc.plugins.rmsnorm import emit_add_rmsnorm, emit_rmsnorm
-from llmc.plugins.rope import emit_rope, emit_rope_tables
+from llmc.plugins.rope import emit_rope, emit_rope_contrib, emit_rope_tables, rope_half_caches
 
 
 @dataclass
@@ -115,7 +115,14 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     logits_index = g.input("logits_index", i64, ["num_logits"])
 
     # Step-level values shared by every layer.
-    cos, sin = emit_rope_tables(g, target, cfg, positions, max_positions)
+    # RoPE: one RotaryEmbedding contrib node per layer on ONNX Runtime, 4 standard ops elsewhere.
+    half_caches = None if target.is_trt else rope_half_caches(cfg, max_positions)
+    if half_caches is not None:
+        caches = (g.weight("rope.cos_half", half_caches[0], target.dtype),
+                  g.weight("rope.sin_half", half_caches[1], target.dtype))
+        position_ids = g.op("Unsqueeze", [positions, g.const([0])], name="rope_position_ids")  # [1, T]
+    else:
+        cos, sin = emit_rope_tables(g, target, cfg, positions, max_positions)
     emit_step_masks(g, target, d, buckets)
     scatter_index = emit_write_index(g, d, write_index)
 
@@ -138,8 +145,13 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
         qkv = emit_linear(g, target, h, lw.qkv, f"{p}.attention.qkv")
         qk, v = g.op("Split", [qkv, g.const([d.q_size + d.kv_size, d.kv_size])], n_out=2,
                      name=f"l{i}_qkv_split", axis=-1)
-        qk3 = g.op("Reshape", [qk, g.const([0, qk_heads, d.head_dim])], name=f"l{i}_qk_heads")
-        qk3 = emit_rope(g, qk3, cos, sin, d.head_dim, f"l{i}_rope")
+        if half_caches is not None:
+            qk1 = g.op("Unsqueeze", [qk, g.const([0])], name=f"l{i}_qk_batch")              # [1, T, X]
+            qk1 = emit_rope_contrib(g, target, qk1, position_ids, caches, f"l{i}_rope")
+            qk3 = g.op("Reshape", [qk1, g.const([-1, qk_heads, d.head_dim])], name=f"l{i}_qk_heads")
+        else:
+            qk3 = g.op("Reshape", [qk, g.const([0, qk_heads, d.head_dim])], name=f"l{i}_qk_heads")
+            qk3 = emit_rope(g, qk3, cos, sin, d.head_dim, f"l{i}_rope")
         q3, k3 = g.op("Split", [qk3, g.const([d.num_heads, d.num_kv_heads])], n_out=2, name=f"l{i}_qk_split", axis=1)
         q = g.op("Reshape", [q3, g.const([0, d.q_size])], name=f"l{i}_q")
         v3 = g.op("Reshape", [v, g.const([0, d.num_kv_heads, d.head_dim])], name=f"l{i}_v")
