@@ -155,7 +155,7 @@ def test_graph_has_one_qkv_and_one_gated_mlp_matmul_per_layer(built):
     assert sum(1 for n in nodes if n.op_type == "Attention") == layers
     # unused buckets are skipped: every bucket's attention sits in an If(rows > 0) on ORT
     assert sum(1 for n in model.graph.node if n.op_type == "If") == 3 * layers
-    assert all(n.domain in ("", "ai.onnx", "com.microsoft") for n in nodes)
+    assert all(n.domain in ("", "ai.onnx") for n in nodes)
     assert {imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")} == {23}
 
 

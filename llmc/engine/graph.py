@@ -21,7 +21,6 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 23          # Attention, RMSNormalization and blocked DequantizeLinear are all standard here
 IR_VERSION = 10     # the lowest IR that carries opset 23 models ONNX Runtime >= 1.22 and TensorRT 10.x read
 DATA_FILE = "model.onnx.data"
-MS_DOMAIN = "com.microsoft"
 _ALIGN_SMALL, _ALIGN_LARGE, _LARGE = 64, 4096, 1 << 20
 
 NP_TO_ONNX = {
@@ -196,9 +195,6 @@ class GraphBuilder:
         self.close()
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers,
                                   doc_string=doc)
-        opsets = [helper.make_opsetid("", OPSET)]
-        if any(n.domain == MS_DOMAIN for n in self.nodes):  # ONNX Runtime contrib ops (ORT targets only)
-            opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
-        model = helper.make_model(graph, opset_imports=opsets,
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="llmc", ir_version=IR_VERSION)
         return model

@@ -15,9 +15,11 @@ Outputs:
 
 Per layer: RMSNorm -> ONE qkv MatMul (+bias) -> RoPE on q and k together -> paged attention
 (KV write + fused Attention) -> dense -> residual -> RMSNorm -> ONE gate+up MatMul -> SiLU*up ->
-proj -> residual. Logits are computed only for `logits_index` rows. On ONNX Runtime each residual
-add is fused into the norm after it (com.microsoft SkipSimplifiedLayerNormalization) and every
+proj -> residual. Logits are computed only for `logits_index` rows. On ONNX Runtime every
 attention bucket runs inside If(rows > 0), so a step pays only for the buckets it uses.
+(ORT's SkipSimplifiedLayerNormalization and RotaryEmbedding contrib ops were measured and not
+adopted: they round differently from RMSNormalization + Add and the standard RoPE ops, which
+flips greedy tokens of int4 engines whose MatMulNBits quantizes activations to int8.)
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_pa
 from llmc.plugins.base import Target
 from llmc.plugins.gated_mlp import emit_gated_mlp
 from llmc.plugins.linear import LinearSpec, emit_linear, exact_int8_blocks
-from llmc.plugins.rmsnorm import emit_add_rmsnorm, emit_rmsnorm
-from llmc.plugins.rope import emit_rope, emit_rope_contrib, emit_rope_tables, rope_half_caches
+from llmc.plugins.rmsnorm import emit_rmsnorm
+from llmc.plugins.rope import emit_rope, emit_rope_tables
 
 
 @dataclass
@@ -115,14 +117,7 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     logits_index = g.input("logits_index", i64, ["num_logits"])
 
     # Step-level values shared by every layer.
-    # RoPE: one RotaryEmbedding contrib node per layer on ONNX Runtime, 4 standard ops elsewhere.
-    half_caches = None if target.is_trt else rope_half_caches(cfg, max_positions)
-    if half_caches is not None:
-        caches = (g.weight("rope.cos_half", half_caches[0], target.dtype),
-                  g.weight("rope.sin_half", half_caches[1], target.dtype))
-        position_ids = g.op("Unsqueeze", [positions, g.const([0])], name="rope_position_ids")  # [1, T]
-    else:
-        cos, sin = emit_rope_tables(g, target, cfg, positions, max_positions)
+    cos, sin = emit_rope_tables(g, target, cfg, positions, max_positions)
     emit_step_masks(g, target, d, buckets)
     scatter_index = emit_write_index(g, d, write_index)
 
@@ -133,34 +128,25 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     x = g.op("Gather", [emb, input_ids], name="embed", axis=0)
 
     qk_heads = d.num_heads + d.num_kv_heads
-    pending = None  # the previous layer's MLP output, added to x by the next norm
     for i in range(cfg.num_hidden_layers):
         lw = reader.layer(i)
         p = f"transformer.layers.{i}"
-        if pending is None:
-            h = emit_rmsnorm(g, target, x, lw.input_layernorm, cfg.norm_epsilon, f"{p}.input_layernorm")
-        else:
-            h, x = emit_add_rmsnorm(g, target, x, pending, lw.input_layernorm, cfg.norm_epsilon,
-                                    f"{p}.input_layernorm")
+        h = emit_rmsnorm(g, target, x, lw.input_layernorm, cfg.norm_epsilon, f"{p}.input_layernorm")
         qkv = emit_linear(g, target, h, lw.qkv, f"{p}.attention.qkv")
         qk, v = g.op("Split", [qkv, g.const([d.q_size + d.kv_size, d.kv_size])], n_out=2,
                      name=f"l{i}_qkv_split", axis=-1)
-        if half_caches is not None:
-            qk1 = g.op("Unsqueeze", [qk, g.const([0])], name=f"l{i}_qk_batch")              # [1, T, X]
-            qk1 = emit_rope_contrib(g, target, qk1, position_ids, caches, f"l{i}_rope")
-            qk3 = g.op("Reshape", [qk1, g.const([-1, qk_heads, d.head_dim])], name=f"l{i}_qk_heads")
-        else:
-            qk3 = g.op("Reshape", [qk, g.const([0, qk_heads, d.head_dim])], name=f"l{i}_qk_heads")
-            qk3 = emit_rope(g, qk3, cos, sin, d.head_dim, f"l{i}_rope")
+        qk3 = g.op("Reshape", [qk, g.const([0, qk_heads, d.head_dim])], name=f"l{i}_qk_heads")
+        qk3 = emit_rope(g, qk3, cos, sin, d.head_dim, f"l{i}_rope")
         q3, k3 = g.op("Split", [qk3, g.const([d.num_heads, d.num_kv_heads])], n_out=2, name=f"l{i}_qk_split", axis=1)
         q = g.op("Reshape", [q3, g.const([0, d.q_size])], name=f"l{i}_q")
         v3 = g.op("Reshape", [v, g.const([0, d.num_kv_heads, d.head_dim])], name=f"l{i}_v")
         pool = KVPool(g, target, d, i, kvq or "float", lw.kv_cache_scale)
         attn = emit_paged_attention(g, target, d, pool, q, k3, v3, scatter_index, buckets, out_index)
         attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
-        h, x = emit_add_rmsnorm(g, target, x, attn, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")
-        pending = emit_gated_mlp(g, target, h, lw.gate_up, lw.proj, f"{p}.mlp")
-    x = g.op("Add", [x, pending], name="residual_mlp_last")
+        x = g.op("Add", [x, attn], name=f"l{i}_residual_attn")
+        h = emit_rmsnorm(g, target, x, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")
+        m = emit_gated_mlp(g, target, h, lw.gate_up, lw.proj, f"{p}.mlp")
+        x = g.op("Add", [x, m], name=f"l{i}_residual_mlp")
 
     last = g.op("Gather", [x, logits_index], name="logits_rows", axis=0)
     last = emit_rmsnorm(g, target, last, np32(tensors["transformer.ln_f.weight"]), cfg.norm_epsilon,

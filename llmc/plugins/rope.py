@@ -60,22 +60,3 @@ def emit_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, name: 
     a = g.op("Mul", [x, cos], name=f"{name}_cos")
     b = g.op("Mul", [swapped, sin], name=f"{name}_sin")
     return g.op("Add", [a, b], name=name)
-
-
-def rope_half_caches(cfg: CheckpointConfig, max_positions: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(cos [P, hd/2], sin [P, hd/2]) for ONNX Runtime's RotaryEmbedding, or None when the
-    rotate-half tables do not repeat their halves (the contrib op takes one half)."""
-    cos, sin_signed = rope_tables(cfg, max_positions)
-    half = cfg.head_size // 2
-    if not (np.array_equal(cos[:, :half], cos[:, half:]) and np.array_equal(-sin_signed[:, :half], sin_signed[:, half:])):
-        return None
-    return np.ascontiguousarray(cos[:, :half]), np.ascontiguousarray(sin_signed[:, half:])
-
-
-def emit_rope_contrib(g: GraphBuilder, t: Target, x: str, position_ids: str, caches: tuple[str, str],
-                      name: str) -> str:
-    """x [1, T, heads*hd] -> rotated, one com.microsoft RotaryEmbedding node (ONNX Runtime only).
-
-    Same products as `emit_rope` (x*cos - x_swapped*sin per half), so the same float results."""
-    return g.op("RotaryEmbedding", [x, position_ids, caches[0], caches[1]], name=name, domain="com.microsoft",
-                interleaved=0)
