@@ -86,8 +86,8 @@ class Engine:
         # on ORT (its Attention kernel refuses an empty batch: fused buckets keep a dummy row).
         empty = cfg.backend == "onnxruntime" and bool(self.graph.get("empty_buckets"))
         # Buckets guarded by If(rows > 0) may be empty whatever their attention form.
-        guarded = bool(self.graph.get("guarded_buckets"))
-        self._empty_buckets = [empty and (guarded or impl == "decomposed") for impl in self.graph["attention"]]
+        guarded = self.graph.get("guarded_buckets") or [False] * self.num_buckets
+        self._empty_buckets = [empty and (g or impl == "decomposed") for g, impl in zip(guarded, self.graph["attention"])]
         rebuild = data.get("build_command", "")
         if cfg.backend == "onnxruntime":
             from llmc.engine.backends.onnxruntime import OrtSession

@@ -136,13 +136,15 @@ def bucket_impl(t: Target, kind: str) -> str:
     return "decomposed" if (kind == "decode" and not t.is_trt) else "fused"
 
 
-def bucket_guarded(t: Target) -> bool:
-    """On ONNX Runtime every bucket's attention runs inside If(rows > 0): a step leaves most
-    buckets unused (single-stream decode uses one of three), and an unused bucket otherwise costs
-    ~15 kernel launches per layer on empty tensors, or a dummy row for the fused Attention node
-    (which refuses an empty batch). TensorRT keeps the flat graph (no data-dependent control flow
-    in its profiles)."""
-    return not t.is_trt
+def bucket_guarded(t: Target, b: int, kind: str) -> bool:
+    """On ONNX Runtime a bucket's attention runs inside If(rows > 0): a step leaves most buckets
+    unused (single-stream decode uses one of three), and an unused bucket otherwise costs ~15
+    kernel launches per layer on empty tensors (~6 us each), or a dummy row for the fused
+    Attention node (which refuses an empty batch); an If that skips costs ~10 us. An If that
+    runs costs more than its body's launches saved (~50 us, measured), so the first decode
+    bucket, used by every step that decodes, stays unguarded. TensorRT keeps the flat graph (no
+    data-dependent control flow in its profiles)."""
+    return not t.is_trt and not (b == 0 and kind == "decode")
 
 
 def step_inputs(g: GraphBuilder, t: Target, num_buckets: int) -> tuple[str, list[BucketInputs], str]:
@@ -157,7 +159,7 @@ def step_inputs(g: GraphBuilder, t: Target, num_buckets: int) -> tuple[str, list
             g.input(f"attn_q_pos_{b}", i64, [f"rows_{b}", f"qt_{b}"]),
             bucket_impl(t, kind),
             kind=kind,
-            guarded=bucket_guarded(t),
+            guarded=bucket_guarded(t, b, kind),
         ))
     out_index = g.input("attn_out_index", i64, ["num_tokens"])
     return write, buckets, out_index
