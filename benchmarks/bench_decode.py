@@ -155,13 +155,16 @@ def onnx_read_bytes(model_path: Path) -> int:
 
 
 class OgaRunner(Runner):
-    def __init__(self, name: str, folder: Path):
+    def __init__(self, name: str, folder: Path, threads: int):
+        import json
+
         import onnxruntime_genai as og
 
         self.og, self.name = og, name
-        self.model = og.Model(str(folder))
+        config = og.Config(str(folder))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
         self.read_bytes = onnx_read_bytes(folder / "model.onnx")
-        import json
 
         c = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         self.kv_bytes_per_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_size"] * 4
@@ -264,7 +267,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=None, help="threads for every system (default: physical cores)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads for every system (default: physical cores); llmc's spinning "
+                         "follows LLMC_ORT_SPINNING (default off), the peers keep their own defaults")
     ap.add_argument("--no-peers", action="store_true", help="llmc rows only")
     ap.add_argument("--only", default=None, help="comma-separated row-name substrings to keep")
     args = ap.parse_args()
@@ -275,7 +280,7 @@ def main() -> None:
     from llmc.engine.backends.onnxruntime import physical_cores
     from llmc.tokenizer import load_tokenizer
 
-    console = Console()
+    console = Console(width=200)
     threads = args.threads or physical_cores()
     console.print("building llmc engines (reused when unchanged)...")
     engines = {name: engine_for(r) for name, r in LLMC_RECIPES.items()}
@@ -297,7 +302,7 @@ def main() -> None:
             import onnxruntime_genai  # noqa: F401
 
             for p in OGA_PRECISIONS:
-                makers[f"onnxruntime-genai {p}"] = lambda p=p: OgaRunner(f"onnxruntime-genai {p}", oga_model(p))
+                makers[f"onnxruntime-genai {p}"] = lambda p=p: OgaRunner(f"onnxruntime-genai {p}", oga_model(p), threads)
         except ImportError:
             notes.append("onnxruntime-genai rows skipped: pip install onnxruntime-genai onnx-ir (the bench extra)")
     if args.only:
