@@ -16,7 +16,7 @@ Outputs:
 Per layer: RMSNorm -> ONE qkv MatMul (+bias) -> RoPE on q and k together -> paged attention
 (KV write + fused Attention) -> dense -> residual -> RMSNorm -> ONE gate+up MatMul -> SiLU*up ->
 proj -> residual. Logits are computed only for `logits_index` rows. On ONNX Runtime the
-attention buckets a step may leave unused run inside If(rows > 0), so it pays only for those it uses.
+prefill bucket's attention runs inside If(rows > 0), so decode-only steps skip it.
 (ORT's SkipSimplifiedLayerNormalization and RotaryEmbedding contrib ops were measured and not
 adopted: they round differently from RMSNormalization + Add and the standard RoPE ops, which
 flips greedy tokens of int4 engines whose MatMulNBits quantizes activations to int8.)

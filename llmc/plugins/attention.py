@@ -137,14 +137,13 @@ def bucket_impl(t: Target, kind: str) -> str:
 
 
 def bucket_guarded(t: Target, b: int, kind: str) -> bool:
-    """On ONNX Runtime a bucket's attention runs inside If(rows > 0): a step leaves most buckets
-    unused (single-stream decode uses one of three), and an unused bucket otherwise costs ~15
-    kernel launches per layer on empty tensors (~6 us each), or a dummy row for the fused
-    Attention node (which refuses an empty batch); an If that skips costs ~10 us. An If that
-    runs costs more than its body's launches saved (~50 us, measured), so the first decode
-    bucket, used by every step that decodes, stays unguarded. TensorRT keeps the flat graph (no
-    data-dependent control flow in its profiles)."""
-    return not t.is_trt and not (b == 0 and kind == "decode")
+    """On ONNX Runtime the prefill ("any") bucket's attention runs inside If(rows > 0): the fused
+    Attention node refuses an empty batch, so without the If every decode-only step (all of
+    single-stream decode) computes a dummy row in every layer; a skipped If costs ~10 us. Decode
+    buckets stay flat: empty, their kernels return at once (~1 us each on one thread), and a taken
+    If costs more than that (guarding them too measured 0.8x in-flight throughput). TensorRT
+    keeps the flat graph (no data-dependent control flow in its profiles)."""
+    return not t.is_trt and kind != "decode"
 
 
 def step_inputs(g: GraphBuilder, t: Target, num_buckets: int) -> tuple[str, list[BucketInputs], str]:
