@@ -6,7 +6,8 @@
   input and as the matching `.out` output, so the in-graph ScatterND writes new K/V in place.
   Bindings persist across steps: a step binds only its small index arrays and the logits buffer.
 - FP8 pools are uint8 buffers handed to ORT as float8e4m3fn tensors (same bytes).
-- Session options: intra-op threads = physical cores, sequential execution, all graph
+- Session options: intra-op threads = physical cores and no spinning (LLMC_ORT_THREADS /
+  LLMC_ORT_SPINNING override them, see `thread_settings`), sequential execution, all graph
   optimisations (QDQ -> int8 GEMM and blocked-int4 DequantizeLinear -> MatMulNBits fusions).
 """
 
