@@ -129,6 +129,15 @@ def test_attention_variants_are_exact(buckets, attention, tiny_checkpoints, tmp_
     assert max_err(ref, got) < TOL
 
 
+def all_nodes(graph):
+    """Every node of a graph, If/Loop bodies included."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.g is not None and a.g.node:
+                yield from all_nodes(a.g)
+
+
 def test_graph_has_one_qkv_and_one_gated_mlp_matmul_per_layer(built):
     import onnx
 
@@ -142,8 +151,12 @@ def test_graph_has_one_qkv_and_one_gated_mlp_matmul_per_layer(built):
         assert len([n for n in mm if n.name.startswith(f"transformer.layers.{i}.mlp.")]) == 2  # gate_up, proj
     # default ORT buckets: decode rows (grouped-query MatMuls) + any rows (one fused Attention node)
     assert cfg["engine"]["graph"]["bucket_kinds"] == ["decode", "decode", "any"]
-    assert sum(1 for n in model.graph.node if n.op_type == "Attention") == layers
-    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    nodes = list(all_nodes(model.graph))
+    assert sum(1 for n in nodes if n.op_type == "Attention") == layers
+    # the prefill bucket's attention sits in an If(rows > 0) on ORT (no dummy row in decode steps)
+    assert sum(1 for n in model.graph.node if n.op_type == "If") == layers
+    assert cfg["engine"]["graph"]["guarded_buckets"] == [False, False, True]
+    assert all(n.domain in ("", "ai.onnx") for n in nodes)
     assert {imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")} == {23}
 
 

@@ -86,7 +86,9 @@ class Engine:
         # Graphs built with explicit reshape targets run unused MatMul/Softmax buckets as zero rows
         # on ORT (its Attention kernel refuses an empty batch: fused buckets keep a dummy row).
         empty = cfg.backend == "onnxruntime" and bool(self.graph.get("empty_buckets"))
-        self._empty_buckets = [empty and impl == "decomposed" for impl in self.graph["attention"]]
+        # Buckets guarded by If(rows > 0) may be empty whatever their attention form.
+        guarded = self.graph.get("guarded_buckets") or [False] * self.num_buckets
+        self._empty_buckets = [empty and (g or impl == "decomposed") for g, impl in zip(guarded, self.graph["attention"])]
         rebuild = data.get("build_command", "")
         if cfg.backend == "onnxruntime":
             from llmc.engine.backends.onnxruntime import OrtSession

@@ -9,6 +9,7 @@ thin sugar over `onnx.helper`: `g.op("MatMul", [a, b])` returns the output name(
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -164,6 +165,25 @@ class GraphBuilder:
                                 domain=domain or None, **attrs)
         self.nodes.append(node)
         return outs[0] if len(outs) == 1 else outs
+
+    @contextmanager
+    def branch(self):
+        """Collect the nodes emitted inside the `with` block into a separate list (an If branch's
+        body): `with g.branch() as nodes: y = g.op(...)`. Initializers and constants stay in the
+        main graph, which a subgraph reads as outer-scope values."""
+        saved, self.nodes = self.nodes, []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes = saved
+
+    def if_op(self, cond: str, then_nodes: list, then_out: str, else_nodes: list, else_out: str,
+              elem_type: int, name: str) -> str:
+        """An If node over two branches built with `branch()`; each yields one tensor."""
+        def body(nodes, out, tag):
+            return helper.make_graph(nodes, f"{name}_{tag}", [], [helper.make_tensor_value_info(out, elem_type, None)])
+        return self.op("If", [cond], name=name, then_branch=body(then_nodes, then_out, "then"),
+                       else_branch=body(else_nodes, else_out, "else"))
 
     # --- result -----------------------------------------------------------------------------
     def close(self) -> None:

@@ -15,7 +15,11 @@ Outputs:
 
 Per layer: RMSNorm -> ONE qkv MatMul (+bias) -> RoPE on q and k together -> paged attention
 (KV write + fused Attention) -> dense -> residual -> RMSNorm -> ONE gate+up MatMul -> SiLU*up ->
-proj -> residual. Logits are computed only for `logits_index` rows.
+proj -> residual. Logits are computed only for `logits_index` rows. On ONNX Runtime the
+prefill bucket's attention runs inside If(rows > 0), so decode-only steps skip it.
+(ORT's SkipSimplifiedLayerNormalization and RotaryEmbedding contrib ops were measured and not
+adopted: they round differently from RMSNormalization + Add and the standard RoPE ops, which
+flips greedy tokens of int4 engines whose MatMulNBits quantizes activations to int8.)
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class GraphSpec:
     decode_read_bytes: int = 0  # weights one decode step reads: all but a gather-only embedding table
     lm_head: str = "float"      # how the logits GEMM is stored: "float" | "int8-blocks" | "quantized"
     empty_buckets: bool = True  # explicit reshape targets: an unused bucket may have zero rows
+    guarded_buckets: list = field(default_factory=list)  # per bucket: attention inside If(rows > 0)
     node_count: int = 0
     op_counts: dict = field(default_factory=dict)
 
@@ -176,5 +181,5 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
                      int(pool.pool_type), DTYPE_OF[target.dtype], max_positions,
                      [bk.impl for bk in buckets], bucket_kinds(num_buckets), target.backend,
                      g.weight_bytes, g.weight_bytes - (0 if tied and lm_kind == "float" else emb_bytes),
-                     lm_kind, True, len(model.graph.node), counts)
+                     lm_kind, True, [bk.guarded for bk in buckets], len(model.graph.node), counts)
     return model, spec

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from llmc.engine.graph import GraphBuilder
 from llmc.plugins.base import Target
@@ -116,6 +116,9 @@ class BucketInputs:
     o5_shape: str = ""   # (kvH, R, G, Qt, hd): grouped output (decomposed form)
     rows_shape: str = "" # (R*Qt, H*hd): output rows
     mask: str = ""       # bool mask for this bucket, computed once per step
+    kind: str = "any"      # "decode": every row is one token (Qt = 1) | "any"
+    guarded: bool = False  # attention wrapped in If(rows > 0): an unused bucket runs no kernels
+    nonempty: str = ""     # bool scalar rows > 0 (guarded buckets), computed once per step
 
 
 def bucket_kinds(num_buckets: int) -> list[str]:
@@ -133,6 +136,16 @@ def bucket_impl(t: Target, kind: str) -> str:
     return "decomposed" if (kind == "decode" and not t.is_trt) else "fused"
 
 
+def bucket_guarded(t: Target, b: int, kind: str) -> bool:
+    """On ONNX Runtime the prefill ("any") bucket's attention runs inside If(rows > 0): the fused
+    Attention node refuses an empty batch, so without the If every decode-only step (all of
+    single-stream decode) computes a dummy row in every layer; a skipped If costs ~10 us. Decode
+    buckets stay flat: empty, their kernels return at once (~1 us each on one thread), and a taken
+    If costs more than that (guarding them too measured 0.8x in-flight throughput). TensorRT
+    keeps the flat graph (no data-dependent control flow in its profiles)."""
+    return not t.is_trt and kind != "decode"
+
+
 def step_inputs(g: GraphBuilder, t: Target, num_buckets: int) -> tuple[str, list[BucketInputs], str]:
     """Declare the per-step attention inputs; returns (kv_write_index, buckets, attn_out_index)."""
     i64 = TensorProto.INT64
@@ -144,6 +157,8 @@ def step_inputs(g: GraphBuilder, t: Target, num_buckets: int) -> tuple[str, list
             g.input(f"attn_kv_blocks_{b}", i64, [f"rows_{b}", f"blocks_{b}"]),
             g.input(f"attn_q_pos_{b}", i64, [f"rows_{b}", f"qt_{b}"]),
             bucket_impl(t, kind),
+            kind=kind,
+            guarded=bucket_guarded(t, b, kind),
         ))
     out_index = g.input("attn_out_index", i64, ["num_tokens"])
     return write, buckets, out_index
@@ -163,6 +178,9 @@ def emit_step_masks(g: GraphBuilder, t: Target, d: AttentionDims, buckets: list[
         qshape = g.op("Shape", [bk.q_pos], name=f"bucket{b}_rows_qt")
         bk.q_shape = g.op("Concat", [qshape, g.const([d.num_heads, d.head_dim])], name=f"bucket{b}_q_shape", axis=0)
         rows = g.op("Gather", [qshape, g.const([0])], name=f"bucket{b}_rows", axis=0)
+        if bk.guarded:
+            r0 = g.op("Gather", [qshape, g.const(0)], name=f"bucket{b}_rows_scalar", axis=0)
+            bk.nonempty = g.op("Greater", [r0, g.const(0)], name=f"bucket{b}_nonempty")
         qt = g.op("Gather", [qshape, g.const([1])], name=f"bucket{b}_qt", axis=0)
         mb = g.op("Gather", [g.op("Shape", [bk.kv_blocks], name=f"bucket{b}_kv_shape"), g.const([1])],
                   name=f"bucket{b}_mb", axis=0)
@@ -287,6 +305,26 @@ def _attend_decomposed(g: GraphBuilder, t: Target, d: AttentionDims, q4: str, k:
     return g.op("Reshape", [ot, bk.rows_shape], name=f"{name}_rows")
 
 
+def _attend_decode_rows(g: GraphBuilder, t: Target, d: AttentionDims, qb: str, k: str, v: str,
+                        bk: BucketInputs, name: str) -> str:
+    """The grouped MatMul/Softmax form for 1-token rows: qb [R, H*hd] -> [R, H*hd].
+
+    With Qt = 1 the queries of a row are already [kvH, G, hd] after one reshape, so the row
+    packing of the general form (two reshapes and a transpose each way) reduces to one Transpose.
+    """
+    kvh, grp, hd = d.num_kv_heads, d.groups, d.head_dim
+    q4 = g.op("Reshape", [qb, g.const([0, kvh, grp, hd])], name=f"{name}_q4")     # [R, kvH, G, hd]
+    qt = g.op("Transpose", [q4], name=f"{name}_qt", perm=[1, 0, 2, 3])             # [kvH, R, G, hd]
+    qs = g.op("Mul", [qt, g.const(np.float32(1.0 / np.sqrt(hd)), t.dtype)], name=f"{name}_qscale")
+    kt = g.op("Transpose", [k], name=f"{name}_kt", perm=[0, 1, 3, 2])              # [kvH, R, hd, S]
+    scores = g.op("MatMul", [qs, kt], name=f"{name}_qk")                           # [kvH, R, G, S]
+    scores = g.op("Where", [bk.mask, scores, g.const(np.float32(-np.inf), t.dtype)], name=f"{name}_mask")
+    probs = g.op("Softmax", [scores], name=f"{name}_softmax", axis=-1)
+    out = g.op("MatMul", [probs, v], name=f"{name}_pv")                            # [kvH, R, G, hd]
+    ot = g.op("Transpose", [out], name=f"{name}_ot", perm=[1, 0, 2, 3])            # [R, kvH, G, hd]
+    return g.op("Reshape", [ot, g.const([0, d.q_size])], name=f"{name}_rows")
+
+
 def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVPool, q: str, k_new: str,
                          v_new: str, write_index: str, buckets: list[BucketInputs], out_index: str) -> str:
     """q [T, H*hd], k_new/v_new [T, kvH, hd] -> attention output [T, H*hd] (packed order).
@@ -298,14 +336,27 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
     v_pool = pool.write("value", v_new, write_index)
     outs = []
     for b, bk in enumerate(buckets):
-        qb = g.op("Gather", [q, bk.q_index], name=f"l{layer}_b{b}_q_rows", axis=0)
-        q4 = g.op("Reshape", [qb, bk.q_shape], name=f"l{layer}_b{b}_q")            # [R, Qt, H, hd]
-        kb = pool.read(k_pool, "key", bk, b)
-        vb = pool.read(v_pool, "value", bk, b)
-        name = f"l{layer}_b{b}_attention"
-        if bk.impl == "fused":
-            outs.append(_attend_fused(g, d, q4, kb, vb, bk, name))
-        else:
-            outs.append(_attend_decomposed(g, t, d, q4, kb, vb, bk, name))
+        def attend(b=b, bk=bk) -> str:
+            qb = g.op("Gather", [q, bk.q_index], name=f"l{layer}_b{b}_q_rows", axis=0)
+            kb = pool.read(k_pool, "key", bk, b)
+            vb = pool.read(v_pool, "value", bk, b)
+            name = f"l{layer}_b{b}_attention"
+            if bk.impl == "decomposed" and bk.kind == "decode":
+                return _attend_decode_rows(g, t, d, qb, kb, vb, bk, name)
+            q4 = g.op("Reshape", [qb, bk.q_shape], name=f"l{layer}_b{b}_q")            # [R, Qt, H, hd]
+            if bk.impl == "fused":
+                return _attend_fused(g, d, q4, kb, vb, bk, name)
+            return _attend_decomposed(g, t, d, q4, kb, vb, bk, name)
+
+        if not bk.guarded:
+            outs.append(attend())
+            continue
+        with g.branch() as then_nodes:
+            y = attend()
+        with g.branch() as else_nodes:
+            empty = g.fresh(f"l{layer}_b{b}_no_rows")
+            else_nodes.append(helper.make_node("Constant", [], [empty], name=g.fresh(f"{empty}_node"),
+                                               value=helper.make_tensor(empty, t.dtype, [0, d.q_size], [])))
+        outs.append(g.if_op(bk.nonempty, then_nodes, y, else_nodes, empty, t.dtype, f"l{layer}_b{b}_if"))
     cat = outs[0] if len(outs) == 1 else g.op("Concat", outs, name=f"l{layer}_attn_rows", axis=0)
     return g.op("Gather", [cat, out_index], name=f"l{layer}_attn_out", axis=0)

@@ -6,7 +6,8 @@
   input and as the matching `.out` output, so the in-graph ScatterND writes new K/V in place.
   Bindings persist across steps: a step binds only its small index arrays and the logits buffer.
 - FP8 pools are uint8 buffers handed to ORT as float8e4m3fn tensors (same bytes).
-- Session options: intra-op threads = physical cores, sequential execution, all graph
+- Session options: intra-op threads = physical cores and no spinning (LLMC_ORT_THREADS /
+  LLMC_ORT_SPINNING override them, see `thread_settings`), sequential execution, all graph
   optimisations (QDQ -> int8 GEMM and blocked-int4 DequantizeLinear -> MatMulNBits fusions).
 """
 
@@ -43,12 +44,38 @@ def physical_cores() -> int:
     return max(1, n or os.cpu_count() or 1)
 
 
+# Intra-op thread pool: LLMC_ORT_THREADS (default: physical cores) and LLMC_ORT_SPINNING (1: idle
+# workers busy-wait for the next kernel, ORT's default; 0: they sleep). A decode step is ~1000 small
+# kernels, so spinning saves a wake-up per kernel on an idle machine, but on a host whose cores are
+# shared with other processes a spinning worker burns the core its peer needs (see README, engine).
+THREADS_ENV, SPINNING_ENV = "LLMC_ORT_THREADS", "LLMC_ORT_SPINNING"
+DEFAULT_SPINNING = False  # measured on the shared 2-core host: 2 spinning threads ran int4 decode at 0.5x
+
+
+def thread_settings(threads: int | None = None, spinning: bool | None = None) -> tuple[int, bool]:
+    """(intra-op threads, spinning) from the arguments, else the environment, else the defaults."""
+    env_t, env_s = os.environ.get(THREADS_ENV), os.environ.get(SPINNING_ENV)
+    try:
+        n = threads or (int(env_t) if env_t else physical_cores())
+    except ValueError:
+        raise LlmcError(f"{THREADS_ENV} must be a positive integer, got {env_t!r}") from None
+    if spinning is None:
+        if env_s not in (None, "", "0", "1"):
+            raise LlmcError(f"{SPINNING_ENV} must be 0 or 1, got {env_s!r}")
+        spinning = DEFAULT_SPINNING if env_s in (None, "") else env_s == "1"
+    if n < 1:
+        raise LlmcError(f"intra-op threads must be >= 1, got {n}")
+    return n, spinning
+
+
 def session_options(threads: int | None = None, int4_accuracy_level: int | None = None,
-                    optimized_model_path: str | None = None):
+                    optimized_model_path: str | None = None, spinning: bool | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or physical_cores()
+    n, spin = thread_settings(threads, spinning)
+    so.intra_op_num_threads = n
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

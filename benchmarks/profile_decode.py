@@ -1,0 +1,106 @@
+"""ONNX Runtime profile of single-stream decode steps, by op type (issue 15).
+
+Runs one request (32-token prompt, N generated tokens) on an engine with ORT profiling on, keeps
+the decode steps' node events, and prints the time per step by op type (median step), the
+number of nodes run per step and the graph time vs the host time of a step.
+
+    python benchmarks/profile_decode.py ENGINE_DIR [--tokens 32] [--threads N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def profile(engine_dir: Path, tokens: int = 32, threads: int | None = None) -> dict:
+    import numpy as np
+
+    from llmc.engine.backends import onnxruntime as ob
+    from llmc.runtime.llm import LLM
+    from llmc.runtime.sampling import SamplingParams
+
+    tmp = tempfile.mkdtemp(prefix="llmc-prof-")
+    orig = ob.session_options
+
+    def profiled(*a, **k):
+        so = orig(*a, **k)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "ort")
+        return so
+
+    ob.session_options = profiled
+    try:
+        llm = LLM(engine_dir, num_threads=threads, kv_cache_mb=64)
+    finally:
+        ob.session_options = orig
+    prompt = list(range(1000, 1032))
+    llm.generate([prompt], SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0))
+    t0 = time.perf_counter()
+    llm.step_stats.clear()
+    llm.generate([prompt], SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0))
+    wall = time.perf_counter() - t0
+    graph_s = [s.seconds for s in llm.step_stats if s.num_decode == s.num_seqs]
+    path = llm.engine._session.sess.end_profiling()
+    events = json.loads(Path(path).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    # The last `tokens - 1` runs are the measured request's decode steps.
+    dec = runs[-(tokens - 1):]
+    spans = [(r["ts"], r["ts"] + r["dur"]) for r in dec]
+    per_op: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(spans))
+    nodes_per_step = [0] * len(spans)
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        ts = e["ts"]
+        for i, (a, b) in enumerate(spans):
+            if a <= ts <= b:
+                per_op[e["args"]["op_name"]][i] += e["dur"]
+                nodes_per_step[i] += 1
+                break
+    run_us = [r["dur"] for r in dec]
+    table = {op: float(np.median(v)) for op, v in per_op.items()}
+    counts: dict[str, int] = defaultdict(int)
+    for e in events:  # node count per op type in one decode step
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and spans[-1][0] <= e["ts"] <= spans[-1][1]:
+            counts[e["args"]["op_name"]] += 1
+    decode_wall = wall  # includes prefill; host = step wall - graph
+    return {"engine": str(engine_dir), "op_us_per_step": dict(sorted(table.items(), key=lambda kv: -kv[1])),
+            "op_nodes_per_step": dict(counts), "nodes_per_step": int(np.median(nodes_per_step)),
+            "model_run_us_p50": float(np.median(run_us)), "kernel_us_p50": float(sum(table.values())),
+            "engine_step_ms_p50": float(np.median(graph_s) * 1e3) if graph_s else None,
+            "request_wall_s": decode_wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("engine", type=Path)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    from rich.console import Console
+    from rich.table import Table
+
+    r = profile(args.engine, args.tokens, args.threads)
+    t = Table(title=f"decode step by op type: {args.engine} ({r['nodes_per_step']} nodes/step, "
+                    f"model_run p50 {r['model_run_us_p50'] / 1e3:.2f} ms)")
+    for c in ("op type", "nodes", "us/step", "share"):
+        t.add_column(c)
+    tot = r["kernel_us_p50"] or 1.0
+    for op, us in r["op_us_per_step"].items():
+        t.add_row(op, str(r["op_nodes_per_step"].get(op, 0)), f"{us:.0f}", f"{us / tot * 100:.1f}%")
+    Console().print(t)
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
