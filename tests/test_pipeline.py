@@ -41,6 +41,22 @@ def test_resume_and_partial_rerun(tiny_recipe, tmp_path):
     assert _statuses(first) == dict.fromkeys(["convert", "quantize", "build", "eval", "run"], "ran")
     assert first["results"]["eval"]["engine_ppl"] > 1
     assert all(o["error"] is None for o in first["results"]["run"]["outputs"])
+    # distribution-level accuracy vs the unquantized checkpoint: the INT4 engine moves the
+    # distributions as much as its exact simulation does
+    ev = first["results"]["eval"]
+    eng_kl, sim_kl = ev["engine_divergence"]["kl_mean"], ev["checkpoint_divergence"]["kl_mean"]
+    assert eng_kl > 0 and eng_kl == pytest.approx(sim_kl, rel=0.05), ev
+    g = first["results"]["run"]["greedy_agreement"]
+    assert g["prompts"] == 2 and 0 <= g["identical"] <= g["first_token"] <= 2
+    import io
+
+    from rich.console import Console
+
+    from llmc.pipeline_report import print_report
+
+    buf = io.StringIO()
+    print_report(first, Console(file=buf, width=200))
+    assert "KL mean" in buf.getvalue() and "greedy agreement" in buf.getvalue()
     for s in first["stages"]:
         assert s["seconds"] > 0 and s["peak_rss_bytes"] > 0
     assert json.loads((wd / "report.json").read_text())["recipe"] == "tiny"
