@@ -285,19 +285,19 @@ def _score(paths: list[Path], windows: torch.Tensor, reference: Path | None,
             ref_logits = ref_fn(batch) if ref_fn is not None else None
             if ref_logits is not None:
                 ref_total += _nll_sum(ref_logits, batch)
-            outs = []
-            for i, fn in enumerate(fns):
+            order = list(range(len(fns)))
+            if ref_index is not None:  # the reference first, so every other is compared and dropped at once
+                order.insert(0, order.pop(ref_index))
+            for i in order:
                 t0 = time.perf_counter()
-                logits = fn(batch)
+                logits = fns[i](batch)
                 seconds[i] += time.perf_counter() - t0
                 totals[i] += _nll_sum(logits, batch)
-                outs.append(logits)
                 if i == ref_index:
                     ref_logits = logits
-            if accs is not None:
-                for acc, logits in zip(accs, outs):
-                    acc.add(ref_logits, logits)
-            del outs
+                if accs is not None:
+                    accs[i].add(ref_logits, logits)
+                del logits
             advance(len(batch))
     if ref_index is not None:
         ref_total = totals[ref_index]
@@ -368,6 +368,7 @@ class GreedyAgreement:
     identical: int             # whole output equal to the reference's greedy continuation
     first_token: int           # first generated token equal
     prefix_pct: float          # mean % of each output's tokens before the first disagreement
+    differing: list[int] = None  # indices (into the requests) of outputs that are not identical
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -382,17 +383,21 @@ def greedy_agreement(requests: list[tuple[list[int], list[int]]], reference: str
     token that was generated (a stop token included), so one forward per request decides it, with
     no second generation loop. Argmax ties count as disagreements.
     """
-    reqs = [(list(p), list(o)) for p, o in requests if o]
+    reqs = [(list(p), list(o)) for p, o in requests]
+    if any(not o for _, o in reqs):
+        raise ValueError("greedy_agreement: a request generated no tokens")
     longest = max((len(p) + len(o) for p, o in reqs), default=1)
     fn = logits_fn(reference, longest)
     identical = first = 0
-    prefix = []
-    for prompt, out in reqs:
+    prefix, differing = [], []
+    for index, (prompt, out) in enumerate(reqs):
         ids = torch.tensor([prompt + out[:-1]], dtype=torch.long)
         pred = fn(ids)[0, len(prompt) - 1:].argmax(-1).tolist()
         agree = next((i for i, (a, b) in enumerate(zip(pred, out)) if a != b), len(out))
         identical += agree == len(out)
         first += agree > 0
+        if agree < len(out):
+            differing.append(index)
         prefix.append(100.0 * agree / len(out))
     return GreedyAgreement(str(reference), len(reqs), identical, first,
-                           float(np.mean(prefix)) if prefix else 0.0)
+                           float(np.mean(prefix)) if prefix else 0.0, differing)

@@ -198,7 +198,7 @@ class Pipeline:
             from llmc.evaluate import greedy_agreement
 
             # would the unquantized checkpoint have answered the same? (the run stage decodes greedily)
-            agreement = (greedy_agreement([(o.prompt_token_ids, o.output_token_ids) for o in ok], ckpt).to_dict()
+            agreement = (greedy_agreement([(o.prompt_token_ids, o.output_token_ids) for o in ok if o.output_token_ids], ckpt).to_dict()
                          if ok else None)
             return {"outputs": [{"prompt": p, "text": o.text, "error": o.error} for p, o in zip(run.prompts, outs)],
                     "greedy_agreement": agreement,

@@ -1,7 +1,7 @@
 """Quantized engines: graphs the backends accelerate, numerics equal to the exact simulation.
 
 Tolerances (engine logits vs `llmc.quantize.simulate.build_simulated_model`, float32):
-- fp8, w4a8_awq, int4_awq, int4_wo, int8_wo, FP8/INT8 KV cache: max |diff| < 1e-4 with ONNX
+- fp8, w4a8_awq, int4_awq, int4_wo, int4_asym, int8_wo, FP8/INT8 KV cache: max |diff| < 1e-4 with ONNX
   Runtime's exact 4/8-bit MatMul (int4_accuracy_level=0). The default fast level (4: the fused
   MatMulNBits kernel rounds activations to int8 per block) stays within 5% of the logit range.
 - int8_sq (per-token dynamic int8 activations): the simulation itself is discontinuous (a 1e-6
@@ -23,7 +23,7 @@ from test_engine import MIXED_PLAN, mixed_seqs, run_schedule
 
 # (qformat, kv_cache_dtype)
 CASES = [("fp8", None), ("int8_sq", None), ("int4_awq", None), ("w4a8_awq", None), ("int8_wo", None),
-         ("int4_wo", None), ("fp8", "fp8"), ("int8_sq", "int8")]
+         ("int4_wo", None), ("int4_asym", None), ("fp8", "fp8"), ("int8_sq", "int8")]
 IDS = [f"{q}-kv{kv}" if kv else q for q, kv in CASES]
 
 
@@ -73,7 +73,7 @@ def test_quantized_engine_matches_simulation(name, quantized, engines):
         assert errs.max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["int4_awq", "int8_wo"])
+@pytest.mark.parametrize("name", ["int4_awq", "int8_wo", "int4_asym"])
 def test_fast_int_kernels_stay_close(name, quantized, engines):
     engine = load_engine(engines[name])  # default accuracy level: int8 activations inside MatMulNBits
     seqs = mixed_seqs(engine.config.vocab_size)

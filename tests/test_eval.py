@@ -220,4 +220,4 @@ def test_greedy_agreement_teacher_forced(tiny_checkpoints):
     p, o = requests[1]
     bad = o[:3] + [(o[3] + 1) % 200] + o[4:]  # diverges at its 4th token
     g = greedy_agreement([requests[0], (p, bad)], ck)
-    assert (g.identical, g.first_token) == (1, 2) and g.prefix_pct == pytest.approx((100 + 50) / 2)
+    assert (g.identical, g.first_token, g.differing) == (1, 2, [1]) and g.prefix_pct == pytest.approx((100 + 50) / 2)

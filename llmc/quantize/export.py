@@ -140,3 +140,20 @@ def export_tensors(model: nn.Module, source: dict[str, torch.Tensor], fmt: QForm
             for suffix, t in kv_scales(attn, kv_algo).items():
                 out[LAYER.format(i=i) + "attention." + suffix] = t
     return out
+
+
+def rtn_asymmetric(w: torch.Tensor, group: int, bits: int = 4) -> dict[str, torch.Tensor]:
+    """Asymmetric min/max round-to-nearest per (row, group of `group` inputs), llama.cpp Q4_1's
+    rule: d = (max - min) / (2^bits - 1), u = clamp(round((w - min) / d), 0, 2^bits - 1), real =
+    d * u + min. Stored in the zero-point layout (`llmc.quantize.layout`): q = u - 2^(bits-1),
+    weights_scaling_factor d, zero = min + 2^(bits-1) d. A group of equal values gets d = 1."""
+    out_f, in_f = w.shape
+    levels = 2 ** bits - 1
+    half = 2 ** (bits - 1)
+    g = w.float().reshape(out_f, in_f // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(lo))
+    u = torch.round((g - lo[..., None]) / d[..., None]).clamp(0, levels)
+    q = (u - half).to(torch.int8).reshape(out_f, in_f)
+    return {"weight": pack_int4(q) if bits == 4 else q, "weights_scaling_factor": d,
+            "zero": lo + half * d}

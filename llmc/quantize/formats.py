@@ -21,6 +21,7 @@ Weight storage (see `llmc.quantize.layout` for the exact byte layout):
     int4_awq  INT4 packed two per byte, I8 [out/2, in],     float activations, AWQ pre-quant scale
               per-(row, group) scale [out, in/group]
     int4_wo   as int4_awq, no pre-quant scale (round-to-nearest)
+    int4_asym as int4_wo + zero F32 [out, in/group] (W4A16_GPTQ, has_zero_point): min/max per group
     w4a8_awq  as int4_awq + weights_scaling_factor_2       FP8 activations, per-tensor static
 """
 
@@ -46,6 +47,7 @@ class QFormat:
     default_group_size: int | None = None
     weight_scale_2: bool = False     # two-level weight scale (W4A8)
     default_sq_alpha: float | None = None  # SmoothQuant migration strength (SmoothQuant formats)
+    zero_point: bool = False         # asymmetric groups with zero points, computed by llmc (no ModelOpt)
 
     @property
     def is_smoothquant(self) -> bool:
@@ -55,6 +57,10 @@ class QFormat:
     def needs_activations(self) -> bool:
         """Calibration must see real activations (False: round-to-nearest from weights alone)."""
         return self.act_dtype is not None or self.pre_quant_scale
+
+    @property
+    def uses_modelopt(self) -> bool:
+        return not self.zero_point
 
     @property
     def is_int4(self) -> bool:
@@ -79,6 +85,9 @@ QFORMATS: dict[str, QFormat] = {f.name: f for f in [
             "INT8_WEIGHT_ONLY_CFG", "int8", "channel"),
     QFormat("int4_wo", "W4A16_AWQ", "INT4 weight-only, per-group round-to-nearest (baseline for AWQ)",
             "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4", "group", default_group_size=128),
+    QFormat("int4_asym", "W4A16_GPTQ",
+            "INT4 weight-only, asymmetric per-group round-to-nearest with zero points (min/max, GGUF Q4_1's rule)",
+            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4", "group", default_group_size=32, zero_point=True),
     QFormat("int8_sq_static", "W8A8_SQ_PER_CHANNEL",
             "INT8 SmoothQuant with one static per-tensor activation scale (ModelOpt's own layout; "
             "loads in TensorRT-LLM's builder; less accurate on small models)",
@@ -108,7 +117,7 @@ INT4_MAX = 7.0
 # quant_algo values this package can read back (checkpoints from llmc or from ModelOpt's
 # TensorRT-LLM export). W8A8_SQ_PER_CHANNEL is static per-tensor activation SmoothQuant.
 READABLE_QUANT_ALGOS = ("FP8", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
-                        "W8A16", "W4A16_AWQ", "W4A8_AWQ")
+                        "W8A16", "W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ", "W8A16_GPTQ")
 
 
 def get_qformat(name: str) -> QFormat:
