@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchmarks.prompts import PROMPTS
+from prompts import PROMPTS
 
 MAX_NEW_TOKENS = 48
 DECODE_TOKENS = 64
