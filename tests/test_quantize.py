@@ -56,7 +56,7 @@ def quantized(tiny_checkpoints, calib_file, tmp_path_factory):
 def _step_bound(q, w_ref):
     """One quantization step of each element of the reference weight, in the stored space."""
     if q.kind == "fp8":  # E4M3 spacing at |w|: 2^(floor(log2|w/s|) - 3) * s, subnormals 2^-9 * s
-        s = q.weight_scale.float()
+        s = q.expanded_weight_scale()
         mag = (w_ref.abs() / s).clamp(min=2 ** -6)
         return torch.exp2(torch.floor(torch.log2(mag)) - 3) * s
     return q.expanded_weight_scale() * (q.weight_scale_2.float() if q.weight_scale_2 is not None else 1.0)

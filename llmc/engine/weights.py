@@ -20,7 +20,7 @@ from llmc.plugins.linear import LinearSpec, concat_out
 LAYER = "transformer.layers.{i}."
 
 # quant_algo values the builder accepts (the quantize package's reader defines their layout)
-QUANT_ALGOS = (None, "FP8", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A16",
+QUANT_ALGOS = (None, "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A16",
                "W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ", "W8A16_GPTQ")
 KV_QUANT = {None: None, "INT8": "int8", "FP8": "fp8"}
 
@@ -46,7 +46,7 @@ def quant_kind(cfg: CheckpointConfig) -> str:
     if algo not in QUANT_ALGOS:
         raise UnsupportedError(f"quant_algo {algo!r} is not supported by the engine builder "
                                f"(supported: {', '.join(str(k) for k in QUANT_ALGOS if k)})")
-    return {None: "float", "FP8": "fp8", "W8A16": "w8a16", "W4A16_AWQ": "int4_awq",
+    return {None: "float", "FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8", "W8A16": "w8a16", "W4A16_AWQ": "int4_awq",
             "W4A8_AWQ": "w4a8_awq", "W4A16_GPTQ": "w4a16", "W8A16_GPTQ": "w8a16"}.get(algo, "int8_sq")
 
 
@@ -116,7 +116,7 @@ def from_qlinear(q) -> LinearSpec:
     if q.act_dtype == "int8":
         act = "int8_token" if q.act_granularity == "token" else "int8"
     elif q.act_dtype == "fp8":
-        act = "fp8"
+        act = "fp8_token" if q.act_granularity == "token" else "fp8"
     scale = None if q.input_scale is None else float(q.input_scale.reshape(-1)[0])
     pqs, bias = _np(q.pre_quant_scale), _np(q.bias)
     if q.kind == "float":

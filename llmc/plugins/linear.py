@@ -25,6 +25,8 @@ Activations
   With int8 weights ONNX Runtime fuses Q/DQ + MatMul into its int8 GEMM; TensorRT likewise.
 - int8 per-token (dynamic): scale = max|x| / 127 per row, rounded with Div/Round/Clip/Mul (exact
   fake quantization; neither backend takes non-constant per-axis activation scales in Q/DQ).
+- fp8 per-token (dynamic, FP8_PER_CHANNEL_PER_TOKEN): scale = max|x| / 448 per row, then the
+  saturating Cast pair below (exact fake quantization; emitted alike for both backends).
 - fp8 (static per-tensor): TensorRT: FP8 QuantizeLinear/DequantizeLinear (fused into the FP8
   GEMM). ONNX Runtime CPU: Div -> Cast(float8e4m3fn, saturate) -> Cast -> Mul, which is exactly
   QuantizeLinear/DequantizeLinear's arithmetic (round to nearest even, saturate at +-448).
@@ -46,7 +48,7 @@ from llmc.engine.graph import GraphBuilder, pack_int4
 from llmc.plugins.base import Target
 
 WEIGHT_FORMATS = ("float", "int8", "int4", "fp8")
-ACTIVATIONS = (None, "int8", "int8_token", "fp8")
+ACTIVATIONS = (None, "int8", "int8_token", "fp8", "fp8_token")
 
 
 @dataclass
@@ -182,6 +184,25 @@ def _fake_quant_fp8(g: GraphBuilder, t: Target, x: str, scale: float, name: str)
     return g.op("Mul", [back, s], name=f"{name}_adq")
 
 
+def _fake_quant_fp8_token(g: GraphBuilder, t: Target, x: str, name: str) -> str:
+    """Per-token dynamic FP8 (TensorRT-LLM's FP8 rowwise activations): s_t = max|x_row| / 448,
+    fp8(x / s_t) * s_t through a saturating Cast (exactly QuantizeLinear's rounding)."""
+    if t.is_trt:
+        from llmc.errors import UnsupportedError
+
+        raise UnsupportedError("FP8 per-token (dynamic) activations have no TensorRT ONNX lowering here (TensorRT-LLM "
+                               "runs them with its FP8 rowwise plugin: use --backend tensorrt-llm, or onnxruntime)")
+    amax = g.op("ReduceMax", [g.op("Abs", [x], name=f"{name}_aabs"), g.const([-1])], name=f"{name}_aamax",
+                keepdims=1)
+    s = g.op("Div", [amax, g.const(np.float32(448.0), t.dtype)], name=f"{name}_ascale")
+    zero = g.op("Equal", [amax, g.const(np.float32(0.0), t.dtype)], name=f"{name}_azero")
+    s = g.op("Where", [zero, g.const(np.float32(1.0), t.dtype), s], name=f"{name}_ascale_nz")
+    scaled = g.op("Div", [x, s], name=f"{name}_adiv")
+    q = g.op("Cast", [scaled], name=f"{name}_afp8", to=TensorProto.FLOAT8E4M3FN, saturate=1)
+    back = g.op("Cast", [q], name=f"{name}_aback", to=t.dtype)
+    return g.op("Mul", [back, s], name=f"{name}_adq")
+
+
 def _quant_int8_token(g: GraphBuilder, t: Target, x: str, name: str) -> tuple[str, str]:
     """Per-token symmetric int8: (q as float values in [-128, 127], scale s_t = max|x_row| / 127)."""
     amax = g.op("ReduceMax", [g.op("Abs", [x], name=f"{name}_aabs"), g.const([-1])], name=f"{name}_aamax",
@@ -245,6 +266,8 @@ def emit_linear(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, name: str)
         x = _fake_quant_int8_token(g, t, x, name)
     elif spec.act == "fp8":
         x = _fake_quant_fp8(g, t, x, float(spec.input_scale), name)
+    elif spec.act == "fp8_token":
+        x = _fake_quant_fp8_token(g, t, x, name)
     elif spec.act is not None:
         raise ValueError(f"unknown activation treatment {spec.act!r}")
 

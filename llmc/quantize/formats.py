@@ -15,6 +15,7 @@ entry here plus its export rule in `llmc.quantize.export` and its read rule in
 
 Weight storage (see `llmc.quantize.layout` for the exact byte layout):
     fp8       F8_E4M3 [out, in], per-tensor scale          FP8 activations, per-tensor static
+    fp8_pc_pt F8_E4M3 [out, in], per_channel_scale [out]   FP8 activations, dynamic per token
     int8_sq   I8 [out, in], per-output-channel scale       INT8 activations, dynamic per token
     int8_sq_static  as int8_sq                             INT8 activations, static per tensor
     int8_wo   I8 [out, in], per-output-channel scale       float activations
@@ -56,7 +57,7 @@ class QFormat:
     @property
     def needs_activations(self) -> bool:
         """Calibration must see real activations (False: round-to-nearest from weights alone)."""
-        return self.act_dtype is not None or self.pre_quant_scale
+        return (self.act_dtype is not None and self.act_granularity != "token") or self.pre_quant_scale
 
     @property
     def uses_modelopt(self) -> bool:
@@ -72,6 +73,10 @@ class QFormat:
 QFORMATS: dict[str, QFormat] = {f.name: f for f in [
     QFormat("fp8", "FP8", "FP8 E4M3 weights and activations, per-tensor scales (max calibration)",
             "FP8_DEFAULT_CFG", "fp8", "tensor", act_dtype="fp8", act_granularity="tensor"),
+    QFormat("fp8_pc_pt", "FP8_PER_CHANNEL_PER_TOKEN",
+            "FP8 E4M3 weights with per-output-channel scales, activations FP8 per token (dynamic): "
+            "TensorRT-LLM's FP8 rowwise mode",
+            "FP8_PER_CHANNEL_PER_TOKEN_CFG", "fp8", "channel", act_dtype="fp8", act_granularity="token"),
     QFormat("int8_sq", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
             "INT8 SmoothQuant: per-channel weights, per-token dynamic activations",
             "INT8_SMOOTHQUANT_CFG", "int8", "channel", act_dtype="int8", act_granularity="token",
@@ -116,7 +121,7 @@ INT4_MAX = 7.0
 
 # quant_algo values this package can read back (checkpoints from llmc or from ModelOpt's
 # TensorRT-LLM export). W8A8_SQ_PER_CHANNEL is static per-tensor activation SmoothQuant.
-READABLE_QUANT_ALGOS = ("FP8", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+READABLE_QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
                         "W8A16", "W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ", "W8A16_GPTQ")
 
 

@@ -9,6 +9,9 @@ for a linear at `prefix` (e.g. `transformer.layers.0.attention.qkv`) with weight
 
     quant_algo   prefix.weight        weights_scaling_factor  activation_scaling_factor  other
     FP8          F8_E4M3 [out, in]    F32 [1]                 F32 [1]
+    FP8_PER_CHANNEL_PER_TOKEN
+                 F8_E4M3 [out, in]    per_channel_scale F32 [out] (ModelOpt / TensorRT-LLM's name); activations
+                                      FP8 per token, scale amax(|x_row|) / 448 computed at run time
     W8A8_SQ_*    I8 [out, in]         F32 [out]               F32 [1]                    prequant_scaling_factor [in]
     W8A16        I8 [out, in]         F32 [out]               -
     W4A16_AWQ    I8 [out/2, in]       F32 [out, in/group]     -                          prequant_scaling_factor [in] (AWQ only)
@@ -113,6 +116,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # quant_algo -> (kind, activation dtype, activation granularity)
 _ALGO_KIND: dict[str, tuple[str, str | None, str | None]] = {
     "FP8": ("fp8", "fp8", "tensor"),
+    "FP8_PER_CHANNEL_PER_TOKEN": ("fp8", "fp8", "token"),
     "W8A8_SQ_PER_CHANNEL": ("int8_sq", "int8", "tensor"),
     "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": ("int8_sq", "int8", "token"),
     "W8A16": ("w8a16", None, None),
@@ -250,9 +254,9 @@ def read_quantized_linear(tensors: dict[str, torch.Tensor], prefix: str, quant_c
             return None
         return tensors[full]
 
-    wsf = _f32(t("weights_scaling_factor"))
+    wsf = _f32(t("per_channel_scale" if algo == "FP8_PER_CHANNEL_PER_TOKEN" else "weights_scaling_factor"))
     pqs = _f32(t("prequant_scaling_factor", required=False))
-    asf = _scalar(t("activation_scaling_factor", required=act_dtype is not None))
+    asf = _scalar(t("activation_scaling_factor", required=act_dtype is not None and act_gran != "token"))
     q = QLinear(prefix, kind, weight, pre_quant_scale=pqs, act_dtype=act_dtype,
                 act_granularity=act_gran, input_scale=asf, bias=bias)
     if kind == "fp8":
