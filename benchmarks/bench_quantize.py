@@ -47,10 +47,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+KEEP = "gguf-keep"
 # (row name, qformat, extra quantize options)
 RUNS = [
     ("fp8", "fp8", {}),
     ("fp8 + kv fp8", "fp8", {"kv_cache_dtype": "fp8"}),
+    ("fp8_pc_pt", "fp8_pc_pt", {}),
     ("int8_sq", "int8_sq", {}),
     ("int8_sq_static", "int8_sq_static", {}),
     ("int8_wo", "int8_wo", {}),
@@ -61,6 +63,7 @@ RUNS = [
     ("int4_wo g32", "int4_wo", {"group_size": 32}),
     ("int4_asym g64", "int4_asym", {"group_size": 64}),
     ("int4_asym g32", "int4_asym", {"group_size": 32}),
+    ("gguf keep (Q4_1)", KEEP, {}),   # llmc convert SmolLM2.gguf --keep-quantization
 ]
 FLOORS = {"fp8": 3.0, "int8_sq": 5.0}
 AWQ_RATIO = 0.60
@@ -84,6 +87,13 @@ def child(spec: str) -> None:
 
 
 def run_quantize(ckpt: Path, out: Path, qformat: str, opts: dict) -> dict:
+    if qformat == KEEP:  # the float32 checkpoint is the same GGUF's conversion: add its blocks
+        from llmc.default_model import default_gguf_path
+        from llmc.quantize.gguf_keep import keep_gguf_quantization
+
+        r = keep_gguf_quantization(default_gguf_path(), ckpt, out, force=True)
+        return {"seconds": r.seconds, "calib_seconds": 0.0, "peak_rss_bytes": 0, "group_size": 32,
+                "sq_alpha": None, "quant_algo": r.quant_algo, "calib_samples": 0}
     spec = json.dumps({"ckpt": str(ckpt), "out": str(out), "qformat": qformat, **opts})
     proc = subprocess.run([sys.executable, __file__, "--_child", spec], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("CHILD ")]
