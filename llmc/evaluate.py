@@ -15,6 +15,16 @@ What is evaluated:
   most max_num_tokens tokens and reading the logits of every position.
 
 `compare([A, B, ...])` evaluates each on the same token windows; deltas are against the first.
+
+Distribution-level accuracy (`reference=`, `llmc eval --reference PATH`): perplexity averages
+away what users notice, a changed most-likely token. Against a reference artifact (normally the
+unquantized checkpoint) each result also carries, on the same windows:
+- KL(P_ref || P) per predicted position, its mean and 99th percentile (nats), on the SECOND HALF
+  of every window only (logit positions seq_len//2 .. seq_len-2, llama.cpp's
+  `--kl-divergence` protocol: every scored prediction has at least half a window of context);
+- same-top-1 %: positions of that half where both argmaxes agree;
+- perplexity ratio: exp(NLL - NLL_ref) over all positions (the `perplexity` protocol above).
+`greedy_agreement` checks generated outputs against the reference's greedy choice token by token.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ class EvalResult:
     seq_len: int
     seconds: float
     data: str = ""
+    divergence: dict | None = None   # Divergence.to_dict() when evaluated against a reference
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,6 +96,59 @@ def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(-logp.gather(-1, ids[:, 1:, None]).sum())
 
 
+def kl_positions(seq_len: int) -> slice:
+    """Logit positions of a window scored for KL / same-top-1: llama.cpp's protocol, the second
+    half (positions seq_len//2 .. seq_len-2, each predicting the next token of the window), so
+    every scored prediction has at least half a window of context."""
+    return slice(seq_len // 2, seq_len - 1)
+
+
+def kl_per_position(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL(P_ref || P) in nats, top-1 equal) per position of [..., V] logits, flattened.
+
+    P = softmax(logits) over the vocabulary; KL = sum_v P_ref(v) (log P_ref(v) - log P(v)).
+    """
+    lp_ref = torch.log_softmax(ref_logits.float(), dim=-1)
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp_min(0.0)
+    same = ref_logits.argmax(-1) == logits.argmax(-1)
+    return kl.reshape(-1), same.reshape(-1)
+
+
+@dataclass
+class Divergence:
+    """Distribution-level accuracy of a model against a reference on the same windows."""
+
+    reference: str
+    kl_mean: float         # mean KL(P_ref || P) over scored positions (nats)
+    kl_p99: float          # 99th percentile of the per-position KL
+    kl_max: float
+    same_top1_pct: float   # positions whose argmax equals the reference's
+    ppl_ratio: float       # perplexity / reference perplexity (all positions, as `perplexity`)
+    positions: int         # positions scored for KL / top-1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _DivergenceAcc:
+    def __init__(self) -> None:
+        self.kl: list[torch.Tensor] = []
+        self.same: list[torch.Tensor] = []
+
+    def add(self, ref_logits: torch.Tensor, logits: torch.Tensor) -> None:
+        cut = kl_positions(logits.shape[1])
+        kl, same = kl_per_position(ref_logits[:, cut], logits[:, cut])
+        self.kl.append(kl.double())
+        self.same.append(same)
+
+    def result(self, reference: str, ppl_ratio: float) -> Divergence:
+        kl = torch.cat(self.kl).numpy()
+        same = torch.cat(self.same).numpy()
+        return Divergence(reference, float(kl.mean()), float(np.percentile(kl, 99)), float(kl.max()),
+                          float(100.0 * same.mean()), ppl_ratio, int(kl.size))
+
+
 @torch.no_grad()
 def model_nll(model: torch.nn.Module, windows: torch.Tensor, progress: bool = False,
               label: str = "eval") -> float:
@@ -99,8 +163,8 @@ def model_nll(model: torch.nn.Module, windows: torch.Tensor, progress: bool = Fa
     return total
 
 
-def evaluate_engine(engine_dir: str | Path, windows: torch.Tensor, progress: bool = False) -> float:
-    """Total NLL of an engine over the windows, through llmc.engine's step API.
+def engine_logits_fn(engine_dir: str | Path, seq_len: int):
+    """A function windows [B, S] -> logits [B, S, V] (float32) driving an engine's step API.
 
     Each window is one sequence: prefilled in chunks of at most max_num_tokens tokens, every
     position's logits requested (logits_indices = all packed tokens), KV in freshly numbered
@@ -111,7 +175,6 @@ def evaluate_engine(engine_dir: str | Path, windows: torch.Tensor, progress: boo
         from llmc.engine.step import SeqSlice, StepBatch
     except ImportError as exc:
         raise UnsupportedError(f"evaluating an engine needs llmc.engine.load_engine ({exc})") from None
-    from llmc.progress import stage_progress
 
     engine = load_engine(engine_dir)
     ecfg = engine.config
@@ -124,30 +187,44 @@ def evaluate_engine(engine_dir: str | Path, windows: torch.Tensor, progress: boo
         return default
 
     block = int(opt("tokens_per_block", "block_size", default=64))
-    max_tokens = int(opt("max_num_tokens", default=windows.shape[1]))
+    max_tokens = int(opt("max_num_tokens", default=seq_len))
     max_seq = opt("max_seq_len")
-    seq_len = windows.shape[1]
     if max_seq is not None and seq_len > int(max_seq):
         raise LlmcError(f"--seq-len {seq_len} exceeds the engine's max_seq_len {max_seq}", engine_dir)
     nblocks = -(-seq_len // block)
     # engines may insist on a pool that holds one sequence of max_seq_len
     engine.allocate_kv_pool(max(nblocks, -(-int(max_seq or seq_len) // block)))
     table = list(range(nblocks))
-    total = 0.0
-    with stage_progress(progress, len(windows), "eval (engine)", unit="chunks") as advance:
+
+    def run(windows: torch.Tensor) -> torch.Tensor:
+        out = []
         for row in windows:
             ids = row.numpy().astype(np.int64)
-            logits_parts = []
-            for start in range(0, seq_len, max_tokens):
-                end = min(seq_len, start + max_tokens)
+            n = len(ids)
+            parts = []
+            for start in range(0, n, max_tokens):
+                end = min(n, start + max_tokens)
                 pos = np.arange(start, end, dtype=np.int64)
                 slots = np.asarray([table[p // block] * block + p % block for p in pos], np.int64)
                 batch = StepBatch(input_ids=ids[start:end], positions=pos, slot_mapping=slots,
                                   seqs=[SeqSlice(0, end - start, end, table)],
                                   logits_indices=np.arange(end - start, dtype=np.int64))
-                logits_parts.append(np.asarray(engine.step(batch), np.float32))
-            logits = torch.from_numpy(np.concatenate(logits_parts, 0))[None]
-            total += _nll_sum(logits, row[None])
+                parts.append(np.asarray(engine.step(batch), np.float32))
+            out.append(torch.from_numpy(np.concatenate(parts, 0)))
+        return torch.stack(out)
+
+    return run
+
+
+def evaluate_engine(engine_dir: str | Path, windows: torch.Tensor, progress: bool = False) -> float:
+    """Total NLL of an engine over the windows, through llmc.engine's step API."""
+    from llmc.progress import stage_progress
+
+    run = engine_logits_fn(engine_dir, windows.shape[1])
+    total = 0.0
+    with stage_progress(progress, len(windows), "eval (engine)", unit="chunks") as advance:
+        for row in windows:
+            total += _nll_sum(run(row[None]), row[None])
             advance(1)
     return total
 
@@ -171,6 +248,16 @@ def check_window(path: Path, seq_len: int) -> None:
         raise LlmcError(f"--seq-len {seq_len} exceeds {what} ({limit})", path)
 
 
+def logits_fn(path: str | Path, seq_len: int):
+    """windows [B, S] -> logits [B, S, V] for a checkpoint (exact simulation) or an engine."""
+    if is_engine_dir(path):
+        return engine_logits_fn(path, seq_len)
+    from llmc.quantize.simulate import build_simulated_model
+
+    model = build_simulated_model(Path(path))
+    return torch.no_grad()(lambda w: model(w).float())
+
+
 def _load_tokenizer(path: Path):
     from llmc.tokenizer import load_tokenizer
 
@@ -191,52 +278,146 @@ def _describe_quant(path: Path) -> str:
     return ", ".join(parts)
 
 
+def _score(paths: list[Path], windows: torch.Tensor, reference: Path | None,
+           progress: bool) -> list[tuple[float, float, Divergence | None]]:
+    """(total NLL, seconds, divergence from `reference`) of each artifact on the windows.
+
+    All artifacts run in lockstep over batches of windows so the reference's logits are computed
+    once per batch and never stored whole (40 x 512 positions x 49k vocab would be 4 GB). A
+    reference that is also one of `paths` is run once.
+    """
+    from llmc.progress import stage_progress
+
+    seq_len = windows.shape[1]
+    fns = [logits_fn(p, seq_len) for p in paths]
+    ref_index = next((i for i, p in enumerate(paths) if reference is not None
+                      and Path(p).resolve() == Path(reference).resolve()), None)
+    ref_fn = None if reference is None or ref_index is not None else logits_fn(reference, seq_len)
+    totals = [0.0] * len(paths)
+    seconds = [0.0] * len(paths)
+    ref_total = 0.0
+    accs = [_DivergenceAcc() for _ in paths] if reference is not None else None
+    label = "eval" if len(paths) == 1 else f"eval x{len(paths)}"
+    step = EVAL_BATCH
+    with stage_progress(progress, len(windows), label, unit="chunks") as advance:
+        for batch in windows.split(step):
+            ref_logits = ref_fn(batch) if ref_fn is not None else None
+            if ref_logits is not None:
+                ref_total += _nll_sum(ref_logits, batch)
+            order = list(range(len(fns)))
+            if ref_index is not None:  # the reference first, so every other is compared and dropped at once
+                order.insert(0, order.pop(ref_index))
+            for i in order:
+                t0 = time.perf_counter()
+                logits = fns[i](batch)
+                seconds[i] += time.perf_counter() - t0
+                totals[i] += _nll_sum(logits, batch)
+                if i == ref_index:
+                    ref_logits = logits
+                if accs is not None:
+                    accs[i].add(ref_logits, logits)
+                del logits
+            advance(len(batch))
+    if ref_index is not None:
+        ref_total = totals[ref_index]
+    results = []
+    for i in range(len(paths)):
+        div = None
+        if accs is not None:
+            div = accs[i].result(str(reference), math.exp((totals[i] - ref_total) / max(1, _ntokens(windows))))
+        results.append((totals[i], seconds[i], div))
+    return results
+
+
+def _ntokens(windows: torch.Tensor) -> int:
+    return windows.shape[0] * (windows.shape[1] - 1)
+
+
+def _result(path: Path, total: float, seconds: float, windows: torch.Tensor, desc: str,
+            div: Divergence | None) -> EvalResult:
+    nll = total / _ntokens(windows)
+    return EvalResult(str(path), "engine" if is_engine_dir(path) else "checkpoint", _describe_quant(path),
+                      math.exp(nll), nll, _ntokens(windows), windows.shape[0], windows.shape[1], seconds, desc,
+                      None if div is None else div.to_dict())
+
+
+def _check_vocab(paths: list[Path], vocab: int, first: Path) -> None:
+    for p in paths:
+        if len(_load_tokenizer(Path(p))) != vocab:
+            raise LlmcError(f"tokenizer differs from {first}'s: perplexities would not be comparable", p)
+
+
 def evaluate(path: str | Path, data: str | Path, seq_len: int = DEFAULT_SEQ_LEN,
              max_chunks: int | None = None, progress: bool = True,
-             windows: torch.Tensor | None = None) -> EvalResult:
-    """Perplexity of a checkpoint or engine directory on the text `data`."""
-    path = Path(path)
-    if not path.exists():
-        raise LlmcError("no such file or directory", path)
-    engine = is_engine_dir(path)
-    check_window(path, seq_len if windows is None else windows.shape[1])
-    if windows is None:
-        windows, desc = token_windows(_load_tokenizer(path), data, seq_len, max_chunks)
-    else:
-        desc = str(data)
-    start = time.perf_counter()
-    if engine:
-        total = evaluate_engine(path, windows, progress=progress)
-    else:
-        from llmc.quantize.simulate import build_simulated_model
-
-        model = build_simulated_model(path)
-        total = model_nll(model, windows, progress=progress, label=f"eval {path.name}")
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
-    nll = total / tokens
-    return EvalResult(str(path), "engine" if engine else "checkpoint", _describe_quant(path),
-                      math.exp(nll), nll, tokens, windows.shape[0], windows.shape[1],
-                      time.perf_counter() - start, desc)
+             windows: torch.Tensor | None = None, reference: str | Path | None = None) -> EvalResult:
+    """Perplexity of a checkpoint or engine directory on the text `data` (and, with `reference`,
+    its KL divergence / same-top-1 / perplexity ratio against that checkpoint or engine)."""
+    return compare([path], data, seq_len, max_chunks, progress, windows=windows, reference=reference)[0]
 
 
 def compare(paths: list[str | Path], data: str | Path, seq_len: int = DEFAULT_SEQ_LEN,
-            max_chunks: int | None = None, progress: bool = True) -> list[EvalResult]:
+            max_chunks: int | None = None, progress: bool = True, windows: torch.Tensor | None = None,
+            reference: str | Path | None = None) -> list[EvalResult]:
     """Evaluate several artifacts on identical windows (tokenized once with the first's tokenizer;
-    all must share a vocabulary, which they do when they come from one model)."""
+    all must share a vocabulary, which they do when they come from one model). With `reference`,
+    each result carries `divergence` (see `Divergence`) against it."""
     if not paths:
         raise LlmcError("nothing to evaluate")
-    for p in paths:
-        if not Path(p).exists():
+    paths = [Path(p) for p in paths]
+    ref = None if reference is None else Path(reference)
+    for p in paths + ([ref] if ref is not None else []):
+        if not p.exists():
             raise LlmcError("no such file or directory", p)
-        check_window(Path(p), seq_len)
-    first_tok = _load_tokenizer(Path(paths[0]))
-    windows, desc = token_windows(first_tok, data, seq_len, max_chunks)
-    vocab = len(first_tok)
-    for p in paths[1:]:
-        if len(_load_tokenizer(Path(p))) != vocab:
-            raise LlmcError(f"tokenizer differs from {paths[0]}'s: perplexities would not be comparable", p)
-    results = []
-    for p in paths:
-        r = evaluate(p, desc, seq_len, max_chunks, progress, windows=windows)
-        results.append(r)
-    return results
+        check_window(p, seq_len if windows is None else windows.shape[1])
+    if windows is None:
+        first_tok = _load_tokenizer(paths[0])
+        windows, desc = token_windows(first_tok, data, seq_len, max_chunks)
+        _check_vocab(paths[1:] + ([ref] if ref is not None else []), len(first_tok), paths[0])
+    else:
+        desc = str(data)
+    scores = _score(paths, windows, ref, progress)
+    return [_result(p, total, secs, windows, desc, div) for p, (total, secs, div) in zip(paths, scores)]
+
+
+@dataclass
+class GreedyAgreement:
+    """How often a model's greedy outputs are exactly what the reference would have generated."""
+
+    reference: str
+    prompts: int
+    identical: int             # whole output equal to the reference's greedy continuation
+    first_token: int           # first generated token equal
+    prefix_pct: float          # mean % of each output's tokens before the first disagreement
+    differing: list[int] = None  # indices (into the requests) of outputs that are not identical
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def greedy_agreement(requests: list[tuple[list[int], list[int]]], reference: str | Path) -> GreedyAgreement:
+    """Agreement of greedy generations (prompt ids, generated ids) with `reference`.
+
+    Teacher-forced: the reference scores prompt + output in one pass; the output is the
+    reference's own greedy continuation exactly when its argmax at every generated position is the
+    token that was generated (a stop token included), so one forward per request decides it, with
+    no second generation loop. Argmax ties count as disagreements.
+    """
+    reqs = [(list(p), list(o)) for p, o in requests]
+    if any(not o for _, o in reqs):
+        raise ValueError("greedy_agreement: a request generated no tokens")
+    longest = max((len(p) + len(o) for p, o in reqs), default=1)
+    fn = logits_fn(reference, longest)
+    identical = first = 0
+    prefix, differing = [], []
+    for index, (prompt, out) in enumerate(reqs):
+        ids = torch.tensor([prompt + out[:-1]], dtype=torch.long)
+        pred = fn(ids)[0, len(prompt) - 1:].argmax(-1).tolist()
+        agree = next((i for i, (a, b) in enumerate(zip(pred, out)) if a != b), len(out))
+        identical += agree == len(out)
+        first += agree > 0
+        if agree < len(out):
+            differing.append(index)
+        prefix.append(100.0 * agree / len(out))
+    return GreedyAgreement(str(reference), len(reqs), identical, first,
+                           float(np.mean(prefix)) if prefix else 0.0, differing)

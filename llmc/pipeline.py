@@ -182,12 +182,14 @@ class Pipeline:
 
                 paths = [ckpt, *([model_ckpt] if model_ckpt != ckpt else []), engine]
                 res = compare(paths, ev.data, seq_len=ev.seq_len, max_chunks=ev.max_chunks,
-                              progress=self.progress)
+                              progress=self.progress, reference=ckpt)
                 base, eng = res[0].perplexity, res[-1].perplexity
                 out = {"baseline_ppl": base, "engine_ppl": eng, "delta_pct": 100 * (eng / base - 1),
-                       "tokens": res[-1].tokens, "data": res[-1].data}
+                       "tokens": res[-1].tokens, "data": res[-1].data,
+                       "engine_divergence": res[-1].divergence}
                 if len(res) == 3:
                     out["checkpoint_ppl"] = res[1].perplexity
+                    out["checkpoint_divergence"] = res[1].divergence
                 return out
 
             results["eval"] = self.stage("eval", ev.model_dump(), _hash(conv.key, built.key), None, do_eval).result
@@ -204,7 +206,14 @@ class Pipeline:
             ok = [o for o in outs if not o.error]
             ntok = sum(len(o.output_token_ids) for o in ok)
             med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+            del llm
+            from llmc.evaluate import greedy_agreement
+
+            # would the unquantized checkpoint have answered the same? (the run stage decodes greedily)
+            agreement = (greedy_agreement([(o.prompt_token_ids, o.output_token_ids) for o in ok if o.output_token_ids], ckpt).to_dict()
+                         if ok else None)
             return {"outputs": [{"prompt": p, "text": o.text, "error": o.error} for p, o in zip(run.prompts, outs)],
+                    "greedy_agreement": agreement,
                     "ttft_ms": (med([o.ttft for o in ok if o.ttft]) or 0) * 1e3,
                     "tpot_ms": (med([o.tpot for o in ok if o.tpot]) or 0) * 1e3,
                     "output_tokens_per_s": ntok / elapsed}

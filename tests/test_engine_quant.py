@@ -1,7 +1,7 @@
 """Quantized engines: graphs the backends accelerate, numerics equal to the exact simulation.
 
 Tolerances (engine logits vs `llmc.quantize.simulate.build_simulated_model`, float32):
-- fp8, w4a8_awq, int4_awq, int4_wo, int8_wo, FP8/INT8 KV cache: max |diff| < 1e-4 with ONNX
+- fp8, fp8_pc_pt, w4a8_awq, int4_awq, int4_wo, int4_asym, int8_wo, FP8/INT8 KV cache: max |diff| < 1e-4 with ONNX
   Runtime's exact 4/8-bit MatMul (int4_accuracy_level=0). The default fast level (4: the fused
   MatMulNBits kernel rounds activations to int8 per block) stays within 5% of the logit range.
 - int8_sq (per-token dynamic int8 activations): the simulation itself is discontinuous (a 1e-6
@@ -22,8 +22,8 @@ from llmc.engine import BuildOptions, build_engine, load_engine
 from test_engine import MIXED_PLAN, mixed_seqs, run_schedule
 
 # (qformat, kv_cache_dtype)
-CASES = [("fp8", None), ("int8_sq", None), ("int4_awq", None), ("w4a8_awq", None), ("int8_wo", None),
-         ("int4_wo", None), ("fp8", "fp8"), ("int8_sq", "int8")]
+CASES = [("fp8", None), ("fp8_pc_pt", None), ("int8_sq", None), ("int4_awq", None), ("w4a8_awq", None), ("int8_wo", None),
+         ("int4_wo", None), ("int4_asym", None), ("fp8", "fp8"), ("int8_sq", "int8")]
 IDS = [f"{q}-kv{kv}" if kv else q for q, kv in CASES]
 
 
@@ -73,7 +73,7 @@ def test_quantized_engine_matches_simulation(name, quantized, engines):
         assert errs.max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["int4_awq", "int8_wo"])
+@pytest.mark.parametrize("name", ["int4_awq", "int8_wo", "int4_asym"])
 def test_fast_int_kernels_stay_close(name, quantized, engines):
     engine = load_engine(engines[name])  # default accuracy level: int8 activations inside MatMulNBits
     seqs = mixed_seqs(engine.config.vocab_size)
@@ -158,7 +158,7 @@ def test_fp8_bit_encoding_is_exact():
     np.testing.assert_array_equal(back, want.astype(np.float32) * 0.5)
 
 
-@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("name", [i for i in IDS if i != "fp8_pc_pt"])
 def test_tensorrt_graph_is_compatible(name, quantized, tmp_path):
     """tensorrt-target graphs pass the TensorRT table for every qformat (checked on CPU)."""
     from llmc.engine.trt_compat import check_graph
@@ -198,3 +198,11 @@ def test_tensorrt_graph_numerics_on_cpu(name, quantized, tmp_path):
         assert np.mean(errs < 1e-4) > 0.5 and errs.max() < 0.02 * scale
     else:
         assert errs.max() < 1e-4
+
+
+def test_fp8_per_token_is_refused_on_tensorrt(quantized, tmp_path):
+    from llmc.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="per-token"):
+        build_engine(quantized["fp8_pc_pt"], tmp_path / "trt", BuildOptions(backend="tensorrt", graph_only=True,
+                                                                             max_seq_len=128))

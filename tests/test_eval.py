@@ -140,3 +140,84 @@ def test_real_engine_matches_checkpoint(tiny_checkpoints, text_file, tmp_path):
         tokens_per_block=16, max_batch_size=2, max_seq_len=128, max_num_tokens=48)).out
     a, b = compare([ck, eng], text_file, seq_len=64, max_chunks=2, progress=False)
     assert b.kind == "engine" and b.perplexity == pytest.approx(a.perplexity, rel=1e-4)
+
+
+# ---- distribution-level accuracy (--reference) ---------------------------------------------
+
+def _scipy_kl(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    from scipy.special import rel_entr, softmax
+
+    return rel_entr(softmax(ref_logits.astype(np.float64), -1), softmax(logits.astype(np.float64), -1)).sum(-1)
+
+
+def test_kl_per_position_matches_scipy():
+    from llmc.evaluate import kl_per_position
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 4, (3, 7, 500)).astype(np.float32)
+    other = (ref + rng.normal(0, 0.7, ref.shape)).astype(np.float32)
+    other[0, 0] = ref[0, 0]  # one identical distribution: KL 0
+    kl, same = kl_per_position(torch.from_numpy(ref), torch.from_numpy(other))
+    expect = _scipy_kl(ref, other).reshape(-1)
+    np.testing.assert_allclose(kl.numpy(), expect, rtol=1e-4, atol=1e-6)
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and (expect > 1e-3).sum() > 10
+    assert same.numpy().tolist() == (ref.argmax(-1) == other.argmax(-1)).reshape(-1).tolist()
+
+
+def test_reference_divergence_against_independent_computation(tiny_checkpoints, text_file, tmp_path, capsys):
+    from llmc.quantize.api import quantize_checkpoint
+    from llmc.quantize.simulate import build_simulated_model
+
+    ck = tiny_checkpoints["llama"]
+    q = quantize_checkpoint(ck, tmp_path / "q4", "int4_wo", progress=False).out
+    base, res = compare([ck, q], text_file, seq_len=64, max_chunks=3, progress=False, reference=ck)
+    assert base.divergence["kl_mean"] == pytest.approx(0.0, abs=1e-7)
+    assert base.divergence["same_top1_pct"] == 100.0 and base.divergence["ppl_ratio"] == pytest.approx(1.0)
+
+    windows, _ = token_windows(load_tokenizer(ck), text_file, 64, 3)
+    with torch.no_grad():
+        ref_logits = ReferenceModel.from_checkpoint(ck)(windows).numpy()
+        q_logits = build_simulated_model(q)(windows).numpy()
+    half = slice(32, 63)  # second half of a 64-token window: positions 32..62 predict tokens 33..63
+    kl = _scipy_kl(ref_logits[:, half], q_logits[:, half]).reshape(-1)
+    d = res.divergence
+    assert d["positions"] == 3 * 31 == kl.size
+    assert d["kl_mean"] == pytest.approx(kl.mean(), rel=1e-4) and d["kl_mean"] > 1e-4
+    assert d["kl_p99"] == pytest.approx(np.percentile(kl, 99), rel=1e-4)
+    same = (ref_logits[:, half].argmax(-1) == q_logits[:, half].argmax(-1)).mean() * 100
+    assert d["same_top1_pct"] == pytest.approx(same)
+    assert d["ppl_ratio"] == pytest.approx(res.perplexity / base.perplexity, rel=1e-6)
+
+    # the reference need not be among the evaluated paths; the CLI prints the figures
+    alone = evaluate(q, text_file, seq_len=64, max_chunks=3, progress=False, reference=ck)
+    assert alone.divergence["kl_mean"] == pytest.approx(d["kl_mean"], rel=1e-6)
+    code = main(["eval", "--compare", str(ck), str(q), "--data", str(text_file), "--seq-len", "64",
+                 "--max-chunks", "3", "--reference", str(ck)])
+    out = capsys.readouterr().out
+    assert code == 0 and "KL(reference || model)" in out and "ppl" in out
+    code = main(["eval", str(q), "--data", str(text_file), "--seq-len", "64", "--max-chunks", "3",
+                 "--reference", str(ck), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert data[0]["divergence"]["kl_p99"] == pytest.approx(d["kl_p99"], rel=1e-6)
+    assert main(["eval", str(q), "--data", str(text_file), "--reference", str(tmp_path / "nope")]) == 2
+
+
+def test_greedy_agreement_teacher_forced(tiny_checkpoints):
+    from llmc.evaluate import greedy_agreement
+
+    ck = tiny_checkpoints["llama"]
+    model = ReferenceModel.from_checkpoint(ck)
+    requests = []
+    for seed in range(3):
+        prompt = torch.randint(3, 200, (9,), generator=torch.Generator().manual_seed(seed)).tolist()
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):  # plain greedy generation loop, no cache
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        requests.append((prompt, ids[len(prompt):]))
+    g = greedy_agreement(requests, ck)
+    assert (g.prompts, g.identical, g.first_token, g.prefix_pct) == (3, 3, 3, 100.0)
+    p, o = requests[1]
+    bad = o[:3] + [(o[3] + 1) % 200] + o[4:]  # diverges at its 4th token
+    g = greedy_agreement([requests[0], (p, bad)], ck)
+    assert (g.identical, g.first_token, g.differing) == (1, 2, [1]) and g.prefix_pct == pytest.approx((100 + 50) / 2)

@@ -14,7 +14,7 @@ from llmc.cli.app import main
 from llmc.errors import LlmcError
 from llmc.quantize.api import quantize_checkpoint
 from llmc.quantize.formats import QFORMATS
-from llmc.quantize.layout import expand_groups, read_quantized_linear
+from llmc.quantize.layout import read_quantized_linear
 
 LINEARS = ["attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj"]
 KV = {"fp8": "fp8", "int8_sq": "int8"}  # also exercise both KV-cache dtypes
@@ -56,7 +56,7 @@ def quantized(tiny_checkpoints, calib_file, tmp_path_factory):
 def _step_bound(q, w_ref):
     """One quantization step of each element of the reference weight, in the stored space."""
     if q.kind == "fp8":  # E4M3 spacing at |w|: 2^(floor(log2|w/s|) - 3) * s, subnormals 2^-9 * s
-        s = q.weight_scale.float()
+        s = q.expanded_weight_scale()
         mag = (w_ref.abs() / s).clamp(min=2 ** -6)
         return torch.exp2(torch.floor(torch.log2(mag)) - 3) * s
     return q.expanded_weight_scale() * (q.weight_scale_2.float() if q.weight_scale_2 is not None else 1.0)
@@ -72,7 +72,8 @@ def test_format_loads_back_within_one_step(name, quantized, tiny_checkpoints):
     assert qc.kv_cache_quant_algo == (KV[name].upper() if name in KV else None)
     assert qc.exclude_modules == ["lm_head"] and qc.pre_quant_scale == fmt.pre_quant_scale
     if fmt.is_int4:
-        assert qc.group_size == 128 == r.group_size
+        assert qc.group_size == (fmt.default_group_size or 128) == r.group_size
+        assert qc.has_zero_point == fmt.zero_point
     src = load_checkpoint(tiny_checkpoints["llama"])
     assert ck.config.rotary_base == src.config.rotary_base and ck.config.rotary_scaling == src.config.rotary_scaling
     assert (r.out / "tokenizer.json").is_file()
@@ -93,7 +94,8 @@ def test_format_loads_back_within_one_step(name, quantized, tiny_checkpoints):
             assert (err <= _step_bound(q, w_ref) * (1 + 1e-5) + 1e-7).all(), f"{name} {p}: max err {err.max()}"
             assert (q.act_dtype is not None) == (fmt.act_dtype is not None)
             if fmt.is_int4:
-                assert tuple(tensors[p + ".weights_scaling_factor"].shape) == (w.shape[0], w.shape[1] // 128)
+                assert tuple(tensors[p + ".weights_scaling_factor"].shape) == (w.shape[0], w.shape[1] // r.group_size)
+                assert (p + ".zero" in tensors) == fmt.zero_point
         if name in KV:
             for which in ("k", "v", "kv"):
                 t = tensors[f"transformer.layers.{i}.attention.{which}_cache_scaling_factor"]
@@ -275,3 +277,28 @@ def test_kv_hook_attention_is_the_reference_attention(family, tiny_checkpoints):
         assert torch.equal(attention_forward(attn, x, cos, sin, hook, hook), attn(x, cos, sin))
     kv_heads, head = model.config.num_key_value_heads, model.config.head_size
     assert seen == [torch.Size([2, kv_heads, 24, head])] * 2  # per KV head, before GQA repeat
+
+
+def test_int4_asym_is_min_max_round_to_nearest(quantized, tiny_checkpoints):
+    """int4_asym against an independent numpy min/max quantizer (llama.cpp Q4_1's rule), and its
+    effect on weights that are NOT on a 4-bit grid (tiny random float model): asymmetric groups of
+    32 have a smaller weight error than symmetric round-to-nearest (int4_wo) at the same group."""
+    import numpy as np
+
+    r = quantized["int4_asym"]
+    ck = load_checkpoint(r.out)
+    src = load_checkpoint(tiny_checkpoints["llama"]).merged_tensors()
+    p = "transformer.layers.1.mlp.proj"
+    w = src[p + ".weight"].float().numpy()
+    g = w.reshape(w.shape[0], -1, 32)
+    lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+    d = (hi - lo) / 15
+    expect = (np.clip(np.rint((g - lo) / d), 0, 15) * d + lo).reshape(w.shape)
+    got = read_quantized_linear(ck.merged_tensors(), p, ck.config.quantization).dequantize().numpy()
+    np.testing.assert_allclose(got, expect, rtol=0, atol=1e-6)
+    sym = quantize_checkpoint(tiny_checkpoints["llama"], r.out.parent / "int4_wo_g32", "int4_wo", group_size=32,
+                              progress=False).out
+    ck_sym = load_checkpoint(sym)
+    err_sym = np.abs(read_quantized_linear(ck_sym.merged_tensors(), p, ck_sym.config.quantization)
+                     .dequantize().numpy() - w).mean()
+    assert np.abs(got - w).mean() < 0.8 * err_sym

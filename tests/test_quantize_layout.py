@@ -108,10 +108,32 @@ def test_float_and_bad_inputs():
 
 
 def test_registry():
-    assert list(QFORMATS) == ["fp8", "int8_sq", "int4_awq", "w4a8_awq", "int8_wo", "int4_wo", "int8_sq_static"]
-    with pytest.raises(LlmcError, match="fp8, int8_sq, int4_awq, w4a8_awq, int8_wo, int4_wo, int8_sq_static"):
+    assert list(QFORMATS) == ["fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "w4a8_awq", "int8_wo", "int4_wo",
+                              "int4_asym", "int8_sq_static"]
+    with pytest.raises(LlmcError, match="fp8, fp8_pc_pt, int8_sq, int4_awq, w4a8_awq, int8_wo, int4_wo, int4_asym, int8_sq_static"):
         get_qformat("int3")
     assert not get_qformat("int4_wo").needs_activations and get_qformat("int4_awq").needs_activations
+    # dynamic per-token activations need no calibration data; per-tensor static ones do
+    assert not get_qformat("fp8_pc_pt").needs_activations and get_qformat("fp8").needs_activations
+    assert not get_qformat("int4_asym").uses_modelopt and get_qformat("int4_wo").uses_modelopt
+
+
+def test_zero_point_layout_reads_back():
+    from llmc.quantize.layout import pack_int4
+
+    q = torch.randint(-8, 8, (4, 64), dtype=torch.int8)
+    s, z = torch.rand(4, 2) + 0.1, torch.randn(4, 2)
+    t = {f"{P}.weight": pack_int4(q), f"{P}.weights_scaling_factor": s, f"{P}.zero": z}
+    ql = read_quantized_linear(t, P, {"quant_algo": "W4A16_GPTQ", "has_zero_point": True, "group_size": 32})
+    expect = q.float() * s.repeat_interleave(32, 1) + z.repeat_interleave(32, 1)
+    assert ql.group_size == 32 and torch.equal(ql.dequantize(), expect)
+    del t[f"{P}.zero"]
+    with pytest.raises(LlmcError, match="missing"):
+        read_quantized_linear(t, P, {"quant_algo": "W4A16_GPTQ", "has_zero_point": True})
+    q8 = torch.randint(-128, 128, (4, 64), dtype=torch.int8)
+    t8 = {f"{P}.weight": q8, f"{P}.weights_scaling_factor": s}
+    ql = read_quantized_linear(t8, P, {"quant_algo": "W8A16_GPTQ", "group_size": 32})
+    assert ql.kind == "w8a16" and torch.equal(ql.dequantize(), q8.float() * s.repeat_interleave(32, 1))
     assert kv_cache_algo("fp8") == "FP8" and kv_cache_algo(None) is None
     with pytest.raises(LlmcError, match="fp8, int8"):
         kv_cache_algo("int4")

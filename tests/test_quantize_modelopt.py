@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from llmc.quantize.api import quantize_checkpoint
 from llmc.quantize.layout import read_quantized_linear
 
-PRESETS = {"fp8": "FP8_DEFAULT_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "int4_awq": "INT4_AWQ_CFG",
+PRESETS = {"fp8": "FP8_DEFAULT_CFG", "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN_CFG", "int8_sq": "INT8_SMOOTHQUANT_CFG", "int4_awq": "INT4_AWQ_CFG",
            "w4a8_awq": "W4A8_AWQ_BETA_CFG", "int8_wo": "INT8_WEIGHT_ONLY_CFG", "int4_wo": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",
            "int8_sq_static": "INT8_SMOOTHQUANT_CFG"}
 KV = {"fp8": "fp8", "int8_sq": "int8"}

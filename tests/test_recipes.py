@@ -10,7 +10,7 @@ from llmc.recipes.schema import DEFAULT_RECIPE, apply_overrides, load_recipe, pa
 
 def test_required_recipes_are_shipped():
     names = set(shipped_recipes())
-    for q in ("fp8", "int8_sq", "int4_awq", "w4a8_awq", "int8_wo", "int4_wo"):
+    for q in ("fp8", "int8_sq", "int4_awq", "w4a8_awq", "int8_wo", "int4_wo", "int4_asym"):
         assert f"smollm2-{q}" in names
     assert "llama3-8b-fp8-tensorrt" in names and "qwen2-int8_sq" in names
     assert DEFAULT_RECIPE in names

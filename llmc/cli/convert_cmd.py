@@ -15,13 +15,45 @@ def convert(
     dtype: str = typer.Option("auto", **choice(("auto", "float32", "float16", "bfloat16"), DTYPE_ALIASES), help="auto: the source's dtype (float32 for GGUF)."),
     tp_size: int = typer.Option(1, "--tp-size", help="Tensor-parallel ranks to shard into (must divide heads, KV heads and intermediate size)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it is a previous llmc checkpoint (or empty); any other directory is refused, and OUT may never be, contain or lie inside the input."),
+    keep_quantization: bool = typer.Option(False, "--keep-quantization", help="GGUF only: keep Q4_0 / Q4_1 / Q8_0 blocks exactly as a weight-only quantized checkpoint (W4A16_GPTQ with zero points / W4A16_AWQ / W8A16_GPTQ, group 32) instead of dequantizing; other types are dequantized and reported."),
 ) -> None:
     """Convert a model into a checkpoint: fused QKV, TensorRT-LLM names, dtype, TP shards."""
     from rich.console import Console
 
     from llmc.converters.convert import convert as run_convert
 
+    if keep_quantization:
+        return _convert_keeping(src, out, tp_size, force)
     result = run_convert(src, out, dtype=dtype, tp_size=tp_size, force=force)
     Console().print(f"[green]converted[/] {src} -> {result.out} "
                     f"({result.config.architecture}, {result.num_params / 1e6:.1f}M params, "
                     f"{result.config.dtype}, tp={tp_size}) in {result.seconds:.1f}s")
+
+
+def _convert_keeping(src: Path, out: Path, tp_size: int, force: bool) -> None:
+    """Float32 conversion into a temporary sibling, then the GGUF blocks on top of it."""
+    import shutil
+
+    from rich.console import Console
+
+    from llmc.converters.convert import convert as run_convert
+    from llmc.errors import LlmcError
+    from llmc.fsutil import check_output_dir
+    from llmc.quantize.gguf_keep import keep_gguf_quantization
+
+    if src.suffix.lower() != ".gguf" or not src.is_file():
+        raise LlmcError("--keep-quantization applies to a .gguf file (a Hugging Face directory is not quantized)", src)
+    if tp_size != 1:
+        raise LlmcError("--keep-quantization writes one rank: shard later or use --tp-size 1")
+    check_output_dir(out, force)
+    float_dir = out.parent / f".{out.name}.float-tmp"
+    try:
+        run_convert(src, float_dir, dtype="float32", tp_size=1, force=True)
+        r = keep_gguf_quantization(src, float_dir, out, force=force)
+    finally:
+        shutil.rmtree(float_dir, ignore_errors=True)
+    kept = ", ".join(f"{n} {k}" for k, n in sorted(r.kept.items()))
+    msg = f"[green]converted[/] {src} -> {out} keeping its quantization ({r.quant_algo}, group 32): {kept} linears kept"
+    if r.dequantized:
+        msg += f"; {len(r.dequantized)} dequantized to float ({', '.join(sorted(set(r.dequantized.values())))})"
+    Console().print(msg)

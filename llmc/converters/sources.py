@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -152,6 +153,34 @@ GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 GGUF_PERMUTED_QK = {"llama"}
 
 
+# GGUF block types whose codes are kept exactly by `convert --keep-quantization` (32-wide blocks)
+GGUF_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+
+
+@dataclass
+class GGUFBlocks:
+    """A GGUF block-quantized matrix [rows, cols]: real = codes * scale (+ zero) per 32-block.
+
+    codes: int8 [rows, cols] (4-bit types: the nibble minus 8, in [-8, 7]); scale and zero: float32
+    [rows, cols / 32] (zero: Q4_1's m + 8 d; None for the symmetric Q4_0 / Q8_0)."""
+
+    kind: str
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.kind == "Q8_0" else 4
+
+    def map_rows(self, fn) -> "GGUFBlocks":
+        return GGUFBlocks(self.kind, fn(self.codes), fn(self.scale), None if self.zero is None else fn(self.zero))
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.codes.float() * self.scale.repeat_interleave(32, dim=1)
+        return w if self.zero is None else w + self.zero.repeat_interleave(32, dim=1)
+
+
 def _field(reader, key: str, default: Any = None) -> Any:
     field = reader.fields.get(key)
     if field is None:
@@ -249,6 +278,39 @@ class GGUFSource:
             elif name.endswith("k_proj.weight"):
                 w = _unpermute(w, self.hf_config.get("num_key_value_heads") or self.hf_config["num_attention_heads"])
         return w
+
+    def type_name(self, name: str) -> str:
+        """The GGUF storage type of a tensor (F32, Q4_0, Q4_1, Q8_0, Q4_K ...)."""
+        return self._tensors[name].tensor_type.name
+
+    def blocks(self, name: str) -> "GGUFBlocks | None":
+        """A Q4_0 / Q4_1 / Q8_0 matrix as its stored integer codes and per-block scales (q/k
+        rows un-permuted like `tensor`), or None for any other type. No rounding happens: the
+        values are d * q (+ m) exactly as llama.cpp dequantizes them."""
+        t = self._tensors[name]
+        kind = t.tensor_type.name
+        if kind not in GGUF_BLOCK_TYPES or len(self.shape(name)) != 2:
+            return None
+        rows, cols = self.shape(name)
+        raw = np.ascontiguousarray(t.data).view(np.uint8).reshape(rows, cols // 32, -1)
+        d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        zero = None
+        if kind == "Q8_0":
+            q = raw[..., 2:34].copy().view(np.int8).reshape(rows, cols)
+        else:
+            qs = raw[..., 4:20] if kind == "Q4_1" else raw[..., 2:18]
+            u = np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.int16)   # [rows, blocks, 32]
+            q = (u - 8).astype(np.int8).reshape(rows, cols)                      # symmetric nibble
+            if kind == "Q4_1":  # d * u + m = d * (u - 8) + (m + 8 d)
+                m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+                zero = m + np.float32(8.0) * d
+        out = GGUFBlocks(kind, torch.from_numpy(q), torch.from_numpy(d), None if zero is None else torch.from_numpy(zero))
+        if self.arch in GGUF_PERMUTED_QK:
+            heads = {"q_proj.weight": "num_attention_heads", "k_proj.weight": "num_key_value_heads"}
+            for suffix, key in heads.items():
+                if name.endswith(suffix):
+                    out = out.map_rows(lambda a, n=self.hf_config[key]: _unpermute(a, n))
+        return out
 
     def write_tokenizer(self, out: Path) -> list[str]:
         """Rebuild tokenizer.json etc. from the GGUF vocabulary (via transformers' converter)."""

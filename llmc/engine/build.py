@@ -95,7 +95,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
 
 
 # Checkpoints whose linears already run on ORT's integer kernels (at the engine's accuracy level).
-INTEGER_KINDS = ("int8_sq", "w8a16", "int4_awq")
+INTEGER_KINDS = ("int8_sq", "w8a16", "int4_awq", "w4a16")
 
 
 def lm_head_policy(option: str, target, qkind: str) -> str:

@@ -20,8 +20,8 @@ from llmc.plugins.linear import LinearSpec, concat_out
 LAYER = "transformer.layers.{i}."
 
 # quant_algo values the builder accepts (the quantize package's reader defines their layout)
-QUANT_ALGOS = (None, "FP8", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A16",
-               "W4A16_AWQ", "W4A8_AWQ")
+QUANT_ALGOS = (None, "FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A16",
+               "W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ", "W8A16_GPTQ")
 KV_QUANT = {None: None, "INT8": "int8", "FP8": "fp8"}
 
 
@@ -46,8 +46,8 @@ def quant_kind(cfg: CheckpointConfig) -> str:
     if algo not in QUANT_ALGOS:
         raise UnsupportedError(f"quant_algo {algo!r} is not supported by the engine builder "
                                f"(supported: {', '.join(str(k) for k in QUANT_ALGOS if k)})")
-    return {None: "float", "FP8": "fp8", "W8A16": "w8a16", "W4A16_AWQ": "int4_awq",
-            "W4A8_AWQ": "w4a8_awq"}.get(algo, "int8_sq")
+    return {None: "float", "FP8": "fp8", "FP8_PER_CHANNEL_PER_TOKEN": "fp8", "W8A16": "w8a16", "W4A16_AWQ": "int4_awq",
+            "W4A8_AWQ": "w4a8_awq", "W4A16_GPTQ": "w4a16", "W8A16_GPTQ": "w8a16"}.get(algo, "int8_sq")
 
 
 def kv_quant(cfg: CheckpointConfig) -> str | None:
@@ -116,7 +116,7 @@ def from_qlinear(q) -> LinearSpec:
     if q.act_dtype == "int8":
         act = "int8_token" if q.act_granularity == "token" else "int8"
     elif q.act_dtype == "fp8":
-        act = "fp8"
+        act = "fp8_token" if q.act_granularity == "token" else "fp8"
     scale = None if q.input_scale is None else float(q.input_scale.reshape(-1)[0])
     pqs, bias = _np(q.pre_quant_scale), _np(q.bias)
     if q.kind == "float":
@@ -124,10 +124,11 @@ def from_qlinear(q) -> LinearSpec:
     if q.kind == "fp8":
         return LinearSpec("fp8", np32(q.weight), _np(q.weight_scale), None, act, scale, pqs, bias)
     if q.kind in ("int8_sq", "w8a16"):
-        return LinearSpec("int8", q.weight.numpy().astype(np.int8), _np(q.weight_scale), None, act, scale, pqs, bias)
+        return LinearSpec("int8", q.weight.numpy().astype(np.int8), _np(q.weight_scale), q.group_size, act, scale,
+                          pqs, bias, _np(q.zero))
     if q.kind == "int4_awq":
         return LinearSpec("int4", q.weight.numpy().astype(np.int8), _np(q.weight_scale), int(q.group_size),
-                          act, scale, pqs, bias)
+                          act, scale, pqs, bias, _np(q.zero))
     if q.kind == "w4a8_awq":
         # TensorRT-LLM's W4A8: the INT4 weight is converted to FP8 per group, fp8(q * s_group / s2),
         # then scaled by s2. Store exactly those FP8 values.

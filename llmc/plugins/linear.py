@@ -8,10 +8,15 @@ Weights
 - float: MatMul(x, W).
 - int8:  DequantizeLinear(W int8 [in, out], per-output-channel scale, axis 1, zero point 0);
          with block scales [in/g, out]: opset-21 blocked DQ, axis 0, which ONNX Runtime fuses
-         into its 8-bit MatMulNBits (see `exact_int8_blocks`).
+         into its 8-bit MatMulNBits (see `exact_int8_blocks`). Weight-only int8 (W8A16) on ONNX
+         Runtime is always emitted blocked (`blocked_int8`: the per-channel scale repeated per
+         block, the same numbers), since ORT would fold a per-channel DQ into an fp32 weight.
 - int4:  DequantizeLinear(W int4 [in, out], block scales [in/g, out], axis 0, block_size g, no
          zero point): opset-21 blocked DQ; ONNX Runtime fuses DQ+MatMul into MatMulNBits,
          TensorRT into its INT4 weight-only GEMM.
+- zero points (groupwise int4/int8 with real = q * s + z, e.g. GGUF Q4_1): the symmetric part as
+  above plus a small float MatMul of per-group activation sums with z (`_zero_term`); exact in
+  real arithmetic, and keeps the fused kernels.
 - fp8:   TensorRT: DequantizeLinear(W float8e4m3fn, scale). ONNX Runtime CPU has no FP8 GEMM
          (DQ from FP8 runs but is 14-30x slower than fp32): the weight is dequantized at build
          time from its exact FP8 values (fp8 * scale in float32, the same numbers DQ yields).
@@ -20,6 +25,8 @@ Activations
   With int8 weights ONNX Runtime fuses Q/DQ + MatMul into its int8 GEMM; TensorRT likewise.
 - int8 per-token (dynamic): scale = max|x| / 127 per row, rounded with Div/Round/Clip/Mul (exact
   fake quantization; neither backend takes non-constant per-axis activation scales in Q/DQ).
+- fp8 per-token (dynamic, FP8_PER_CHANNEL_PER_TOKEN): scale = max|x| / 448 per row, then the
+  saturating Cast pair below (exact fake quantization; emitted alike for both backends).
 - fp8 (static per-tensor): TensorRT: FP8 QuantizeLinear/DequantizeLinear (fused into the FP8
   GEMM). ONNX Runtime CPU: Div -> Cast(float8e4m3fn, saturate) -> Cast -> Mul, which is exactly
   QuantizeLinear/DequantizeLinear's arithmetic (round to nearest even, saturate at +-448).
@@ -41,7 +48,7 @@ from llmc.engine.graph import GraphBuilder, pack_int4
 from llmc.plugins.base import Target
 
 WEIGHT_FORMATS = ("float", "int8", "int4", "fp8")
-ACTIVATIONS = (None, "int8", "int8_token", "fp8")
+ACTIVATIONS = (None, "int8", "int8_token", "fp8", "fp8_token")
 
 
 @dataclass
@@ -61,6 +68,7 @@ class LinearSpec:
     input_scale: float | None = None
     pre_quant_scale: np.ndarray | None = None
     bias: np.ndarray | None = None
+    zero: np.ndarray | None = None  # [out, in // group_size] additive zeros (groupwise with zero points)
 
     @property
     def out_features(self) -> int:
@@ -87,7 +95,10 @@ class LinearSpec:
         s = np.asarray(self.weight_scale, np.float32)
         if s.ndim == 2:  # block scales along the input dim
             g = w.shape[1] // s.shape[1]
-            return (w.reshape(w.shape[0], -1, g) * s[:, :, None]).reshape(w.shape)
+            w = w.reshape(w.shape[0], -1, g) * s[:, :, None]
+            if self.zero is not None:
+                w = w + np.asarray(self.zero, np.float32)[:, :, None]
+            return w.reshape(self.weight.shape)
         return w * self.scale_per_channel()[:, None]
 
 
@@ -114,6 +125,18 @@ def exact_int8_blocks(weight: np.ndarray, block: int = INT8_BLOCK) -> LinearSpec
     return LinearSpec("int8", q.astype(np.int8).reshape(out, k), scale.astype(np.float32), block)
 
 
+def blocked_int8(spec: LinearSpec) -> LinearSpec | None:
+    """A per-channel int8 weight-only linear as the same int8 values with its per-channel scale
+    repeated over blocks along the input (128, 64 or 32 wide; the first that divides it): an
+    exact re-statement that ONNX Runtime runs as its 8-bit MatMulNBits instead of constant-folding
+    the per-channel DequantizeLinear into a float32 weight (fp32 speed). None if no block fits."""
+    block = next((b for b in (128, 64, INT8_BLOCK) if spec.in_features % b == 0), None)
+    if block is None:
+        return None
+    scale = np.repeat(spec.scale_per_channel()[:, None], spec.in_features // block, axis=1)
+    return LinearSpec("int8", spec.weight, scale, block, spec.act, spec.input_scale, spec.pre_quant_scale, spec.bias)
+
+
 def concat_out(specs: list[LinearSpec]) -> LinearSpec:
     """Stack linears that share an input along the output dim (gated MLP fc + gate).
 
@@ -137,12 +160,16 @@ def concat_out(specs: list[LinearSpec]) -> LinearSpec:
             scale = np.concatenate([np.asarray(s.weight_scale, np.float32) for s in specs], 0)
         else:
             scale = np.concatenate([s.scale_per_channel() for s in specs], 0)
+    zero = None
+    if any(s.zero is not None for s in specs):
+        zero = np.concatenate([np.asarray(s.zero, np.float32) if s.zero is not None
+                               else np.zeros_like(np.asarray(s.weight_scale, np.float32)) for s in specs], 0)
     bias = None
     if any(s.bias is not None for s in specs):
         bias = np.concatenate([s.bias if s.bias is not None else np.zeros(s.out_features, np.float32)
                                for s in specs])
     return LinearSpec(first.wfmt, weight, scale, first.group_size, first.act, first.input_scale,
-                      first.pre_quant_scale, bias)
+                      first.pre_quant_scale, bias, zero)
 
 
 def _fake_quant_fp8(g: GraphBuilder, t: Target, x: str, scale: float, name: str) -> str:
@@ -151,6 +178,25 @@ def _fake_quant_fp8(g: GraphBuilder, t: Target, x: str, scale: float, name: str)
         zp = g.const(np.zeros((), np.float32), TensorProto.FLOAT8E4M3FN)
         q = g.op("QuantizeLinear", [x, s, zp], name=f"{name}_aq")
         return g.op("DequantizeLinear", [q, s, zp], name=f"{name}_adq")
+    scaled = g.op("Div", [x, s], name=f"{name}_adiv")
+    q = g.op("Cast", [scaled], name=f"{name}_afp8", to=TensorProto.FLOAT8E4M3FN, saturate=1)
+    back = g.op("Cast", [q], name=f"{name}_aback", to=t.dtype)
+    return g.op("Mul", [back, s], name=f"{name}_adq")
+
+
+def _fake_quant_fp8_token(g: GraphBuilder, t: Target, x: str, name: str) -> str:
+    """Per-token dynamic FP8 (TensorRT-LLM's FP8 rowwise activations): s_t = max|x_row| / 448,
+    fp8(x / s_t) * s_t through a saturating Cast (exactly QuantizeLinear's rounding)."""
+    if t.is_trt:
+        from llmc.errors import UnsupportedError
+
+        raise UnsupportedError("FP8 per-token (dynamic) activations have no TensorRT ONNX lowering here (TensorRT-LLM "
+                               "runs them with its FP8 rowwise plugin: use --backend tensorrt-llm, or onnxruntime)")
+    amax = g.op("ReduceMax", [g.op("Abs", [x], name=f"{name}_aabs"), g.const([-1])], name=f"{name}_aamax",
+                keepdims=1)
+    s = g.op("Div", [amax, g.const(np.float32(448.0), t.dtype)], name=f"{name}_ascale")
+    zero = g.op("Equal", [amax, g.const(np.float32(0.0), t.dtype)], name=f"{name}_azero")
+    s = g.op("Where", [zero, g.const(np.float32(1.0), t.dtype), s], name=f"{name}_ascale_nz")
     scaled = g.op("Div", [x, s], name=f"{name}_adiv")
     q = g.op("Cast", [scaled], name=f"{name}_afp8", to=TensorProto.FLOAT8E4M3FN, saturate=1)
     back = g.op("Cast", [q], name=f"{name}_aback", to=t.dtype)
@@ -220,10 +266,15 @@ def emit_linear(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, name: str)
         x = _fake_quant_int8_token(g, t, x, name)
     elif spec.act == "fp8":
         x = _fake_quant_fp8(g, t, x, float(spec.input_scale), name)
+    elif spec.act == "fp8_token":
+        x = _fake_quant_fp8_token(g, t, x, name)
     elif spec.act is not None:
         raise ValueError(f"unknown activation treatment {spec.act!r}")
 
     w = spec.wfmt
+    if (w == "int8" and spec.act is None and not t.is_trt and np.asarray(spec.weight_scale).ndim < 2
+            and (blocked := blocked_int8(spec)) is not None):
+        spec = blocked  # W8A16 on ONNX Runtime: 8-bit MatMulNBits
     if w == "float" or (w == "fp8" and t.fp8 == "emulate"):
         wd = g.weight(f"{name}.weight", spec.dequantized().T, t.dtype)
     elif w == "int8" and np.asarray(spec.weight_scale).ndim == 2:  # block scales [out, in/g]
@@ -254,6 +305,26 @@ def emit_linear(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, name: str)
     else:
         raise ValueError(f"unknown weight format {w!r}")
     y = g.op("MatMul", [x, wd], name=name)
+    if spec.zero is not None:
+        y = g.op("Add", [y, _zero_term(g, t, x, spec, name)], name=f"{name}_zero_add")
     if spec.bias is not None:
         y = g.op("Add", [y, g.weight(f"{name}.bias", spec.bias.astype(np.float32), t.dtype)], name=f"{name}_bias")
     return y
+
+
+def _zero_term(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, name: str) -> str:
+    """The zero points' share of a groupwise linear with real = q * s + z per (row, group):
+
+        x @ (q * s + z)^T = x @ (q * s)^T  +  blocksum(x) @ z^T,   blocksum(x)[.., b] = sum of x over group b
+
+    so the symmetric part keeps the DequantizeLinear -> MatMulNBits fusion (and TensorRT's INT4
+    GEMM), and the zeros cost one small [in/g, out] float matmul on per-group activation sums.
+    """
+    gsize = int(spec.group_size)
+    groups = spec.in_features // gsize
+    lead = g.op("Shape", [x], name=f"{name}_zshape", end=-1)
+    shape = g.op("Concat", [lead, g.const([groups, gsize])], name=f"{name}_zgshape", axis=0)
+    xb = g.op("Reshape", [x, shape], name=f"{name}_zgroups")
+    sums = g.op("ReduceSum", [xb, g.const([-1])], name=f"{name}_zsum", keepdims=0)
+    z = g.weight(f"{name}.zero", np.ascontiguousarray(np.asarray(spec.zero, np.float32).T), t.dtype)  # [in/g, out]
+    return g.op("MatMul", [sums, z], name=f"{name}_zmm")

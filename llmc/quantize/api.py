@@ -124,9 +124,10 @@ def resolve_group_size(fmt: QFormat, requested: int | None, cfg, quantized: list
                 raise LlmcError(f"--group-size {requested} does not divide the input width {w} ({what}) of "
                                 f"{shown}; {hint}")
         return requested
-    if DEFAULT_GROUP_SIZE in ok:
-        return DEFAULT_GROUP_SIZE
-    smaller = [g for g in ok if g < DEFAULT_GROUP_SIZE]
+    preferred = fmt.default_group_size or DEFAULT_GROUP_SIZE
+    if preferred in ok:
+        return preferred
+    smaller = [g for g in ok if g < preferred]
     if not smaller:
         mod, (w, what) = next((m, v) for m, v in widths.items() if v[0] % 32)
         raise LlmcError(f"no INT4 group size in 32-256 divides the input width {w} ({what}) of "
@@ -198,7 +199,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
     elif sq_alpha is not None:
         raise LlmcError(f"--sq-alpha applies to SmoothQuant formats (int8_sq, int8_sq_static) only, not {fmt.name}")
     if group_size is not None and not fmt.is_int4:
-        raise LlmcError(f"--group-size applies to INT4 formats (int4_awq, w4a8_awq, int4_wo), not {fmt.name}")
+        raise LlmcError(f"--group-size applies to INT4 formats (int4_awq, w4a8_awq, int4_wo, int4_asym), not {fmt.name}")
 
     source = load_checkpoint(ckpt)
     cfg = source.config
@@ -238,22 +239,36 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
         raise LlmcError(f"awq_search_samples must be >= 1, got {awq_search_samples}")
     torch.manual_seed(seed)
     tensors = source.merged_tensors()
-    for mod in quantized:  # their float weights are re-derived from the calibrated model
-        for name in checkpoint_names(mod):
-            tensors.pop(name + ".weight", None)
-    model = ReferenceModel.from_checkpoint(source, dtype=torch.float32)
-    stats = calibrate(model, fmt, batches, group_size=group, sq_alpha=sq_alpha, kv_algo=kv_algo,
-                      excluded_modules=kept, awq_search_samples=awq_search_samples, progress=progress)
-    ckpt_dtype = next(t.dtype for n, t in tensors.items() if n.endswith("input_layernorm.weight"))
-    out_tensors = export_tensors(model, tensors, fmt, quantized_modules=quantized, kv_algo=kv_algo,
-                                 intermediate_size=cfg.intermediate_size,
-                                 num_layers=cfg.num_hidden_layers, ckpt_dtype=ckpt_dtype)
-    del model
+    if not fmt.uses_modelopt:  # llmc's own round-to-nearest with zero points: weights alone
+        from llmc.quantize.export import rtn_asymmetric
+        from llmc.quantize.ptq import CalibStats
+
+        if kv_algo:
+            raise LlmcError(f"--kv-cache-dtype needs ModelOpt calibration; {fmt.name} is weight-only round-to-nearest")
+        stats = CalibStats()
+        out_tensors = dict(tensors)
+        for mod in quantized:
+            for name in checkpoint_names(mod):
+                del out_tensors[name + ".weight"]
+                for suffix, t in rtn_asymmetric(tensors[name + ".weight"], group).items():
+                    out_tensors[f"{name}.{suffix}"] = t
+    else:
+        for mod in quantized:  # their float weights are re-derived from the calibrated model
+            for name in checkpoint_names(mod):
+                tensors.pop(name + ".weight", None)
+        model = ReferenceModel.from_checkpoint(source, dtype=torch.float32)
+        stats = calibrate(model, fmt, batches, group_size=group, sq_alpha=sq_alpha, kv_algo=kv_algo,
+                          excluded_modules=kept, awq_search_samples=awq_search_samples, progress=progress)
+        ckpt_dtype = next(t.dtype for n, t in tensors.items() if n.endswith("input_layernorm.weight"))
+        out_tensors = export_tensors(model, tensors, fmt, quantized_modules=quantized, kv_algo=kv_algo,
+                                     intermediate_size=cfg.intermediate_size,
+                                     num_layers=cfg.num_hidden_layers, ckpt_dtype=ckpt_dtype)
+        del model
 
     new_cfg = copy.deepcopy(cfg)
     new_cfg.quantization = QuantConfig(
         quant_algo=fmt.quant_algo, kv_cache_quant_algo=kv_algo,
-        group_size=group if group else DEFAULT_GROUP_SIZE, has_zero_point=False,
+        group_size=group if group else DEFAULT_GROUP_SIZE, has_zero_point=fmt.zero_point,
         pre_quant_scale=fmt.pre_quant_scale, exclude_modules=patterns,
         smoothquant_val=sq_alpha if fmt.is_smoothquant else None)
     new_cfg.mapping.tp_size = new_cfg.mapping.pp_size = new_cfg.mapping.world_size = 1
@@ -264,8 +279,8 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
 
     new_cfg.llmc = dict(cfg.llmc)
     new_cfg.llmc["quantization"] = {
-        "qformat": fmt.name, "llmc_version": __version__, "modelopt_version": _modelopt_version(),
-        "algorithm": fmt.modelopt_preset, "group_size": group, "sq_alpha": sq_alpha,
+        "qformat": fmt.name, "llmc_version": __version__, "modelopt_version": _modelopt_version() if fmt.uses_modelopt else None,
+        "algorithm": fmt.modelopt_preset if fmt.uses_modelopt else "rtn_asymmetric (llmc)", "group_size": group, "sq_alpha": sq_alpha,
         "activation_granularity": fmt.act_granularity, "exclude": patterns,
         "calibration": {**calib_facts, "batch_size": batch_size, "passes": stats.passes,
                         "awq_search_samples": min(awq_search_samples, calib_size) if "AWQ" in fmt.modelopt_preset else None,

@@ -60,7 +60,11 @@ def export_linear(module: nn.Module, fmt: QFormat, ckpt_dtype: torch.dtype) -> d
     out_f, in_f = w.shape
     wq = module.weight_quantizer
     out: dict[str, torch.Tensor] = {}
-    if fmt.weight_dtype == "fp8":
+    if fmt.weight_dtype == "fp8" and fmt.weight_granularity == "channel":  # TensorRT-LLM's name for it
+        s = (_amax(wq, FP8_MAX) / FP8_MAX).reshape(out_f)
+        out["weight"] = quantize_fp8(w, s[:, None])
+        out["per_channel_scale"] = s
+    elif fmt.weight_dtype == "fp8":
         s = (_amax(wq, FP8_MAX) / FP8_MAX).reshape(1)
         out["weight"] = quantize_fp8(w, s)
         out["weights_scaling_factor"] = s
@@ -96,7 +100,7 @@ def _split_rows(tensors: dict[str, torch.Tensor], rows: int) -> tuple[dict, dict
         if k == "weight" and t.dtype == torch.int8 and "weights_scaling_factor" in tensors and \
                 tensors["weights_scaling_factor"].dim() == 2:  # packed INT4: two rows per byte
             a[k], b[k] = t[: rows // 2].contiguous(), t[rows // 2:].contiguous()
-        elif k in ("weight",) or (k == "weights_scaling_factor" and t.numel() > 1):
+        elif k in ("weight",) or (k in ("weights_scaling_factor", "per_channel_scale") and t.numel() > 1):
             a[k], b[k] = t[:rows].contiguous(), t[rows:].contiguous()
         else:  # shared: per-tensor weight scale, activation scale, pre-quant scale, scale_2
             a[k], b[k] = t.clone(), t.clone()
@@ -140,3 +144,20 @@ def export_tensors(model: nn.Module, source: dict[str, torch.Tensor], fmt: QForm
             for suffix, t in kv_scales(attn, kv_algo).items():
                 out[LAYER.format(i=i) + "attention." + suffix] = t
     return out
+
+
+def rtn_asymmetric(w: torch.Tensor, group: int, bits: int = 4) -> dict[str, torch.Tensor]:
+    """Asymmetric min/max round-to-nearest per (row, group of `group` inputs), llama.cpp Q4_1's
+    rule: d = (max - min) / (2^bits - 1), u = clamp(round((w - min) / d), 0, 2^bits - 1), real =
+    d * u + min. Stored in the zero-point layout (`llmc.quantize.layout`): q = u - 2^(bits-1),
+    weights_scaling_factor d, zero = min + 2^(bits-1) d. A group of equal values gets d = 1."""
+    out_f, in_f = w.shape
+    levels = 2 ** bits - 1
+    half = 2 ** (bits - 1)
+    g = w.float().reshape(out_f, in_f // group, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    d = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(lo))
+    u = torch.round((g - lo[..., None]) / d[..., None]).clamp(0, levels)
+    q = (u - half).to(torch.int8).reshape(out_f, in_f)
+    return {"weight": pack_int4(q) if bits == 4 else q, "weights_scaling_factor": d,
+            "zero": lo + half * d}

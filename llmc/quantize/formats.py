@@ -15,12 +15,14 @@ entry here plus its export rule in `llmc.quantize.export` and its read rule in
 
 Weight storage (see `llmc.quantize.layout` for the exact byte layout):
     fp8       F8_E4M3 [out, in], per-tensor scale          FP8 activations, per-tensor static
+    fp8_pc_pt F8_E4M3 [out, in], per_channel_scale [out]   FP8 activations, dynamic per token
     int8_sq   I8 [out, in], per-output-channel scale       INT8 activations, dynamic per token
     int8_sq_static  as int8_sq                             INT8 activations, static per tensor
     int8_wo   I8 [out, in], per-output-channel scale       float activations
     int4_awq  INT4 packed two per byte, I8 [out/2, in],     float activations, AWQ pre-quant scale
               per-(row, group) scale [out, in/group]
     int4_wo   as int4_awq, no pre-quant scale (round-to-nearest)
+    int4_asym as int4_wo + zero F32 [out, in/group] (W4A16_GPTQ, has_zero_point): min/max per group
     w4a8_awq  as int4_awq + weights_scaling_factor_2       FP8 activations, per-tensor static
 """
 
@@ -46,6 +48,7 @@ class QFormat:
     default_group_size: int | None = None
     weight_scale_2: bool = False     # two-level weight scale (W4A8)
     default_sq_alpha: float | None = None  # SmoothQuant migration strength (SmoothQuant formats)
+    zero_point: bool = False         # asymmetric groups with zero points, computed by llmc (no ModelOpt)
 
     @property
     def is_smoothquant(self) -> bool:
@@ -54,7 +57,11 @@ class QFormat:
     @property
     def needs_activations(self) -> bool:
         """Calibration must see real activations (False: round-to-nearest from weights alone)."""
-        return self.act_dtype is not None or self.pre_quant_scale
+        return (self.act_dtype is not None and self.act_granularity != "token") or self.pre_quant_scale
+
+    @property
+    def uses_modelopt(self) -> bool:
+        return not self.zero_point
 
     @property
     def is_int4(self) -> bool:
@@ -66,6 +73,10 @@ class QFormat:
 QFORMATS: dict[str, QFormat] = {f.name: f for f in [
     QFormat("fp8", "FP8", "FP8 E4M3 weights and activations, per-tensor scales (max calibration)",
             "FP8_DEFAULT_CFG", "fp8", "tensor", act_dtype="fp8", act_granularity="tensor"),
+    QFormat("fp8_pc_pt", "FP8_PER_CHANNEL_PER_TOKEN",
+            "FP8 E4M3 weights with per-output-channel scales, activations FP8 per token (dynamic): "
+            "TensorRT-LLM's FP8 rowwise mode",
+            "FP8_PER_CHANNEL_PER_TOKEN_CFG", "fp8", "channel", act_dtype="fp8", act_granularity="token"),
     QFormat("int8_sq", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
             "INT8 SmoothQuant: per-channel weights, per-token dynamic activations",
             "INT8_SMOOTHQUANT_CFG", "int8", "channel", act_dtype="int8", act_granularity="token",
@@ -79,6 +90,9 @@ QFORMATS: dict[str, QFormat] = {f.name: f for f in [
             "INT8_WEIGHT_ONLY_CFG", "int8", "channel"),
     QFormat("int4_wo", "W4A16_AWQ", "INT4 weight-only, per-group round-to-nearest (baseline for AWQ)",
             "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4", "group", default_group_size=128),
+    QFormat("int4_asym", "W4A16_GPTQ",
+            "INT4 weight-only, asymmetric per-group round-to-nearest with zero points (min/max, GGUF Q4_1's rule)",
+            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4", "group", default_group_size=32, zero_point=True),
     QFormat("int8_sq_static", "W8A8_SQ_PER_CHANNEL",
             "INT8 SmoothQuant with one static per-tensor activation scale (ModelOpt's own layout; "
             "loads in TensorRT-LLM's builder; less accurate on small models)",
@@ -107,8 +121,8 @@ INT4_MAX = 7.0
 
 # quant_algo values this package can read back (checkpoints from llmc or from ModelOpt's
 # TensorRT-LLM export). W8A8_SQ_PER_CHANNEL is static per-tensor activation SmoothQuant.
-READABLE_QUANT_ALGOS = ("FP8", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
-                        "W8A16", "W4A16_AWQ", "W4A8_AWQ")
+READABLE_QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
+                        "W8A16", "W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ", "W8A16_GPTQ")
 
 
 def get_qformat(name: str) -> QFormat:

@@ -9,11 +9,22 @@ for a linear at `prefix` (e.g. `transformer.layers.0.attention.qkv`) with weight
 
     quant_algo   prefix.weight        weights_scaling_factor  activation_scaling_factor  other
     FP8          F8_E4M3 [out, in]    F32 [1]                 F32 [1]
+    FP8_PER_CHANNEL_PER_TOKEN
+                 F8_E4M3 [out, in]    per_channel_scale F32 [out] (ModelOpt / TensorRT-LLM's name); activations
+                                      FP8 per token, scale amax(|x_row|) / 448 computed at run time
     W8A8_SQ_*    I8 [out, in]         F32 [out]               F32 [1]                    prequant_scaling_factor [in]
     W8A16        I8 [out, in]         F32 [out]               -
     W4A16_AWQ    I8 [out/2, in]       F32 [out, in/group]     -                          prequant_scaling_factor [in] (AWQ only)
     W4A8_AWQ     I8 [out/2, in]       F32 [out, in/group]     F32 [1]                    prequant_scaling_factor [in],
                                                                                          weights_scaling_factor_2 F32 [1]
+    W4A16_GPTQ   I8 [out/2, in]       F32 [out, in/group]     -                          zero F32 [out, in/group]
+    W8A16_GPTQ   I8 [out, in]         F32 [out, in/group]     -                          zero F32 [out, in/group] (optional)
+
+- Groupwise with zero points (TensorRT-LLM's W4A16_GPTQ / W8A16_GPTQ, config has_zero_point):
+  real = stored * scale + zero per (row, group), the additive "scale and zeros" form of
+  TensorRT-LLM's fine-grained weight-only GEMM. An asymmetric 4-bit code u in [0, 15] with
+  real = d * u + m (GGUF Q4_1, min/max round-to-nearest) is stored as q = u - 8 with scale d and
+  zero = m + 8 d, so the INT4 values keep the symmetric [-8, 7] packing below.
 
 - Scales are "dequantize" multipliers: real = stored * scale; scale = amax / bound with bound
   448 (FP8 E4M3), 127 (INT8), 7 (INT4). INT8/INT4 are symmetric, no zero point, rounded half to
@@ -47,7 +58,7 @@ from typing import Any
 import torch
 
 from llmc.errors import LlmcError
-from llmc.quantize.formats import FP8_MAX, INT4_MAX, INT8_MAX, READABLE_QUANT_ALGOS
+from llmc.quantize.formats import FP8_MAX, READABLE_QUANT_ALGOS
 
 # ------------------------------------------------------------------------------------------
 # Primitives (used by export to write, and here to read)
@@ -105,11 +116,14 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 # quant_algo -> (kind, activation dtype, activation granularity)
 _ALGO_KIND: dict[str, tuple[str, str | None, str | None]] = {
     "FP8": ("fp8", "fp8", "tensor"),
+    "FP8_PER_CHANNEL_PER_TOKEN": ("fp8", "fp8", "token"),
     "W8A8_SQ_PER_CHANNEL": ("int8_sq", "int8", "tensor"),
     "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": ("int8_sq", "int8", "token"),
     "W8A16": ("w8a16", None, None),
     "W4A16_AWQ": ("int4_awq", None, None),
     "W4A8_AWQ": ("w4a8_awq", "fp8", "tensor"),
+    "W4A16_GPTQ": ("int4_awq", None, None),
+    "W8A16_GPTQ": ("w8a16", None, None),
 }
 
 
@@ -134,6 +148,8 @@ class QLinear:
                      calibrated static scale, kept for reference only).
     input_scale:     [] activation scale, or None.
     bias:            [out] float or None (never quantized).
+    zero:            [out, in // group_size] additive zero of groupwise formats with zero points
+                     (W4A16_GPTQ / W8A16_GPTQ): real = q * scale + zero. None: symmetric.
 
     `dequantize()` gives the exact float32 weight the engine multiplies with the (pre-scaled,
     fake-quantized) activation; `simulate.SimLinear` shows the whole computation.
@@ -150,6 +166,7 @@ class QLinear:
     act_granularity: str | None = None
     input_scale: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    zero: torch.Tensor | None = None   # [out, in // group_size] additive (real = q * scale + zero)
 
     @property
     def out_features(self) -> int:
@@ -177,6 +194,8 @@ class QLinear:
         if self.kind == "float":
             return self.weight.float()
         w = self.weight.float() * self.expanded_weight_scale()
+        if self.zero is not None:
+            w = w + expand_groups(self.zero.float(), self.in_features)
         if self.weight_scale_2 is not None:  # W4A8: INT4 -> FP8 per group, then the FP8 scale
             w = fp8_round(w) * self.weight_scale_2.float()
         return w
@@ -235,9 +254,9 @@ def read_quantized_linear(tensors: dict[str, torch.Tensor], prefix: str, quant_c
             return None
         return tensors[full]
 
-    wsf = _f32(t("weights_scaling_factor"))
+    wsf = _f32(t("per_channel_scale" if algo == "FP8_PER_CHANNEL_PER_TOKEN" else "weights_scaling_factor"))
     pqs = _f32(t("prequant_scaling_factor", required=False))
-    asf = _scalar(t("activation_scaling_factor", required=act_dtype is not None))
+    asf = _scalar(t("activation_scaling_factor", required=act_dtype is not None and act_gran != "token"))
     q = QLinear(prefix, kind, weight, pre_quant_scale=pqs, act_dtype=act_dtype,
                 act_granularity=act_gran, input_scale=asf, bias=bias)
     if kind == "fp8":
@@ -245,6 +264,13 @@ def read_quantized_linear(tensors: dict[str, torch.Tensor], prefix: str, quant_c
             weight = weight.view(torch.float8_e4m3fn)
         q.weight = weight
         q.weight_scale = wsf.reshape(()) if wsf.numel() == 1 else wsf.reshape(-1)
+        return q
+    if kind == "w8a16" and wsf.dim() == 2:  # groupwise INT8 (W8A16_GPTQ; GGUF Q8_0 blocks)
+        if weight.dtype != torch.int8 or weight.shape[0] != wsf.shape[0] or weight.shape[1] % wsf.shape[1]:
+            raise LlmcError(f"{prefix}: groupwise INT8 weight {tuple(weight.shape)} {weight.dtype} does not fit "
+                            f"scales {tuple(wsf.shape)}")
+        q.weight_scale, q.group_size = wsf, weight.shape[1] // wsf.shape[1]
+        q.zero = _zero(t("zero", required=False), wsf)
         return q
     if kind in ("int8_sq", "w8a16"):
         if weight.dtype != torch.int8:
@@ -273,7 +299,16 @@ def read_quantized_linear(tensors: dict[str, torch.Tensor], prefix: str, quant_c
         q.weight_scale = wsf / s2
     else:
         q.weight_scale = wsf
+        q.zero = _zero(t("zero", required=bool(_get(quant_config, "has_zero_point"))), wsf)
     return q
+
+
+def _zero(zero: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor | None:
+    if zero is None:
+        return None
+    if tuple(zero.shape) != tuple(scale.shape):
+        raise LlmcError(f"zero points of shape {tuple(zero.shape)} do not match the scales' {tuple(scale.shape)}")
+    return _f32(zero)
 
 
 def kv_cache_scale(tensors: dict[str, torch.Tensor], layer: int) -> torch.Tensor | None:

@@ -9,6 +9,7 @@ against it tensor by tensor. In float32, per linear (`SimLinear`):
           int8, static ("tensor"):  clamp(round(x / s), -128, 127) * s,   s = input_scale
           int8, dynamic ("token"):  same with s = amax(|x|, last dim) / 127 per token (s=1 if 0)
           fp8, static:              fp8_e4m3(clamp(x / s, +-448)) * s
+          fp8, dynamic ("token"):   same with s = amax(|x|, last dim) / 448 per token (s=1 if 0)
     y = x @ dequantize(W)^T + bias                            (QLinear.dequantize: exact values)
 
 round() is round-half-to-even (torch.round, ONNX QuantizeLinear). KV cache (`SimKVAttention`):
@@ -49,6 +50,11 @@ def fake_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return fp8_round(x / scale) * scale
 
 
+def fake_quant_fp8_per_token(x: torch.Tensor) -> torch.Tensor:
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    return fake_quant_fp8(x, torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)))
+
+
 def fake_quant_activation(x: torch.Tensor, act_dtype: str | None, granularity: str | None,
                           input_scale: torch.Tensor | None) -> torch.Tensor:
     if act_dtype is None:
@@ -58,6 +64,8 @@ def fake_quant_activation(x: torch.Tensor, act_dtype: str | None, granularity: s
             return fake_quant_int8_per_token(x)
         return fake_quant_int8(x, input_scale)
     if act_dtype == "fp8":
+        if granularity == "token":
+            return fake_quant_fp8_per_token(x)
         return fake_quant_fp8(x, input_scale)
     raise ValueError(f"unknown activation dtype {act_dtype!r}")
 
