@@ -34,7 +34,7 @@ def in_process(engine: Path, args, tmp: Path) -> dict:
     """`llmc bench ENGINE` in its own process, like the server leg (no state shared with this one)."""
     out = tmp / "in-process.json"
     r = subprocess.run([sys.executable, "-m", "llmc.cli.app", "bench", str(engine), *workload_args(args),
-                        "--json", str(out)], capture_output=True, text=True)
+                        "--output", str(out)], capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"llmc bench failed: {r.stderr}")
     return json.loads(out.read_text())
@@ -70,7 +70,7 @@ def over_http(engine: Path, args, tmp: Path) -> dict:
             raise SystemExit(f"llmc serve: {exc}\n{log.read_text()}")
         out = tmp / f"http-{port}.json"
         r = subprocess.run([*cli, "bench", "--url", url, "--tokenizer", str(engine), *workload_args(args),
-                            "--json", str(out)], capture_output=True, text=True)
+                            "--output", str(out)], capture_output=True, text=True)
         if r.returncode != 0:
             raise SystemExit(f"llmc bench --url failed: {r.stderr}")
         return json.loads(out.read_text())

@@ -67,6 +67,8 @@ def test_json_is_the_whole_of_stdout(tiny_checkpoints, tmp_path):
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
     for args in (("inspect", str(eng), "--json"), ("inspect", str(tiny_checkpoints["llama"]), "--json"),
                  ("run", str(eng), "-p", "hi", "--max-new-tokens", "3", "--kv-cache-mb", "2", "--json"),
+                 ("bench", str(eng), "--num-requests", "3", "--input-len", "4:8", "--output-len", "2:3",
+                  "--kv-cache-mb", "2", "--json"),
                  ("eval", str(tiny_checkpoints["llama"]), str(eng), "--data", str(data), "--seq-len", "32",
                   "--max-chunks", "2", "--json")):
         r = _cli(*args)

@@ -899,3 +899,12 @@ def test_200_random_requests_under_a_one_sequence_pool(engine):
     for p, k, o in zip(prompts, news, outs):
         ref = alone.generate([p], SamplingParams(max_new_tokens=k, ignore_eos=True))[0].output_token_ids
         assert o.output_token_ids == ref
+
+
+def test_validation_knows_every_quant_algo_llmc_reads():
+    """The checkpoint validator and the layout reader must name the same quant_algo set."""
+    from llmc.checkpoint.validate import QUANT_TABLE
+    from llmc.quantize.formats import QFORMATS, READABLE_QUANT_ALGOS
+
+    assert set(READABLE_QUANT_ALGOS) == set(QUANT_TABLE)
+    assert {f.quant_algo for f in QFORMATS.values()} <= set(QUANT_TABLE)

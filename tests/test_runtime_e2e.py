@@ -132,7 +132,7 @@ def test_cli_run_rejects_missing_and_incompatible_engines(tiny_engine, tmp_path)
 
 def test_cli_bench_reports_and_sweeps(tiny_engine, tmp_path):
     r = _cli("bench", str(tiny_engine), "--num-requests", "6", "--input-len", "8:40", "--output-len", "4:12",
-             "--json", str(tmp_path / "b.json"), "--sweep", "max-batch-size=1,4", "--sweep-out", str(tmp_path / "sw"))
+             "--output", str(tmp_path / "b.json"), "--sweep", "max-batch-size=1,4", "--sweep-out", str(tmp_path / "sw"))
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "b.json").read_text())
     assert [row["max_batch_size"] for row in rows] == [1, 4]

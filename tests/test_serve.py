@@ -190,7 +190,7 @@ def test_bench_url_drives_the_server(server, tiny_engine, tmp_path):
     out = tmp_path / "b.json"
     r = subprocess.run([sys.executable, "-m", "llmc.cli.app", "bench", str(tiny_engine), "--url", server.url,
                         "--num-requests", "6", "--input-len", "8:40", "--output-len", "4:12", "--concurrency", "3",
-                        "--json", str(out)], capture_output=True, text=True, env={**__import__("os").environ,
+                        "--output", str(out)], capture_output=True, text=True, env={**__import__("os").environ,
                                                                                    "LLMC_API_KEY": KEY})
     assert r.returncode == 0, r.stderr
     row = json.loads(out.read_text())

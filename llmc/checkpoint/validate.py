@@ -18,14 +18,20 @@ from llmc.errors import LlmcError
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # quant_algo -> (allowed quantized weight dtypes, packed INT4?, weight-scale layout)
 #   layout: "tensor" (1 value), "channel" (1 or out values), "group" ([out, in / group])
+# Every quant_algo llmc.quantize.layout reads must have a row (a test checks they agree).
 QUANT_TABLE: dict[str, tuple[tuple[torch.dtype, ...], bool, str]] = {
     "FP8": ((torch.float8_e4m3fn, torch.int8), False, "channel"),
+    "FP8_PER_CHANNEL_PER_TOKEN": ((torch.float8_e4m3fn,), False, "channel"),
     "W8A8_SQ_PER_CHANNEL": ((torch.int8,), False, "channel"),
     "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": ((torch.int8,), False, "channel"),
     "W8A16": ((torch.int8,), False, "channel"),
     "W4A16_AWQ": ((torch.int8, torch.uint8), True, "group"),
     "W4A8_AWQ": ((torch.int8, torch.uint8), True, "group"),
+    "W4A16_GPTQ": ((torch.int8, torch.uint8), True, "group"),  # + zero points (GGUF Q4_1, int4_asym)
+    "W8A16_GPTQ": ((torch.int8,), False, "group"),  # GGUF Q8_0 blocks
 }
+# Where an algorithm keeps its weight scale, when not in weights_scaling_factor.
+WEIGHT_SCALE_NAME = {"FP8_PER_CHANNEL_PER_TOKEN": "per_channel_scale"}
 SCALE_MARK = "scaling_factor"
 
 
@@ -87,7 +93,7 @@ def _check_linear(prefix: str, out_in: tuple[int, int], tensors: dict[str, torch
     want = (out_f // 2, in_f) if packed else out_in
     if tuple(w.shape) != want:
         raise LlmcError(f"tensor {name} has shape {tuple(w.shape)}, {algo} needs {want}", source)
-    wsf_name = prefix + ".weights_scaling_factor"
+    wsf_name = prefix + "." + WEIGHT_SCALE_NAME.get(algo, "weights_scaling_factor")
     if wsf_name not in tensors:
         raise LlmcError(f"quantized checkpoint ({algo}) is missing {wsf_name}", source)
     wsf = tensors[wsf_name]
@@ -99,7 +105,7 @@ def _check_linear(prefix: str, out_in: tuple[int, int], tensors: dict[str, torch
             raise LlmcError(f"scale {wsf_name} has shape {tuple(wsf.shape)}, group size {group_size} needs "
                             f"({out_f}, {in_f // g if g >= 1 else '?'})", source)
     for key, t in tensors.items():
-        if key.startswith(prefix + ".") and SCALE_MARK in key:
+        if key.startswith(prefix + ".") and (SCALE_MARK in key or key == wsf_name):
             _check_scale(key, t, source)
 
 

@@ -20,7 +20,8 @@ def bench(
     seed: int = typer.Option(0, help="Workload seed."),
     kv_cache_mb: float = typer.Option(None, "--kv-cache-mb", help="KV pool size (default: enough for max_batch_size full sequences, within free memory)."),
     max_batch_size: int = typer.Option(None, "--max-batch-size", help="Runtime cap on sequences per step (<= the engine's)."),
-    json_out: Path = typer.Option(None, "--json", help="Write all figures as JSON here."),
+    json_out: Path = typer.Option(None, "--output", help="Also write all figures as JSON to this file."),
+    as_json: bool = typer.Option(False, "--json", help="Print all figures as one JSON document on stdout and nothing else (the table goes to stderr)."),
     sweep: str = typer.Option(None, "--sweep", help="e.g. max-batch-size=1,2,4,8,16: run once per value; writes CSV/JSON and a throughput-latency PNG."),
     sweep_out: Path = typer.Option(Path("bench-sweep"), "--sweep-out", help="Directory for the sweep's CSV, JSON and PNG."),
     url: str = typer.Option(None, "--url", help="Benchmark a running OpenAI-compatible server (http://HOST:PORT) instead of an in-process engine."),
@@ -30,10 +31,9 @@ def bench(
     api_key: str = typer.Option(None, "--api-key", help="With --url: bearer token (default: $LLMC_API_KEY)."),
 ) -> None:
     """Benchmark an engine with in-flight batching over a reproducible workload (or a server, with --url)."""
-    from rich.console import Console
-    from rich.table import Table
-
     from llmc import bench as b
+    from llmc.cli.output import err_console, out_console, print_json
+    from llmc.cli.output import table as out_table
     from llmc.errors import LlmcError
     from llmc.runtime.llm import LLM
 
@@ -56,7 +56,7 @@ def bench(
         if sweep or kv_cache_mb is not None or max_batch_size is not None:
             raise LlmcError("--sweep, --kv-cache-mb and --max-batch-size apply to an in-process engine, not --url")
         _bench_url(url, engine_dir, tokenizer_dir, model, prompt_format, api_key, dataset, num_requests,
-                   in_range, out_range, seed, request_rate, concurrency, json_out,
+                   in_range, out_range, seed, request_rate, concurrency, json_out, as_json,
                    f"{num_requests} requests, in {input_len}, out {output_len}")
         return
     if engine_dir is None:
@@ -72,7 +72,7 @@ def bench(
             raise LlmcError(f"--sweep values must be integers, got {vals!r}") from None
         if any(v < 1 for v in values):
             raise LlmcError(f"--sweep max-batch-size values must be >= 1, got {vals!r}")
-    console = Console()
+    console = err_console() if as_json else out_console()
     bandwidth = b.measure_memory_bandwidth()
     rows = []
     for value in values:
@@ -92,10 +92,9 @@ def bench(
         m["mbu_batch1_decode"] = b.mbu(single, weights, kv_tok, bandwidth, batch_size=1)
         m["memory_bandwidth_gb_s"] = bandwidth / 1e9
         rows.append(b.public(m))
-    table = Table(title=f"llmc bench: {engine_dir} ({num_requests} requests, in {input_len}, out {output_len})")
-    for col in ("max batch", "out tok/s", "req/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
-                "peak KV blocks", "preempt", "MBU decode", "MBU b=1"):
-        table.add_column(col)
+    table = out_table(f"llmc bench: {engine_dir} ({num_requests} requests, in {input_len}, out {output_len})",
+                      ("max batch", "out tok/s", "req/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
+                       "peak KV blocks", "preempt", "MBU decode", "MBU b=1"))
     fmt = lambda d: "/".join(f"{d[k] * 1e3:.1f}" for k in ("p50", "p90", "p99"))  # noqa: E731
     for r in rows:
         table.add_row(str(r["max_batch_size"]), f"{r['output_tokens_per_s']:.1f}", f"{r['requests_per_s']:.2f}",
@@ -108,18 +107,20 @@ def bench(
         console.print(f"[red]{sum(r['errors'] for r in rows)} requests failed[/]")
     if json_out:
         b.write_json(json_out, rows if sweep else rows[0])
+    if as_json:
+        print_json(rows if sweep else rows[0])
     if sweep:
         _write_sweep(sweep_out, rows)
         console.print(f"sweep written to {sweep_out}/sweep.{{csv,json,png}}")
 
 
 def _bench_url(url, engine_dir, tokenizer_dir, model, prompt_format, api_key, dataset, num_requests, in_range,
-               out_range, seed, request_rate, concurrency, json_out, what) -> None:
+               out_range, seed, request_rate, concurrency, json_out, as_json, what) -> None:
     """Drive a running server with the same workload the in-process bench would run."""
     import os
 
     from llmc import bench as b
-    from llmc.cli.output import out_console
+    from llmc.cli.output import err_console, out_console, print_json
     from llmc.cli.output import table as out_table
     from llmc.errors import LlmcError
     from llmc.tokenizer import load_tokenizer
@@ -140,7 +141,7 @@ def _bench_url(url, engine_dir, tokenizer_dir, model, prompt_format, api_key, da
     work = b.make_workload(b.corpus_tokens(tok, dataset), num_requests, in_range, out_range, seed, request_rate)
     m = bench_url(url, work, model=model, concurrency=concurrency, prompt_format=prompt_format, tokenizer=tok,
                   api_key=api_key or os.environ.get("LLMC_API_KEY") or None)
-    console = out_console()
+    console = err_console() if as_json else out_console()
     table = out_table(f"llmc bench --url {url} ({m['model']}; {what})",
                       ("out tok/s", "req/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "ITL p50/p90/p99 ms",
                        "E2E p50/p90/p99 s", "errors"))
@@ -152,6 +153,8 @@ def _bench_url(url, engine_dir, tokenizer_dir, model, prompt_format, api_key, da
         console.print(f"[red]{m['errors']} requests failed[/]: {'; '.join(m['error_samples'])}")
     if json_out:
         b.write_json(json_out, m)
+    if as_json:
+        print_json(m)
     if m["errors"] == m["requests"]:
         raise LlmcError(f"every request to {url} failed: {m['error_samples'][0]}")
 
