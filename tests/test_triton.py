@@ -415,9 +415,11 @@ def test_cancelled_streams_free_kv_blocks(server):
     deadline = time.monotonic() + 120
     while any(len(s.ids(r)) < 2 for r in rids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    busy = _metrics(server)
-    assert busy["llmc_kv_blocks_used"] > 0 and busy["llmc_num_running"] >= 1
-    s.close(cancel=True)
+    try:  # the llmc_* gauges are refreshed every 0.2 s: wait for them to show the streams
+        busy = _wait_metric(server, lambda m: m["llmc_kv_blocks_used"] > 0 and m["llmc_num_running"] >= 1)
+        assert busy["llmc_kv_blocks_used"] > 0 and busy["llmc_num_running"] >= 1
+    finally:  # cancel even if the check failed, so the next test's server is not left busy
+        s.close(cancel=True)
     m = _wait_metric(server, lambda m: m["llmc_kv_blocks_used"] == 0 and m["llmc_num_running"] == 0
                      and m.get("llmc_requests_finished{abort}", 0) >= before.get("llmc_requests_finished{abort}", 0) + 4)
     assert m["llmc_kv_blocks_used"] == 0 and m["llmc_num_running"] == 0 and m["llmc_num_waiting"] == 0
