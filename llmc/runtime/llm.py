@@ -162,18 +162,10 @@ class LLM:
         ids = self.encode(prompt, chat) if isinstance(prompt, str) else [int(t) for t in prompt]
         out = RequestOutput(rid, text, ids, arrival_time=arrival_time or time.perf_counter())
         self._outputs[rid] = out
-        error = None
-        if not ids:
-            bos = self.tokenizer.bos_token_id
-            if bos is None:
-                error = "empty prompt and the tokenizer has no BOS token to start from"
-            else:
-                ids = out.prompt_token_ids = [bos]
-        if error is None and len(ids) > self.max_input_len:
-            error = (f"prompt has {len(ids)} tokens; this engine allows at most {self.max_input_len} "
-                     f"(rebuild with a larger --max-input-len)")
-        if error is not None:
-            out.finish_reason, out.error, out.finish_time = "error", error, time.perf_counter()
+        try:
+            ids = out.prompt_token_ids = self.admit_prompt(ids)
+        except LlmcError as exc:
+            out.finish_reason, out.error, out.finish_time = "error", str(exc), time.perf_counter()
             self._early_finished.append(out)
             return rid
         max_new = max(1, min(params.max_tokens, self.max_seq_len - len(ids)))
@@ -185,6 +177,20 @@ class LLM:
         eos = frozenset() if params.ignore_eos else self.eos_ids
         self.scheduler.add_request(Request(rid, ids, max_new, sampling_params=params, eos_token_ids=eos))
         return rid
+
+    def admit_prompt(self, ids: list[int], bos_token_id: int | None = None) -> list[int]:
+        """The token ids this engine will run for a prompt: an empty prompt becomes the BOS token;
+        LlmcError if there is none or the prompt is longer than the engine's max_input_len.
+        (`bos_token_id` lets another thread check without touching this LLM's tokenizer.)"""
+        if not ids:
+            bos = self.tokenizer.bos_token_id if bos_token_id is None else bos_token_id
+            if bos is None:
+                raise LlmcError("empty prompt and the tokenizer has no BOS token to start from")
+            ids = [bos]
+        if len(ids) > self.max_input_len:
+            raise LlmcError(f"prompt has {len(ids)} tokens; this engine allows at most {self.max_input_len} "
+                            "(rebuild with a larger --max-input-len)")
+        return ids
 
     def get_output(self, request_id: Hashable) -> RequestOutput | None:
         """The live output of a request not yet handed back by `step()` (None otherwise)."""

@@ -436,8 +436,7 @@ class Scheduler:
                 self._finish(req, "stop")
             elif len(req.output_token_ids) >= req.max_new_tokens or req.num_tokens >= self.max_seq_len:
                 self._finish(req, "length")
-        done, self._finished_for_update = self._finished_for_update, []
-        return done
+        return self.pop_finished()
 
     def pop_finished(self) -> list[Request]:
         """Requests finished outside `update()` (finish_request, admission errors) and not yet

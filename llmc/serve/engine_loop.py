@@ -17,7 +17,7 @@ Python backend sends a response).
 Tokenisation of a submitted prompt happens in the caller's thread, so a prompt the engine cannot
 take is refused synchronously (HTTP 400) instead of as a late event. Submitters use their own
 tokenizer instance (Hugging Face fast tokenizers are not safe to share across threads, and the
-loop thread's is locked for whole steps while it detokenises), so a submit never waits for a step.
+loop thread's detokenises during every step), so a submit never waits for a step.
 """
 
 from __future__ import annotations
@@ -86,7 +86,6 @@ class EngineLoop:
         self.idle_wait = idle_wait
         self.ready = False
         self.error: str | None = None  # set if the engine failed; the loop then stops
-        self.tokenizer_lock = threading.Lock()
         self._encoder = None  # submitters' own tokenizer instance (see _encode)
         self._encoder_lock = threading.Lock()
         self._bos = llm.tokenizer.bos_token_id
@@ -94,7 +93,6 @@ class EngineLoop:
         self._pending: list[_Submission] = []
         self._aborts: set[str] = set()
         self._sinks: dict[Hashable, Sink] = {}
-        self._logprobs_sent: dict[Hashable, int] = {}
         self._accepting = True
         self._stopping = False
         self._drain = True
@@ -176,8 +174,8 @@ class EngineLoop:
 
     def _encode(self, prompt: str | list[int] | list[dict], chat: bool) -> tuple[list[int], str | None]:
         """Tokenise in the caller's thread with the submitters' own tokenizer instance: the loop
-        thread holds `tokenizer_lock` for whole engine steps, and a submit that waited for it would
-        let requests trickle into the batch one step apart instead of joining it together."""
+        thread detokenises with the LLM's for whole engine steps, and a submit that waited for it
+        would let requests trickle into the batch one step apart instead of joining it together."""
         llm = self.llm
         if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
             with self._encoder_lock:
@@ -187,17 +185,10 @@ class EngineLoop:
             text = prompt if isinstance(prompt, str) else None
         else:
             ids, text = [int(t) for t in prompt], None
-        bos = self._bos
         vocab = llm.engine.config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise LlmcError(f"prompt token ids must be in [0, {vocab})")
-        if not ids:
-            if bos is None:
-                raise LlmcError("empty prompt and the tokenizer has no BOS token to start from")
-            ids = [bos]
-        if len(ids) > llm.max_input_len:
-            raise LlmcError(f"prompt has {len(ids)} tokens; this engine allows at most {llm.max_input_len} "
-                            "(rebuild with a larger --max-input-len)")
+        ids = llm.admit_prompt(ids, bos_token_id=self._bos)
         return ids, text
 
     def abort(self, request_id: str) -> None:
@@ -288,8 +279,7 @@ class EngineLoop:
                 ev.token_ids.append(tok)
             ev.text += text
 
-        with self.tokenizer_lock:
-            finished = self.llm.step(on_token)
+        finished = self.llm.step(on_token)
         done = {o.request_id: o for o in finished}
         for out in finished:
             events.setdefault(out.request_id, TokenEvent(str(out.request_id)))
@@ -303,13 +293,10 @@ class EngineLoop:
                 self._sinks.pop(rid, None)
         for rid, ev in events.items():
             out = done.get(rid) or self.llm.get_output(rid)
-            if out is not None and out.logprobs is not None:
-                sent = self._logprobs_sent.get(rid, 0)
-                ev.logprobs = out.logprobs[sent:sent + len(ev.token_ids)]
-                self._logprobs_sent[rid] = sent + len(ev.token_ids)
+            if out is not None and out.logprobs is not None:  # this step's tokens are the last ones
+                ev.logprobs = out.logprobs[len(out.logprobs) - len(ev.token_ids):]
             if rid in done:
                 ev.finished, ev.output = True, done[rid]
-                self._logprobs_sent.pop(rid, None)
             sink = sinks.get(rid)
             if sink is not None:
                 self._send(sink, ev)
