@@ -27,6 +27,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import engine_for, write_results  # noqa: E402
 
+from llmc.serve.triton.launch import free_port  # noqa: E402
+
 FLOOR = 0.90
 
 
@@ -43,14 +45,6 @@ def in_process(engine: Path, args, tmp: Path) -> dict:
 def workload_args(args) -> list[str]:
     return ["--num-requests", str(args.num_requests), "--input-len", args.input_len, "--output-len", args.output_len,
             "--seed", str(args.seed)]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def over_http(engine: Path, args, tmp: Path) -> dict:

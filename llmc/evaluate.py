@@ -10,7 +10,7 @@ What is evaluated:
 - quantized checkpoint: `llmc.quantize.simulate.build_simulated_model`, the exact fake-quant
   simulation of what the engine computes from the stored tensors;
 - engine directory (config.json with an "engine" key, top level or under "llmc"):
-  `evaluate_engine`, which drives the engine through its documented step API
+  `engine_logits_fn`, which drives the engine through its documented step API
   (llmc.engine.load_engine / allocate_kv_pool / step), prefilling each window in chunks of at
   most max_num_tokens tokens and reading the logits of every position.
 
@@ -149,20 +149,6 @@ class _DivergenceAcc:
                           float(100.0 * same.mean()), ppl_ratio, int(kl.size))
 
 
-@torch.no_grad()
-def model_nll(model: torch.nn.Module, windows: torch.Tensor, progress: bool = False,
-              label: str = "eval") -> float:
-    """Total NLL of a torch model (input_ids [B,S] -> logits [B,S,V]) over the windows."""
-    from llmc.progress import stage_progress
-
-    total = 0.0
-    with stage_progress(progress, len(windows), label, unit="chunks") as advance:
-        for batch in windows.split(EVAL_BATCH):
-            total += _nll_sum(model(batch), batch)
-            advance(len(batch))
-    return total
-
-
 def engine_logits_fn(engine_dir: str | Path, seq_len: int):
     """A function windows [B, S] -> logits [B, S, V] (float32) driving an engine's step API.
 
@@ -214,19 +200,6 @@ def engine_logits_fn(engine_dir: str | Path, seq_len: int):
         return torch.stack(out)
 
     return run
-
-
-def evaluate_engine(engine_dir: str | Path, windows: torch.Tensor, progress: bool = False) -> float:
-    """Total NLL of an engine over the windows, through llmc.engine's step API."""
-    from llmc.progress import stage_progress
-
-    run = engine_logits_fn(engine_dir, windows.shape[1])
-    total = 0.0
-    with stage_progress(progress, len(windows), "eval (engine)", unit="chunks") as advance:
-        for row in windows:
-            total += _nll_sum(run(row[None]), row[None])
-            advance(1)
-    return total
 
 
 def check_window(path: Path, seq_len: int) -> None:

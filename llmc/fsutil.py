@@ -172,6 +172,20 @@ def _tmp_name(out: Path, old: bool = False) -> Path:
     return out.parent / f"{TMP_MARK}{out.name}-{'old-' if old else ''}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+@contextlib.contextmanager
+def scratch_dir(out: str | Path) -> Iterator[Path]:
+    """A scratch directory next to `out`, named like its temporaries: removed when the block ends,
+    and by the next run of any stage writing `out` if this process is killed first."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = _tmp_name(out)
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def human_bytes(n: float) -> str:
     """1536 -> "1.5 KiB" (the memory plan and the disk-space errors use it)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

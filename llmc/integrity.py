@@ -38,10 +38,10 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).as_posix() != RECORD_FILE)
 
 
-def make_record(directory: str | Path, names: list[str] | None = None) -> dict[str, Any]:
-    """Sizes and digests of every file under `directory` but config.json (or of `names` only)."""
+def make_record(directory: str | Path) -> dict[str, Any]:
+    """Sizes and digests of every file under `directory` but config.json."""
     directory = Path(directory)
-    paths = _files(directory) if names is None else [directory / n for n in names]
+    paths = _files(directory)
     files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "digest": file_digest(p)}
              for p in paths}
     return {"algorithm": ALGORITHM, "files": files}

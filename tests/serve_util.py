@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,10 +12,7 @@ from pathlib import Path
 import httpx
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from llmc.serve.triton.launch import free_port  # noqa: E402  (one free-port helper for every server test)
 
 
 class Server:
@@ -25,7 +21,8 @@ class Server:
     def __init__(self, engine: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 180.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"llmc-serve-{self.port}.log", "w+")
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"llmc-serve-{self.port}.log"
+        self.log = open(self.log_path, "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmc.cli.app", "serve", str(engine), "--port", str(self.port),
              "--log-level", "warning", *args],
@@ -38,8 +35,13 @@ class Server:
         except LlmcError as exc:
             self.kill()
             raise RuntimeError(f"{exc}:\n{self.output()}") from None
+        except BaseException:
+            self.kill()
+            raise
 
     def output(self) -> str:
+        if self.log.closed:  # the server was stopped: what it printed was kept then
+            return self._final_output
         self.log.flush()
         self.log.seek(0)
         return self.log.read()
@@ -53,9 +55,14 @@ class Server:
             self.kill()
 
     def kill(self) -> None:
+        """Stop the process if it still runs, and drop its log (kept open until now for output())."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if not self.log.closed:
+            self._final_output = self.output()
+            self.log.close()
+            self.log_path.unlink(missing_ok=True)
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """Every sample of /metrics, parsed by prometheus-client's own parser."""

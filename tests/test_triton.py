@@ -488,6 +488,7 @@ def test_llmc_serve_frontend_triton_cli(triton_env, smollm2_engine, tmp_path):
                              "--metrics-port", str(metrics), "--kv-cache-mb", "64", "--instances", "2"],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    shm = f"llmc_{proc.pid}_"
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -506,17 +507,29 @@ def test_llmc_serve_frontend_triton_cli(triton_env, smollm2_engine, tmp_path):
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
         kv = [line for line in text.splitlines() if line.startswith("llmc_kv_blocks_total{")]
         assert len(kv) == 2, f"one KV pool per instance (--instances 2): {kv}"
-        shm = f"llmc_{proc.pid}_"
         assert list(Path("/dev/shm").glob(shm + "*")), "the stub's shared memory, named after this server"
         server_pids = [int(p.name) for p in Path("/proc").glob("[0-9]*") if f"--http-port={http}" in _cmdline(p)]
         assert len(server_pids) == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0, (tmp_path / "serve.log").read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        leftovers = []
+        if proc.poll() is None:  # a failed check: stop it the way a user would, so it cleans up
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.close()
-    leftovers = [p for p in Path("/proc").glob("[0-9]*") if shm in _cmdline(p) or f"--http-port={http}" in _cmdline(p)]
+        leftovers = [p for p in Path("/proc").glob("[0-9]*") if shm in _cmdline(p) or f"--http-port={http}" in _cmdline(p)]
+        for p in leftovers:  # tritonserver runs in its own session: a killed `llmc serve` leaves it
+            try:
+                os.killpg(int(p.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for region in Path("/dev/shm").glob(shm + "*"):
+            region.unlink(missing_ok=True)
     assert not leftovers, "tritonserver or a stub outlived `llmc serve`"
     assert not list(Path("/dev/shm").glob(shm + "*"))
 

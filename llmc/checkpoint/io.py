@@ -106,9 +106,23 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, cfg)
 
 
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Tokenizer & generation files: everything beside the weights except config and rank files."""
+    import shutil
+
+    copied = []
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file() and f.name != "config.json" and not (f.name.startswith("rank") and f.suffix == ".safetensors"):
+            shutil.copy2(f, Path(dst) / f.name)
+            copied.append(f.name)
+    return copied
+
+
 def write_checkpoint(out_dir: str | Path, config: CheckpointConfig,
-                     rank_tensors: list[dict[str, torch.Tensor]]) -> None:
-    """Write config.json and one safetensors file per rank (in-memory; quantize uses this)."""
+                     rank_tensors: list[dict[str, torch.Tensor]], side_files_from: str | Path | None = None) -> None:
+    """Write config.json and one safetensors file per rank (in-memory; quantize uses this), with
+    the tokenizer and generation files of `side_files_from` copied beside them; the integrity
+    record then covers every file written."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -118,10 +132,11 @@ def write_checkpoint(out_dir: str | Path, config: CheckpointConfig,
     for rank, tensors in enumerate(rank_tensors):
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(rank_file(out_dir, rank)),
                   metadata={"format": "pt"})
+    if side_files_from is not None:
+        copy_side_files(Path(side_files_from), out_dir)
     from llmc.integrity import make_record
 
     # A record of the files written here (a config loaded from another checkpoint carries that
-    # one's record, which no longer applies); callers that add files re-stamp it.
-    config.llmc = {**config.llmc, "integrity": make_record(out_dir, [rank_file(out_dir, r).name
-                                                                     for r in range(len(rank_tensors))])}
+    # one's record, which no longer applies).
+    config.llmc = {**config.llmc, "integrity": make_record(out_dir)}
     config.save(out_dir / "config.json")

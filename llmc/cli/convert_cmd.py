@@ -31,27 +31,14 @@ def convert(
 
 
 def _convert_keeping(src: Path, out: Path, tp_size: int, force: bool) -> None:
-    """Float32 conversion into a temporary sibling, then the GGUF blocks on top of it."""
-    import shutil
-
     from rich.console import Console
 
-    from llmc.converters.convert import convert as run_convert
     from llmc.errors import LlmcError
-    from llmc.fsutil import check_output_dir
-    from llmc.quantize.gguf_keep import keep_gguf_quantization
+    from llmc.quantize.gguf_keep import convert_keeping_quantization
 
-    if src.suffix.lower() != ".gguf" or not src.is_file():
-        raise LlmcError("--keep-quantization applies to a .gguf file (a Hugging Face directory is not quantized)", src)
     if tp_size != 1:
         raise LlmcError("--keep-quantization writes one rank: shard later or use --tp-size 1")
-    check_output_dir(out, force)
-    float_dir = out.parent / f".{out.name}.float-tmp"
-    try:
-        run_convert(src, float_dir, dtype="float32", tp_size=1, force=True)
-        r = keep_gguf_quantization(src, float_dir, out, force=force)
-    finally:
-        shutil.rmtree(float_dir, ignore_errors=True)
+    r = convert_keeping_quantization(src, out, force=force)
     kept = ", ".join(f"{n} {k}" for k, n in sorted(r.kept.items()))
     msg = f"[green]converted[/] {src} -> {out} keeping its quantization ({r.quant_algo}, group 32): {kept} linears kept"
     if r.dequantized:

@@ -7,14 +7,6 @@ from pathlib import Path
 import typer
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    return str(n)
-
-
 def inspect(
     path: Path = typer.Argument(..., help="A checkpoint or engine directory, or a .gguf file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout and nothing else."),
@@ -40,12 +32,14 @@ def inspect(
 
 def _show(key: str, value) -> str:
     """A fact in human units: bytes as KiB/MiB/GiB, parameters in millions, dicts inline."""
+    from llmc.fsutil import human_bytes
+
     if isinstance(value, dict):
         return ", ".join(f"{k}={_show(k, v)}" for k, v in value.items() if v is not None)
     if isinstance(value, int) and not isinstance(value, bool) and ("bytes" in key or key in
                                                                     ("weights", "kv_pool", "kv_pool_max",
                                                                      "activations", "total_max")):
-        return f"{_human_bytes(value)} ({value:,} bytes)"
+        return f"{human_bytes(value)} ({value:,} bytes)"
     if key == "parameters" and isinstance(value, int):
         return f"{value / 1e6:.2f}M ({value:,})"
     if key.endswith("_per_token") and isinstance(value, int):

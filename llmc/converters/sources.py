@@ -272,12 +272,19 @@ class GGUFSource:
             raise LlmcError(f"cannot dequantize {t.name} ({t.tensor_type.name}: {exc})", self.path) from None
         data = out
         w = torch.from_numpy(data).reshape(self.shape(name))
-        if self.arch in GGUF_PERMUTED_QK:
-            if name.endswith("q_proj.weight"):
-                w = _unpermute(w, self.hf_config["num_attention_heads"])
-            elif name.endswith("k_proj.weight"):
-                w = _unpermute(w, self.hf_config.get("num_key_value_heads") or self.hf_config["num_attention_heads"])
-        return w
+        heads = self._permuted_heads(name)
+        return w if heads is None else _unpermute(w, heads)
+
+    def _permuted_heads(self, name: str) -> int | None:
+        """Heads of a q/k projection whose rows llama.cpp permuted (None: not permuted)."""
+        if self.arch not in GGUF_PERMUTED_QK:
+            return None
+        heads = self.hf_config["num_attention_heads"]
+        if name.endswith("q_proj.weight"):
+            return heads
+        if name.endswith("k_proj.weight"):
+            return self.hf_config.get("num_key_value_heads") or heads
+        return None
 
     def type_name(self, name: str) -> str:
         """The GGUF storage type of a tensor (F32, Q4_0, Q4_1, Q8_0, Q4_K ...)."""
@@ -305,12 +312,8 @@ class GGUFSource:
                 m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
                 zero = m + np.float32(8.0) * d
         out = GGUFBlocks(kind, torch.from_numpy(q), torch.from_numpy(d), None if zero is None else torch.from_numpy(zero))
-        if self.arch in GGUF_PERMUTED_QK:
-            heads = {"q_proj.weight": "num_attention_heads", "k_proj.weight": "num_key_value_heads"}
-            for suffix, key in heads.items():
-                if name.endswith(suffix):
-                    out = out.map_rows(lambda a, n=self.hf_config[key]: _unpermute(a, n))
-        return out
+        heads = self._permuted_heads(name)
+        return out if heads is None else out.map_rows(lambda a: _unpermute(a, heads))
 
     def write_tokenizer(self, out: Path) -> list[str]:
         """Rebuild tokenizer.json etc. from the GGUF vocabulary (via transformers' converter)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,16 +155,6 @@ def _modelopt_version() -> str | None:
         return None
 
 
-def _copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Tokenizer & generation files: everything beside the weights except config and rank files."""
-    copied = []
-    for f in sorted(src.iterdir()):
-        if f.is_file() and f.name != "config.json" and not (f.name.startswith("rank") and f.suffix == ".safetensors"):
-            shutil.copy2(f, dst / f.name)
-            copied.append(f.name)
-    return copied
-
-
 # --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
@@ -287,14 +276,9 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
                         "seconds": round(stats.seconds, 2)} if batches else None,
         "source_checkpoint": str(source.path.resolve()),
     }
-    from llmc.integrity import make_record
-
     with atomic_output_dir(out, force=force, kind="checkpoint", inputs=[source.path],
                            expected_bytes=source.size_on_disk()) as tmp:
-        write_checkpoint(tmp, new_cfg, [out_tensors])
-        _copy_side_files(source.path, tmp)
-        new_cfg.llmc["integrity"] = make_record(tmp)
-        new_cfg.save(tmp / "config.json")
+        write_checkpoint(tmp, new_cfg, [out_tensors], side_files_from=source.path)
     return QuantizeResult(out=out, qformat=fmt.name, quant_algo=fmt.quant_algo, kv_cache_quant_algo=kv_algo,
                           group_size=group, sq_alpha=sq_alpha, exclude=patterns,
                           seconds=time.perf_counter() - start, calib_seconds=stats.seconds,

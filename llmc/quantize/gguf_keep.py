@@ -65,6 +65,21 @@ def _blocks_of(source, layer: int, parts: tuple[str, ...]):
                       zero), types[0]
 
 
+def convert_keeping_quantization(gguf: str | Path, out: str | Path, force: bool = False) -> KeepResult:
+    """`llmc convert model.gguf --keep-quantization`: a float32 conversion in a scratch directory
+    beside OUT, then the GGUF blocks on top of it (see `keep_gguf_quantization`)."""
+    from llmc.converters.convert import convert
+    from llmc.fsutil import check_output_dir, scratch_dir
+
+    gguf, out = Path(gguf), Path(out)
+    if gguf.suffix.lower() != ".gguf" or not gguf.is_file():
+        raise LlmcError("--keep-quantization applies to a .gguf file (a Hugging Face directory is not quantized)", gguf)
+    check_output_dir(out, force, "checkpoint", [gguf])  # before minutes of conversion
+    with scratch_dir(out) as scratch:
+        float_dir = convert(gguf, scratch / "float", dtype="float32", tp_size=1, progress=False).out
+        return keep_gguf_quantization(gguf, float_dir, out, force=force)
+
+
 def keep_gguf_quantization(gguf: str | Path, float_ckpt: str | Path, out: str | Path,
                            force: bool = False) -> KeepResult:
     """Write the quantized checkpoint `out` from `gguf` and its float32 conversion `float_ckpt`."""
@@ -72,7 +87,6 @@ def keep_gguf_quantization(gguf: str | Path, float_ckpt: str | Path, out: str | 
     from llmc.checkpoint.io import load_checkpoint, write_checkpoint
     from llmc.converters.sources import GGUFSource
     from llmc.fsutil import atomic_output_dir
-    from llmc.quantize.api import _copy_side_files
     from llmc.quantize.layout import pack_int4
 
     start = time.perf_counter()
@@ -120,8 +134,7 @@ def keep_gguf_quantization(gguf: str | Path, float_ckpt: str | Path, out: str | 
                                     "algorithm": "kept from GGUF blocks (no re-quantization)",
                                     "group_size": GROUP, "source": str(Path(gguf).resolve()),
                                     "kept": result.kept, "dequantized": result.dequantized}
-    with atomic_output_dir(Path(out), force=force) as tmp:
-        write_checkpoint(tmp, new_cfg, [tensors])
-        _copy_side_files(ck.path, tmp)
+    with atomic_output_dir(Path(out), force=force, kind="checkpoint", inputs=[gguf]) as tmp:
+        write_checkpoint(tmp, new_cfg, [tensors], side_files_from=ck.path)
     result.seconds = time.perf_counter() - start
     return result

@@ -128,6 +128,7 @@ class LLM:
                                    self.max_seq_len)
         self.tokenizer = load_tokenizer(Path(engine_dir))
         self.eos_ids = frozenset(eos_token_ids(Path(engine_dir)))
+        self.bos_token_id = self.tokenizer.bos_token_id
         self.sampler = Sampler()
         self._ids = itertools.count()
         self._outputs: dict[Hashable, RequestOutput] = {}
@@ -135,6 +136,9 @@ class LLM:
         self._stops: dict[Hashable, StopChecker] = {}
         self._sent: dict[Hashable, int] = {}  # characters of out.text handed to on_token so far
         self.step_stats: list[StepStats] = []
+        # One StepStats per step for benchmarks; a long-running server turns it off (the list would
+        # grow without bound) and reads `counters` instead.
+        self.record_step_stats = True
         self._early_finished: list[RequestOutput] = []  # rejected at admission
         # Cumulative counters for metrics (servers read them; nothing here resets them).
         self.counters = {"prefix_cache_hit_tokens": 0, "preemptions": 0, "prompt_tokens": 0,
@@ -178,15 +182,17 @@ class LLM:
         self.scheduler.add_request(Request(rid, ids, max_new, sampling_params=params, eos_token_ids=eos))
         return rid
 
-    def admit_prompt(self, ids: list[int], bos_token_id: int | None = None) -> list[int]:
+    def admit_prompt(self, ids: list[int]) -> list[int]:
         """The token ids this engine will run for a prompt: an empty prompt becomes the BOS token;
-        LlmcError if there is none or the prompt is longer than the engine's max_input_len.
-        (`bos_token_id` lets another thread check without touching this LLM's tokenizer.)"""
+        LlmcError if there is none, if an id is outside the vocabulary, or if the prompt is longer
+        than the engine's max_input_len. Reads no tokenizer, so any thread may call it."""
+        vocab = self.engine.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise LlmcError(f"prompt token ids must be in [0, {vocab})")
         if not ids:
-            bos = self.tokenizer.bos_token_id if bos_token_id is None else bos_token_id
-            if bos is None:
+            if self.bos_token_id is None:
                 raise LlmcError("empty prompt and the tokenizer has no BOS token to start from")
-            ids = [bos]
+            ids = [self.bos_token_id]
         if len(ids) > self.max_input_len:
             raise LlmcError(f"prompt has {len(ids)} tokens; this engine allows at most {self.max_input_len} "
                             "(rebuild with a larger --max-input-len)")
@@ -234,10 +240,11 @@ class LLM:
             t0 = time.perf_counter()
             logits = self.engine.step(batch)
             now = time.perf_counter()
-            self.step_stats.append(StepStats(sched.step, len(ids), len(seqs),
-                                             sum(1 for s in sched.scheduled.values() if not s.is_prefill),
-                                             now - t0, self.block_manager.num_used_blocks,
-                                             sum(s.context_len for s in seqs)))
+            if self.record_step_stats:
+                self.step_stats.append(StepStats(sched.step, len(ids), len(seqs),
+                                                 sum(1 for s in sched.scheduled.values() if not s.is_prefill),
+                                                 now - t0, self.block_manager.num_used_blocks,
+                                                 sum(s.context_len for s in seqs)))
             self._count(sched)
             if logit_rids:
                 tokens = self.sampler.sample(logits, [self._params[r] for r in logit_rids], logit_rids)
@@ -248,10 +255,10 @@ class LLM:
                 if out.first_token_time is None:
                     out.first_token_time = now
                 out.output_token_ids.append(tok)
-                self.counters["generation_tokens"] += 1
                 if out.logprobs is not None:
                     out.logprobs.append(token_logprobs(logits[row], tok, self._params[rid].logprobs))
                 self._detokenize(rid)
+            self.counters["generation_tokens"] += len(sampled)
         # Requests finished outside update(): stop strings found just now, aborts, admission errors
         # of requests that never ran.
         done += self.scheduler.pop_finished()

@@ -39,7 +39,8 @@ class ServerState:
 
     def __init__(self, model_name: str, api_key: str | None, tokenizer, max_model_len: int):
         """`tokenizer` must be this thread's own instance (fast tokenizers are not shareable across
-        threads, and the engine loop's is locked for whole steps): it only names logprobs' tokens."""
+        threads, and the engine loop's detokenises during every step): it only names logprobs'
+        tokens."""
         self.model_name, self.api_key, self.tokenizer = model_name, api_key, tokenizer
         self.max_model_len = max_model_len
         self.loop = None  # EngineLoop, set by the server once constructed

@@ -35,6 +35,24 @@ from llmc.runtime.llm import LLM, RequestOutput, encode_prompt
 from llmc.runtime.sampling import SamplingParams
 
 
+# What `EngineLoop.stats()` reports, for every metrics exporter (llmc serve's /metrics names them
+# like vLLM under `llmc:`, the Triton backend under `llmc_`): (stats key, help, kind, name for
+# llmc serve, name for Triton). requests_finished (by reason) is exported separately.
+ENGINE_STATS = [
+    ("num_running", "Requests in the running batch.", "gauge", "num_requests_running", "num_running"),
+    ("num_waiting", "Requests waiting for a batch slot.", "gauge", "num_requests_waiting", "num_waiting"),
+    ("kv_blocks_used", "KV cache blocks held by requests.", "gauge", "kv_blocks_used", "kv_blocks_used"),
+    ("kv_blocks_total", "KV cache blocks in the pool.", "gauge", "kv_blocks_total", "kv_blocks_total"),
+    ("prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.", "counter",
+     "prefix_cache_hit_tokens", "prefix_cache_hit_tokens"),
+    ("num_preemptions", "Requests preempted (recomputed later) for lack of KV blocks.", "counter",
+     "num_preemptions", "num_preemptions"),
+    ("steps", "Engine iterations run.", "counter", "engine_steps", "steps"),
+    ("prompt_tokens_total", "Prompt tokens of admitted requests.", "counter", "prompt_tokens", "prompt_tokens"),
+    ("generation_tokens_total", "Tokens generated.", "counter", "generation_tokens", "generation_tokens"),
+]
+
+
 class QueueFull(LlmcError):
     """More requests are waiting than the server admits (--max-queue): retry later (HTTP 503)."""
 
@@ -86,9 +104,8 @@ class EngineLoop:
         self.idle_wait = idle_wait
         self.ready = False
         self.error: str | None = None  # set if the engine failed; the loop then stops
-        self._encoder = None  # submitters' own tokenizer instance (see _encode)
+        self._encoder = copy.deepcopy(llm.tokenizer)  # submitters' own instance (see _encode)
         self._encoder_lock = threading.Lock()
-        self._bos = llm.tokenizer.bos_token_id
         self._cond = threading.Condition()
         self._pending: list[_Submission] = []
         self._aborts: set[str] = set()
@@ -110,6 +127,7 @@ class EngineLoop:
             raise RuntimeError("EngineLoop already started")
         if warmup:
             self._warmup()
+        self.llm.record_step_stats = False  # a server runs for days: `counters` carry what it reports
         self._thread = threading.Thread(target=self._run, name="llmc-engine-loop", daemon=True)
         self._thread.start()
         self.ready = True
@@ -117,7 +135,7 @@ class EngineLoop:
 
     def _warmup(self) -> None:
         llm = self.llm
-        tok = llm.tokenizer.bos_token_id
+        tok = llm.bos_token_id
         ids = [tok if tok is not None else 0] * 4
         params = SamplingParams(max_tokens=self.WARMUP_TOKENS, ignore_eos=True)
         saved = dict(llm.counters)
@@ -138,14 +156,6 @@ class EngineLoop:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
     # ---- requests -------------------------------------------------------------------------------
     def submit(self, prompt: str | list[int] | list[dict], params: SamplingParams | None, sink: Sink,
                chat: bool = False, request_id: str | None = None) -> str:
@@ -163,7 +173,7 @@ class EngineLoop:
                 raise ShuttingDown("the server is shutting down")
             if self.error is not None:
                 raise LlmcError(f"the engine failed: {self.error}")
-            if rid in self._sinks or any(p.request_id == rid for p in self._pending):
+            if rid in self._sinks:  # pending requests are in _sinks too
                 raise LlmcError(f"request id {rid!r} is already in use")
             if self.max_queue is not None and self._num_waiting_locked() >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting; retry later")
@@ -179,16 +189,11 @@ class EngineLoop:
         llm = self.llm
         if isinstance(prompt, str) or (prompt and all(isinstance(m, dict) for m in prompt)):
             with self._encoder_lock:
-                if self._encoder is None:
-                    self._encoder = copy.deepcopy(llm.tokenizer)
                 ids = encode_prompt(self._encoder, prompt, chat)
             text = prompt if isinstance(prompt, str) else None
         else:
             ids, text = [int(t) for t in prompt], None
-        vocab = llm.engine.config.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise LlmcError(f"prompt token ids must be in [0, {vocab})")
-        ids = llm.admit_prompt(ids, bos_token_id=self._bos)
+        ids = llm.admit_prompt(ids)
         return ids, text
 
     def abort(self, request_id: str) -> None:

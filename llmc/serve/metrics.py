@@ -15,22 +15,14 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from llmc.serve.engine_loop import ENGINE_STATS
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 # (metric name, stats key, help, kind) for the engine snapshot.
-ENGINE_METRICS = [
-    ("llmc:num_requests_running", "num_running", "Requests in the running batch.", "gauge"),
-    ("llmc:num_requests_waiting", "num_waiting", "Requests waiting to be scheduled.", "gauge"),
-    ("llmc:kv_blocks_used", "kv_blocks_used", "KV cache blocks held by requests.", "gauge"),
-    ("llmc:kv_blocks_total", "kv_blocks_total", "KV cache blocks in the pool.", "gauge"),
-    ("llmc:prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.", "counter"),
-    ("llmc:num_preemptions", "num_preemptions", "Requests preempted (recomputed later) for lack of KV blocks.", "counter"),
-    ("llmc:engine_steps", "steps", "Engine iterations run.", "counter"),
-    ("llmc:prompt_tokens", "prompt_tokens_total", "Prompt tokens of admitted requests.", "counter"),
-    ("llmc:generation_tokens", "generation_tokens_total", "Tokens generated.", "counter"),
-]
+ENGINE_METRICS = [(f"llmc:{name}", key, doc, kind) for key, doc, kind, name, _ in ENGINE_STATS]
 
 
 class EngineCollector:

@@ -20,8 +20,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmc.errors import LlmcError
+from llmc.runtime.sampling import SamplingParams
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_TOP_LOGPROBS = SamplingParams.MAX_LOGPROBS  # 20, OpenAI's limit too
 
 
 class BadRequest(LlmcError):

@@ -12,6 +12,7 @@ left (their KV blocks are freed), stops the engine loop and returns normally, so
 from __future__ import annotations
 
 import contextlib
+import copy
 import signal
 import sys
 import threading
@@ -32,9 +33,7 @@ def serve(engine_dir: Path, host: str = "127.0.0.1", port: int = 8000, model_nam
 
     llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb)
     loop = EngineLoop(llm, max_queue=max_queue)
-    from llmc.tokenizer import load_tokenizer
-
-    own_tokenizer = load_tokenizer.__wrapped__(engine_dir)  # not the cached instance the loop uses
+    own_tokenizer = copy.deepcopy(llm.tokenizer)  # not the instance the loop thread detokenises with
     state = ServerState(model_name or Path(engine_dir).resolve().name, api_key, own_tokenizer, llm.max_seq_len)
     app = create_app(state)
 

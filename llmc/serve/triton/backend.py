@@ -28,23 +28,14 @@ from typing import Any
 import numpy as np
 
 from llmc.errors import LlmcError
+from llmc.serve.engine_loop import ENGINE_STATS
 from llmc.serve.triton.export import INPUTS
 
 INPUT_NAMES = tuple(row[0] for row in INPUTS)  # as declared in config.pbtxt
 CANCEL_POLL_SECONDS = 0.05   # how often a running request's cancellation is polled
 METRICS_SECONDS = 0.2        # how often the llmc_* custom metrics are refreshed
 # (metric name, stats key, help); requests_finished is labelled by reason separately.
-GAUGES = [
-    ("llmc_kv_blocks_used", "kv_blocks_used", "KV cache blocks in use"),
-    ("llmc_kv_blocks_total", "kv_blocks_total", "KV cache blocks in the pool"),
-    ("llmc_num_running", "num_running", "Sequences in the running batch"),
-    ("llmc_num_waiting", "num_waiting", "Requests waiting for a batch slot"),
-    ("llmc_prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache (cumulative)"),
-    ("llmc_num_preemptions", "num_preemptions", "Sequences preempted for KV space (cumulative)"),
-    ("llmc_prompt_tokens", "prompt_tokens_total", "Prompt tokens received (cumulative)"),
-    ("llmc_generation_tokens", "generation_tokens_total", "Tokens generated (cumulative)"),
-    ("llmc_steps", "steps", "Engine steps run (cumulative)"),
-]
+GAUGES = [(f"llmc_{name}", key, doc) for key, doc, _, _, name in ENGINE_STATS]
 
 
 @dataclass
@@ -85,9 +76,7 @@ def parse_request(inputs: dict[str, np.ndarray], eos_ids: frozenset[int]) -> Par
         raise LlmcError("text_input is required")
     kw: dict[str, Any] = {}
     max_tokens = _scalar(inputs, "max_tokens")
-    if max_tokens is not None:
-        if int(max_tokens) < 1:
-            raise LlmcError(f"max_tokens must be >= 1, got {int(max_tokens)}")
+    if max_tokens is not None:  # SamplingParams refuses values < 1 with the same one-line error
         kw["max_tokens"] = int(max_tokens)
     for name, key, cast in (("temperature", "temperature", float), ("top_k", "top_k", int),
                             ("top_p", "top_p", float), ("random_seed", "seed", int)):

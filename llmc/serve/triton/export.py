@@ -69,7 +69,8 @@ def llmc_package() -> Path:
     return Path(llmc.__file__).resolve().parent
 
 
-def _check(engine_dir: Path, opts: ExportOptions) -> dict:
+def _check(engine_dir: Path, opts: ExportOptions) -> int:
+    """Validate the options against the engine; return the batch size per instance."""
     from llmc.engine.stamps import read_engine_config
 
     if not engine_dir.is_dir():
@@ -88,7 +89,10 @@ def _check(engine_dir: Path, opts: ExportOptions) -> dict:
                             f"max_batch_size {built} (rebuild with a larger --max-batch-size)")
     if opts.kv_cache_mb is not None and not opts.kv_cache_mb > 0:
         raise LlmcError(f"--kv-cache-mb must be > 0, got {opts.kv_cache_mb}")
-    return cfg
+    if opts.max_queue is not None and opts.max_queue < 1:
+        raise LlmcError(f"--max-queue must be >= 1 (a request waits in the queue until the next step), "
+                        f"got {opts.max_queue}")
+    return opts.max_batch_size or built or 8
 
 
 def _pbtxt_string(value: str) -> str:
@@ -128,9 +132,7 @@ def export_triton(engine_dir: str | Path, repo: str | Path, opts: ExportOptions 
 
     Other models already in REPO are left alone: a repository may serve several models."""
     engine_dir = Path(engine_dir).resolve()
-    cfg = _check(engine_dir, opts)
-    built = int(cfg.get("build", {}).get("max_batch_size", 8))
-    batch = opts.max_batch_size or built
+    batch = _check(engine_dir, opts)
     env_path = opts.env_path
     if env_path is None:
         from llmc.serve.triton.env import triton_env_dir

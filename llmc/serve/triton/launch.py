@@ -72,7 +72,7 @@ class TritonServer:
                 "--exit-timeout-secs=30", *CPU_FLAGS, *self.extra_args]
 
     def start(self, timeout: float = 300.0) -> TritonServer:
-        out = self.log if self.log is not None else None
+        out = self.log
         self.proc = subprocess.Popen(self.command(), env=self.env.server_environ(), stdout=out,
                                      stderr=subprocess.STDOUT if out is not None else None,
                                      start_new_session=True)
@@ -152,21 +152,15 @@ class TritonServer:
 def serve_triton(engine_dir: str | Path, http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, host: str = "0.0.0.0", model_name: str = "llmc",
                  instances: int = 1, max_batch_size: int | None = None, kv_cache_mb: float | None = None,
-                 max_queue: int | None = None, **other) -> int:
+                 max_queue: int | None = None) -> int:
     """`llmc serve ENGINE --frontend triton`: export to a temporary repository and run the real
-    tritonserver in the foreground until Ctrl-C / SIGTERM; return its exit code.
-
-    `other` takes the options of other frontends (`llmc serve` passes all it has); any that is
-    set is named in a note, since Triton does not use it."""
+    tritonserver in the foreground until Ctrl-C / SIGTERM; return its exit code."""
     from rich.console import Console
 
     from llmc.serve.triton.env import ensure_triton_env, find_triton_env
     from llmc.serve.triton.export import ExportOptions, export_triton
 
     console = Console(stderr=True)
-    unused = sorted(k for k, v in other.items() if v not in (None, False))
-    if unused:
-        console.print(f"[dim]not used by --frontend triton: {', '.join(unused)}[/]")
     if find_triton_env() is None:
         console.print("[dim]setting up the Triton environment (once: a numpy<2 venv with tritonserver, "
                       "about a minute)...[/]")
@@ -177,10 +171,7 @@ def serve_triton(engine_dir: str | Path, http_port: int = 8000, grpc_port: int =
                                                      max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb,
                                                      max_queue=max_queue, env_path=str(env.root)))
         server = TritonServer(env, tmp, http_port, grpc_port, metrics_port, host=host)
-        stop = {"signal": False}
-
         def on_term(signum, frame):  # SIGTERM behaves like Ctrl-C: graceful shutdown
-            stop["signal"] = True
             raise KeyboardInterrupt
 
         previous = signal.signal(signal.SIGTERM, on_term)
