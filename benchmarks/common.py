@@ -16,7 +16,7 @@ WORK = Path(os.environ.get("LLMC_BENCH_WORK", ROOT / ".work"))
 
 def engine_for(recipe_name: str, **overrides: Any) -> Path:
     """Build (or reuse, when unchanged) the engine of a shipped recipe; eval/run stages off."""
-    from llmc.pipeline import Pipeline
+    from llmc.recipes.pipeline import Pipeline
     from llmc.recipes.schema import apply_overrides, load_recipe
 
     sets = ["eval=null", "run.max_new_tokens=4", "run.prompts=[Hello]"]

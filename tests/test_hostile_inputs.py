@@ -229,7 +229,7 @@ def test_recipe_names_are_plain_names(tmp_path):
 
 def test_pipeline_outputs_stay_inside_the_work_dir(tmp_path):
     from llmc.errors import LlmcError
-    from llmc.pipeline import output_under
+    from llmc.recipes.pipeline import output_under
 
     wd = tmp_path / "work"
     wd.mkdir()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmc.pipeline import Pipeline
+from llmc.recipes.pipeline import Pipeline
 from llmc.recipes.schema import apply_overrides, load_recipe, parse_recipe
 
 
@@ -52,7 +52,7 @@ def test_resume_and_partial_rerun(tiny_recipe, tmp_path):
 
     from rich.console import Console
 
-    from llmc.pipeline_report import print_report
+    from llmc.recipes.report import print_report
 
     buf = io.StringIO()
     print_report(first, Console(file=buf, width=200))

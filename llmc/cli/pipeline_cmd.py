@@ -16,8 +16,8 @@ def pipeline(
     """Run convert, quantize, build, eval and run; skip stages whose inputs and options are unchanged."""
     from rich.console import Console
 
-    from llmc.pipeline import Pipeline
-    from llmc.pipeline_report import print_report
+    from llmc.recipes.pipeline import Pipeline
+    from llmc.recipes.report import print_report
     from llmc.recipes.schema import apply_overrides, load_recipe
 
     r = load_recipe(recipe)
