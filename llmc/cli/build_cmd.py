@@ -18,7 +18,7 @@ def build(
     out: Path = typer.Option(..., "-o", "--output", help="Engine directory to write (atomically)."),
     backend: str = typer.Option(_D.backend, **choice(BACKENDS), help="auto: tensorrt when TensorRT and a "
                                 "CUDA device are usable, else onnxruntime."),
-    paged_kvcache: bool = typer.Option(_D.paged_kv_cache, "--paged-kvcache/--no-paged-kvcache",
+    paged_kv_cache: bool = typer.Option(_D.paged_kv_cache, "--paged-kvcache/--no-paged-kvcache",
                                        help="Paged KV cache (blocks of --tokens-per-block). Off: one contiguous "
                                        "block of --max-seq-len per sequence."),
     inflight_batching: bool = typer.Option(_D.inflight_batching, "--inflight-batching/--no-inflight-batching",
@@ -26,12 +26,12 @@ def build(
                                            "(packed tokens, no padding). Needs the paged KV cache."),
     tokens_per_block: int = typer.Option(_D.tokens_per_block, help="KV block size in tokens (power of two)."),
     max_batch_size: int = typer.Option(_D.max_batch_size, help="Most sequences in one step."),
-    max_input_len: Optional[int] = typer.Option(None, help="Longest prompt. Default: min(1024, max-seq-len)."),
-    max_seq_len: Optional[int] = typer.Option(None, help="Longest prompt + output. Default: min(2048, "
+    max_input_len: Optional[int] = typer.Option(_D.max_input_len, help="Longest prompt. Default: min(1024, max-seq-len)."),
+    max_seq_len: Optional[int] = typer.Option(_D.max_seq_len, help="Longest prompt + output. Default: min(2048, "
                                               "the model's max_position_embeddings)."),
-    max_num_tokens: Optional[int] = typer.Option(None, help="Most packed tokens in one step. Default: "
+    max_num_tokens: Optional[int] = typer.Option(_D.max_num_tokens, help="Most packed tokens in one step. Default: "
                                                  "max(2048, max-input-len)."),
-    kv_cache_blocks: Optional[int] = typer.Option(None, help="Default KV pool size in blocks. Default: "
+    kv_cache_blocks: Optional[int] = typer.Option(_D.kv_cache_blocks, help="Default KV pool size in blocks. Default: "
                                                   "max-batch-size x ceil(max-seq-len / tokens-per-block)."),
     dtype: str = typer.Option(_D.dtype, **choice(DTYPES, DTYPE_ALIASES), help="auto: float32 on onnxruntime (CPU), the "
                               "checkpoint's 16-bit dtype (else float16) on tensorrt."),
@@ -47,12 +47,12 @@ def build(
                                 "ONNX Runtime's 8-bit kernel (4x fewer bytes per token; int8 activations "
                                 "inside the kernel). auto: int8 when exact for integer-quantized "
                                 "checkpoints on onnxruntime."),
-    graph_only: bool = typer.Option(False, "--graph-only", help="tensorrt / tensorrt-llm: write and check "
+    graph_only: bool = typer.Option(_D.graph_only, "--graph-only", help="tensorrt / tensorrt-llm: write and check "
                                     "the graph and config only (works without a GPU)."),
-    timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache file (read if present, "
+    timing_cache: Optional[Path] = typer.Option(_D.timing_cache, help="TensorRT timing cache file (read if present, "
                                                 "written after the build)."),
     trt_opt_level: int = typer.Option(_D.trt_opt_level, help="TensorRT builder optimization level 0-5."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it is a previous llmc engine (or empty); any other directory is refused, and OUT may never be, contain or lie inside the input."),
+    force: bool = typer.Option(_D.force, "--force", help="Replace OUT if it is a previous llmc engine (or empty); any other directory is refused, and OUT may never be, contain or lie inside the input."),
 ) -> None:
     """Compile a checkpoint into an engine: one ONNX graph of standard ops over a paged KV cache."""
     from rich.console import Console
@@ -61,7 +61,7 @@ def build(
     from llmc.fsutil import dir_size
 
     console = Console(stderr=True)
-    opts = BuildOptions(backend=backend, paged_kv_cache=paged_kvcache, inflight_batching=inflight_batching,
+    opts = BuildOptions(backend=backend, paged_kv_cache=paged_kv_cache, inflight_batching=inflight_batching,
                         tokens_per_block=tokens_per_block, max_batch_size=max_batch_size,
                         max_input_len=max_input_len, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
                         kv_cache_blocks=kv_cache_blocks, dtype=dtype, kv_cache_dtype=kv_cache_dtype,

@@ -7,15 +7,18 @@ from pathlib import Path
 import typer
 
 from llmc.cli.output import DTYPE_ALIASES, choice
+from llmc.converters.options import DTYPES, ConvertOptions
+
+_D = ConvertOptions()
 
 
 def convert(
     src: Path = typer.Argument(..., help="Hugging Face model directory (config.json + safetensors) or a .gguf file."),
     out: Path = typer.Option(..., "-o", "--output", help="Checkpoint directory to write."),
-    dtype: str = typer.Option("auto", **choice(("auto", "float32", "float16", "bfloat16"), DTYPE_ALIASES), help="auto: the source's dtype (float32 for GGUF)."),
-    tp_size: int = typer.Option(1, "--tp-size", help="Tensor-parallel ranks to shard into (must divide heads, KV heads and intermediate size)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it is a previous llmc checkpoint (or empty); any other directory is refused, and OUT may never be, contain or lie inside the input."),
-    keep_quantization: bool = typer.Option(False, "--keep-quantization", help="GGUF only: keep Q4_0 / Q4_1 / Q8_0 blocks exactly as a weight-only quantized checkpoint (W4A16_GPTQ with zero points / W4A16_AWQ / W8A16_GPTQ, group 32) instead of dequantizing; other types are dequantized and reported."),
+    dtype: str = typer.Option(_D.dtype, **choice(DTYPES, DTYPE_ALIASES), help="auto: the source's dtype (float32 for GGUF)."),
+    tp_size: int = typer.Option(_D.tp_size, "--tp-size", help="Tensor-parallel ranks to shard into (must divide heads, KV heads and intermediate size)."),
+    force: bool = typer.Option(_D.force, "--force", help="Replace OUT if it is a previous llmc checkpoint (or empty); any other directory is refused, and OUT may never be, contain or lie inside the input."),
+    keep_quantization: bool = typer.Option(_D.keep_quantization, "--keep-quantization", help="GGUF only: keep Q4_0 / Q4_1 / Q8_0 blocks exactly as a weight-only quantized checkpoint (W4A16_GPTQ with zero points / W4A16_AWQ / W8A16_GPTQ, group 32) instead of dequantizing; other types are dequantized and reported."),
 ) -> None:
     """Convert a model into a checkpoint: fused QKV, TensorRT-LLM names, dtype, TP shards."""
     from rich.console import Console

@@ -8,7 +8,10 @@ from typing import Optional
 import typer
 
 from llmc.cli.output import choice
-from llmc.quantize.formats import DEFAULTS, KV_CACHE_DTYPES, QFORMATS
+from llmc.quantize.formats import KV_CACHE_DTYPES, QFORMATS
+from llmc.quantize.options import QuantizeOptions
+
+_D = QuantizeOptions(qformat="int8_wo")  # the defaults (qformat itself has none)
 
 
 def _qformat_help() -> str:
@@ -19,16 +22,16 @@ def quantize(
     ckpt: Path = typer.Argument(..., help="Unquantized checkpoint directory (from `llmc convert`)."),
     out: Path = typer.Option(..., "-o", "--output", help="Quantized checkpoint directory to write."),
     qformat: str = typer.Option(..., "--qformat", **choice(QFORMATS), help=_qformat_help()),
-    kv_cache_dtype: Optional[str] = typer.Option(None, "--kv-cache-dtype", **choice(KV_CACHE_DTYPES), help="Quantize the KV cache too (per-layer scales). Default: KV cache stays in the model dtype."),
-    calib_data: str = typer.Option(DEFAULTS["calib_data"], "--calib-data", help="Calibration text: a .txt file, a .jsonl file with a \"text\" field, a directory of .txt/.jsonl files, or builtin:sotu (US State of the Union addresses, public domain). Never downloads."),
-    calib_size: int = typer.Option(DEFAULTS["calib_size"], "--calib-size", help="Calibration samples (windows of --calib-seq-len tokens)."),
-    calib_seq_len: int = typer.Option(DEFAULTS["calib_seq_len"], "--calib-seq-len", help="Tokens per calibration sample."),
-    batch_size: int = typer.Option(DEFAULTS["batch_size"], "--batch-size", help="Calibration forward batch size (memory vs speed)."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="INT4 group size along the input dim. Default: 128 when it divides every quantized layer's input width, else 64 (or 32)."),
-    sq_alpha: Optional[float] = typer.Option(None, "--sq-alpha", help="SmoothQuant migration strength in [0, 1]. Default: " + ", ".join(f"{f.default_sq_alpha} for {f.name}" for f in QFORMATS.values() if f.is_smoothquant) + " (chosen by measurement on SmolLM2)."),
-    exclude: str = typer.Option(",".join(DEFAULTS["exclude"]), "--exclude", help="Comma-separated fnmatch patterns of TensorRT-LLM module names to leave unquantized, e.g. 'lm_head,transformer.layers.0.*'. Replaces the default (lm_head); 'none' quantizes everything."),
-    seed: int = typer.Option(DEFAULTS["seed"], "--seed", help="Seed for choosing calibration samples."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it is a previous llmc checkpoint (or empty); any other directory is refused, and OUT may never be, contain or lie inside the input."),
+    kv_cache_dtype: Optional[str] = typer.Option(_D.kv_cache_dtype, "--kv-cache-dtype", **choice(KV_CACHE_DTYPES), help="Quantize the KV cache too (per-layer scales). Default: KV cache stays in the model dtype."),
+    calib_data: str = typer.Option(_D.calib_data, "--calib-data", help="Calibration text: a .txt file, a .jsonl file with a \"text\" field, a directory of .txt/.jsonl files, or builtin:sotu (US State of the Union addresses, public domain). Never downloads."),
+    calib_size: int = typer.Option(_D.calib_size, "--calib-size", help="Calibration samples (windows of --calib-seq-len tokens)."),
+    calib_seq_len: int = typer.Option(_D.calib_seq_len, "--calib-seq-len", help="Tokens per calibration sample."),
+    batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="Calibration forward batch size (memory vs speed)."),
+    group_size: Optional[int] = typer.Option(_D.group_size, "--group-size", help="INT4 group size along the input dim. Default: 128 when it divides every quantized layer's input width, else 64 (or 32)."),
+    sq_alpha: Optional[float] = typer.Option(_D.sq_alpha, "--sq-alpha", help="SmoothQuant migration strength in [0, 1]. Default: " + ", ".join(f"{f.default_sq_alpha} for {f.name}" for f in QFORMATS.values() if f.is_smoothquant) + " (chosen by measurement on SmolLM2)."),
+    exclude: str = typer.Option(",".join(_D.exclude), "--exclude", help="Comma-separated fnmatch patterns of TensorRT-LLM module names to leave unquantized, e.g. 'lm_head,transformer.layers.0.*'. Replaces the default (lm_head); 'none' quantizes everything."),
+    seed: int = typer.Option(_D.seed, "--seed", help="Seed for choosing calibration samples."),
+    force: bool = typer.Option(_D.force, "--force", help="Replace OUT if it is a previous llmc checkpoint (or empty); any other directory is refused, and OUT may never be, contain or lie inside the input."),
 ) -> None:
     """Quantize with NVIDIA ModelOpt (max calibration for FP8, SmoothQuant, AWQ) and write a
     TensorRT-LLM quantized checkpoint."""

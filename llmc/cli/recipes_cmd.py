@@ -23,9 +23,8 @@ def list_recipes() -> None:
 
 @recipes_app.command("show", short_help="Print a recipe with every default filled in (valid YAML you can copy and edit).")
 def show_recipe(name: str = typer.Argument(..., help="Recipe name or YAML path.")) -> None:
-    """Print a recipe with every default filled in (valid YAML you can copy and edit)."""
-    import yaml
+    """Print a recipe with every default filled in (valid YAML you can copy and edit); an option
+    derived from the model or the format is null with a comment saying what it becomes."""
+    from llmc.recipes.schema import load_recipe, recipe_yaml
 
-    from llmc.recipes.schema import load_recipe
-
-    typer.echo(yaml.safe_dump(load_recipe(name).model_dump(), sort_keys=False))
+    typer.echo(recipe_yaml(load_recipe(name)), nl=False)

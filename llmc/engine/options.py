@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from llmc.errors import LlmcError
+from llmc.optionfields import check_values, option
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "tensorrt-llm")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -39,24 +40,27 @@ LM_HEAD = ("auto", "float", "int8")
 
 @dataclass
 class BuildOptions:
-    backend: str = "auto"
-    paged_kv_cache: bool = True
-    inflight_batching: bool = True
-    tokens_per_block: int = 64
-    max_batch_size: int = 16
-    max_input_len: int | None = None
-    max_seq_len: int | None = None
-    max_num_tokens: int | None = None
-    kv_cache_blocks: int | None = None
-    dtype: str = "auto"
-    kv_cache_dtype: str = "auto"
-    attention: str = "auto"
-    attention_buckets: int = 3
-    lm_head: str = "auto"
-    graph_only: bool = False
-    timing_cache: str | None = None
-    trt_opt_level: int = 3
-    force: bool = False
+    """Every `llmc build` option; recipes' `build:` stage is generated from these fields."""
+
+    backend: str = option("auto", choices=BACKENDS)
+    paged_kv_cache: bool = option(True)
+    inflight_batching: bool = option(True)
+    tokens_per_block: int = option(64, ge=1)
+    max_batch_size: int = option(16, ge=1)
+    max_input_len: int | None = option(None, ge=1, derived="min(1024, max_seq_len)")
+    max_seq_len: int | None = option(None, ge=1, derived="min(2048, the model's max_position_embeddings)")
+    max_num_tokens: int | None = option(None, ge=1, derived="max(2048, max_input_len)")
+    kv_cache_blocks: int | None = option(None, ge=1,
+                                         derived="max_batch_size x ceil(max_seq_len / tokens_per_block)")
+    dtype: str = option("auto", choices=DTYPES)
+    kv_cache_dtype: str = option("auto", choices=KV_DTYPES)
+    attention: str = option("auto", choices=ATTENTION)
+    attention_buckets: int = option(3, ge=1)
+    lm_head: str = option("auto", choices=LM_HEAD)
+    graph_only: bool = option(False)
+    timing_cache: str | None = option(None, derived="no timing cache")
+    trt_opt_level: int = option(3, ge=0, le=5)
+    force: bool = option(False, recipe=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,16 +77,7 @@ class BuildOptions:
     def resolve(self, max_position_embeddings: int) -> "BuildOptions":
         """Fill derived defaults and validate; raises LlmcError on settings that cannot hold."""
         o = BuildOptions(**asdict(self))
-        for name, allowed in (("backend", BACKENDS), ("dtype", DTYPES), ("kv_cache_dtype", KV_DTYPES),
-                              ("attention", ATTENTION), ("lm_head", LM_HEAD)):
-            if getattr(o, name) not in allowed:
-                raise LlmcError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)} "
-                                f"(got {getattr(o, name)!r})")
-        for name in ("tokens_per_block", "max_batch_size", "max_input_len", "max_seq_len",
-                     "max_num_tokens", "kv_cache_blocks", "attention_buckets"):
-            v = getattr(o, name)
-            if v is not None and v < 1:
-                raise LlmcError(f"--{name.replace('_', '-')} must be >= 1 (got {v})")
+        check_values(o)
         if o.max_seq_len is None:
             o.max_seq_len = min(2048, max_position_embeddings)
         if o.max_input_len is None:
@@ -112,6 +107,4 @@ class BuildOptions:
         elif o.kv_cache_blocks < o.blocks_per_seq:
             raise LlmcError(f"a KV pool of {o.kv_cache_blocks} blocks x {o.tokens_per_block} tokens cannot hold "
                             f"one sequence of --max-seq-len {o.max_seq_len} ({o.blocks_per_seq} blocks needed)")
-        if not 0 <= o.trt_opt_level <= 5:
-            raise LlmcError(f"--trt-opt-level must be in 0..5 (got {o.trt_opt_level})")
         return o

@@ -23,6 +23,7 @@ import torch
 
 from llmc.errors import LlmcError
 from llmc.quantize.formats import DEFAULTS, QFormat, get_qformat, kv_cache_algo
+from llmc.quantize.options import QuantizeOptions, parse_exclude  # noqa: F401 (parse_exclude: re-export)
 
 GROUP_SIZE_CANDIDATES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 128
@@ -62,14 +63,6 @@ def checkpoint_linears(cfg) -> dict[str, int]:
         widths[p + "mlp.proj"] = cfg.intermediate_size
     widths["lm_head"] = cfg.hidden_size
     return widths
-
-
-def parse_exclude(value: str | list[str] | None) -> list[str]:
-    if value is None:
-        return list(DEFAULTS["exclude"])
-    items = value if isinstance(value, list) else value.split(",")
-    items = [s.strip() for s in items if s.strip()]
-    return [] if items in (["none"], ["-"]) else items
 
 
 def resolve_exclusions(patterns: list[str], cfg) -> tuple[list[str], list[str]]:
@@ -166,121 +159,160 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
                         exclude: str | list[str] | None = None, seed: int | None = None,
                         awq_search_samples: int | None = None, force: bool = False,
                         progress: bool = True) -> QuantizeResult:
-    """Quantize the checkpoint at `ckpt` into `out` (see DEFAULTS for the defaults)."""
-    from llmc.checkpoint.config import QuantConfig
+    """Quantize the checkpoint at `ckpt` into `out` (None: the default of QuantizeOptions /
+    formats.DEFAULTS). Every check that can fail runs before the minutes of calibration."""
     from llmc.checkpoint.io import load_checkpoint, write_checkpoint
-    from llmc.fsutil import atomic_output_dir, check_output_dir
+    from llmc.fsutil import atomic_output_dir
 
     start = time.perf_counter()
-    fmt = get_qformat(qformat)
-    kv_algo = kv_cache_algo(kv_cache_dtype)
-    calib_data = DEFAULTS["calib_data"] if calib_data is None else calib_data
-    calib_size = DEFAULTS["calib_size"] if calib_size is None else calib_size
-    calib_seq_len = DEFAULTS["calib_seq_len"] if calib_seq_len is None else calib_seq_len
-    batch_size = DEFAULTS["batch_size"] if batch_size is None else batch_size
-    seed = DEFAULTS["seed"] if seed is None else seed
-    if batch_size < 1:
-        raise LlmcError(f"--batch-size must be >= 1, got {batch_size}")
-    if fmt.is_smoothquant:
-        sq_alpha = fmt.default_sq_alpha if sq_alpha is None else sq_alpha
-        if not 0.0 <= sq_alpha <= 1.0:
-            raise LlmcError(f"--sq-alpha must be in [0, 1], got {sq_alpha}")
-    elif sq_alpha is not None:
-        raise LlmcError(f"--sq-alpha applies to SmoothQuant formats (int8_sq, int8_sq_static) only, not {fmt.name}")
-    if group_size is not None and not fmt.is_int4:
-        raise LlmcError(f"--group-size applies to INT4 formats (int4_awq, w4a8_awq, int4_wo, int4_asym), not {fmt.name}")
-
-    source = load_checkpoint(ckpt)
-    cfg = source.config
-    if cfg.quantization.quant_algo or cfg.quantization.kv_cache_quant_algo:
-        raise LlmcError(f"checkpoint is already quantized ({cfg.quantization.quant_algo or cfg.quantization.kv_cache_quant_algo}); "
-                        f"quantize the unquantized checkpoint instead", source.path)
-    out = Path(out)
-    check_output_dir(out, force, kind="checkpoint", inputs=[source.path])
-    if (fmt.needs_activations or kv_algo) and calib_seq_len > cfg.max_position_embeddings:
-        raise LlmcError(f"--calib-seq-len {calib_seq_len} exceeds the model's max_position_embeddings "
-                        f"({cfg.max_position_embeddings})")
-    patterns = parse_exclude(exclude)
-    quantized, kept = resolve_exclusions(patterns, cfg)
-    if not quantized:
-        raise LlmcError("--exclude leaves no linear layer to quantize")
-    group = resolve_group_size(fmt, group_size, cfg, quantized)
-
-    batches: list[torch.Tensor] = []
-    calib_facts: dict[str, Any] = {}
-    if fmt.needs_activations or kv_algo:
-        from llmc.quantize.calib_data import calibration_windows
-        from llmc.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(source.path)
-        windows, calib_facts = calibration_windows(tokenizer, calib_data, calib_size=calib_size,
-                                                   seq_len=calib_seq_len, seed=seed)
-        batches = list(windows.split(batch_size))
-
-    from llmc.models.reference import ReferenceModel
-    from llmc.quantize.export import export_tensors
-    from llmc.quantize.ptq import calibrate
-
-    from llmc.quantize.export import checkpoint_names
-
+    given = dict(kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_size=calib_size,
+                 calib_seq_len=calib_seq_len, batch_size=batch_size, group_size=group_size,
+                 sq_alpha=sq_alpha, exclude=exclude, seed=seed, force=force)
+    opts = QuantizeOptions(qformat=qformat, **{k: v for k, v in given.items() if v is not None})
+    fmt, kv_algo = _check_options(opts)
     awq_search_samples = DEFAULTS["awq_search_samples"] if awq_search_samples is None else awq_search_samples
     if awq_search_samples < 1:
         raise LlmcError(f"awq_search_samples must be >= 1, got {awq_search_samples}")
-    torch.manual_seed(seed)
-    tensors = source.merged_tensors()
-    if not fmt.uses_modelopt:  # llmc's own round-to-nearest with zero points: weights alone
-        from llmc.quantize.export import rtn_asymmetric
-        from llmc.quantize.ptq import CalibStats
 
-        if kv_algo:
-            raise LlmcError(f"--kv-cache-dtype needs ModelOpt calibration; {fmt.name} is weight-only round-to-nearest")
-        stats = CalibStats()
-        out_tensors = dict(tensors)
-        for mod in quantized:
-            for name in checkpoint_names(mod):
-                del out_tensors[name + ".weight"]
-                for suffix, t in rtn_asymmetric(tensors[name + ".weight"], group).items():
-                    out_tensors[f"{name}.{suffix}"] = t
+    source = load_checkpoint(ckpt)
+    out = Path(out)
+    _check_source(source, fmt, kv_algo, opts, out)
+    quantized, kept = resolve_exclusions(opts.exclude, source.config)
+    if not quantized:
+        raise LlmcError("--exclude leaves no linear layer to quantize")
+    group = resolve_group_size(fmt, opts.group_size, source.config, quantized)
+    batches, calib_facts = _calibration_batches(source, fmt, kv_algo, opts)
+
+    torch.manual_seed(opts.seed)
+    if fmt.uses_modelopt:
+        out_tensors, stats = _modelopt_tensors(source, fmt, kv_algo, batches, quantized, kept, group, opts,
+                                               awq_search_samples, progress)
     else:
-        for mod in quantized:  # their float weights are re-derived from the calibrated model
-            for name in checkpoint_names(mod):
-                tensors.pop(name + ".weight", None)
-        model = ReferenceModel.from_checkpoint(source, dtype=torch.float32)
-        stats = calibrate(model, fmt, batches, group_size=group, sq_alpha=sq_alpha, kv_algo=kv_algo,
-                          excluded_modules=kept, awq_search_samples=awq_search_samples, progress=progress)
-        ckpt_dtype = next(t.dtype for n, t in tensors.items() if n.endswith("input_layernorm.weight"))
-        out_tensors = export_tensors(model, tensors, fmt, quantized_modules=quantized, kv_algo=kv_algo,
-                                     intermediate_size=cfg.intermediate_size,
-                                     num_layers=cfg.num_hidden_layers, ckpt_dtype=ckpt_dtype)
-        del model
-
-    new_cfg = copy.deepcopy(cfg)
-    new_cfg.quantization = QuantConfig(
-        quant_algo=fmt.quant_algo, kv_cache_quant_algo=kv_algo,
-        group_size=group if group else DEFAULT_GROUP_SIZE, has_zero_point=fmt.zero_point,
-        pre_quant_scale=fmt.pre_quant_scale, exclude_modules=patterns,
-        smoothquant_val=sq_alpha if fmt.is_smoothquant else None)
-    new_cfg.mapping.tp_size = new_cfg.mapping.pp_size = new_cfg.mapping.world_size = 1
-    if "lm_head" in quantized:  # a quantized lm_head cannot share the embedding table
-        new_cfg.tie_word_embeddings = False
-        new_cfg.share_embedding_table = False
-    from llmc import __version__
-
-    new_cfg.llmc = dict(cfg.llmc)
-    new_cfg.llmc["quantization"] = {
-        "qformat": fmt.name, "llmc_version": __version__, "modelopt_version": _modelopt_version() if fmt.uses_modelopt else None,
-        "algorithm": fmt.modelopt_preset if fmt.uses_modelopt else "rtn_asymmetric (llmc)", "group_size": group, "sq_alpha": sq_alpha,
-        "activation_granularity": fmt.act_granularity, "exclude": patterns,
-        "calibration": {**calib_facts, "batch_size": batch_size, "passes": stats.passes,
-                        "awq_search_samples": min(awq_search_samples, calib_size) if "AWQ" in fmt.modelopt_preset else None,
-                        "seconds": round(stats.seconds, 2)} if batches else None,
-        "source_checkpoint": str(source.path.resolve()),
-    }
+        out_tensors, stats = _rtn_asymmetric_tensors(source, fmt, kv_algo, quantized, group)
+    calibration = ({**calib_facts, "batch_size": opts.batch_size, "passes": stats.passes,
+                    "awq_search_samples": (min(awq_search_samples, opts.calib_size)
+                                           if "AWQ" in fmt.modelopt_preset else None),
+                    "seconds": round(stats.seconds, 2)} if batches else None)
+    new_cfg = _quantized_config(source, fmt, kv_algo, opts, quantized, group, calibration)
     with atomic_output_dir(out, force=force, kind="checkpoint", inputs=[source.path],
                            expected_bytes=source.size_on_disk()) as tmp:
         write_checkpoint(tmp, new_cfg, [out_tensors], side_files_from=source.path)
     return QuantizeResult(out=out, qformat=fmt.name, quant_algo=fmt.quant_algo, kv_cache_quant_algo=kv_algo,
-                          group_size=group, sq_alpha=sq_alpha, exclude=patterns,
+                          group_size=group, sq_alpha=opts.sq_alpha, exclude=opts.exclude,
                           seconds=time.perf_counter() - start, calib_seconds=stats.seconds,
                           calib_samples=stats.samples, calib_tokens=stats.tokens,
                           peak_rss_bytes=_peak_rss(), config=new_cfg, calibration=calib_facts)
+
+
+def _check_options(opts: QuantizeOptions) -> tuple[QFormat, str | None]:
+    """(format, KV quant algo) after the checks that need no checkpoint; fills the format's
+    SmoothQuant alpha, so what is recorded is what ran."""
+    fmt = get_qformat(opts.qformat)
+    kv_algo = kv_cache_algo(opts.kv_cache_dtype)
+    opts.exclude = parse_exclude(opts.exclude)
+    opts.check()
+    if fmt.is_smoothquant:
+        opts.sq_alpha = fmt.default_sq_alpha if opts.sq_alpha is None else opts.sq_alpha
+    elif opts.sq_alpha is not None:
+        raise LlmcError(f"--sq-alpha applies to SmoothQuant formats (int8_sq, int8_sq_static) only, not {fmt.name}")
+    if opts.group_size is not None and not fmt.is_int4:
+        raise LlmcError(f"--group-size applies to INT4 formats (int4_awq, w4a8_awq, int4_wo, int4_asym), not {fmt.name}")
+    return fmt, kv_algo
+
+
+def _check_source(source, fmt: QFormat, kv_algo: str | None, opts: QuantizeOptions, out: Path) -> None:
+    """Refuse an already-quantized source, an unusable OUT and a calibration window longer than
+    the model's context before anything is loaded into memory."""
+    from llmc.fsutil import check_output_dir
+
+    cfg = source.config
+    if cfg.quantization.quant_algo or cfg.quantization.kv_cache_quant_algo:
+        raise LlmcError(f"checkpoint is already quantized ({cfg.quantization.quant_algo or cfg.quantization.kv_cache_quant_algo}); "
+                        f"quantize the unquantized checkpoint instead", source.path)
+    check_output_dir(out, opts.force, kind="checkpoint", inputs=[source.path])
+    if (fmt.needs_activations or kv_algo) and opts.calib_seq_len > cfg.max_position_embeddings:
+        raise LlmcError(f"--calib-seq-len {opts.calib_seq_len} exceeds the model's max_position_embeddings "
+                        f"({cfg.max_position_embeddings})")
+
+
+def _calibration_batches(source, fmt: QFormat, kv_algo: str | None,
+                         opts: QuantizeOptions) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Tokenized calibration windows in forward batches, and facts about them for the record;
+    none when the format is computed from the weights alone (no text read at all)."""
+    if not (fmt.needs_activations or kv_algo):
+        return [], {}
+    from llmc.quantize.calib_data import calibration_windows
+    from llmc.tokenizer import load_tokenizer
+
+    windows, facts = calibration_windows(load_tokenizer(source.path), opts.calib_data, calib_size=opts.calib_size,
+                                         seq_len=opts.calib_seq_len, seed=opts.seed)
+    return list(windows.split(opts.batch_size)), facts
+
+
+def _rtn_asymmetric_tensors(source, fmt: QFormat, kv_algo: str | None, quantized: list[str], group: int):
+    """llmc's own asymmetric round-to-nearest with zero points: from the weights alone, no ModelOpt."""
+    from llmc.quantize.export import checkpoint_names, rtn_asymmetric
+    from llmc.quantize.ptq import CalibStats
+
+    if kv_algo:
+        raise LlmcError(f"--kv-cache-dtype needs ModelOpt calibration; {fmt.name} is weight-only round-to-nearest")
+    tensors = source.merged_tensors()
+    out_tensors = dict(tensors)
+    for mod in quantized:
+        for name in checkpoint_names(mod):
+            del out_tensors[name + ".weight"]
+            for suffix, t in rtn_asymmetric(tensors[name + ".weight"], group).items():
+                out_tensors[f"{name}.{suffix}"] = t
+    return out_tensors, CalibStats()
+
+
+def _modelopt_tensors(source, fmt: QFormat, kv_algo: str | None, batches, quantized: list[str], kept: list[str],
+                      group: int | None, opts: QuantizeOptions, awq_search_samples: int, progress: bool):
+    """Calibrate the float32 reference model with ModelOpt and export its quantizer states; the
+    quantized linears' float weights are dropped first (they are re-derived from the model)."""
+    from llmc.models.reference import ReferenceModel
+    from llmc.quantize.export import checkpoint_names, export_tensors
+    from llmc.quantize.ptq import calibrate
+
+    cfg = source.config
+    tensors = source.merged_tensors()
+    for mod in quantized:
+        for name in checkpoint_names(mod):
+            tensors.pop(name + ".weight", None)
+    model = ReferenceModel.from_checkpoint(source, dtype=torch.float32)
+    stats = calibrate(model, fmt, batches, group_size=group, sq_alpha=opts.sq_alpha, kv_algo=kv_algo,
+                      excluded_modules=kept, awq_search_samples=awq_search_samples, progress=progress)
+    ckpt_dtype = next(t.dtype for n, t in tensors.items() if n.endswith("input_layernorm.weight"))
+    out_tensors = export_tensors(model, tensors, fmt, quantized_modules=quantized, kv_algo=kv_algo,
+                                 intermediate_size=cfg.intermediate_size,
+                                 num_layers=cfg.num_hidden_layers, ckpt_dtype=ckpt_dtype)
+    return out_tensors, stats
+
+
+def _quantized_config(source, fmt: QFormat, kv_algo: str | None, opts: QuantizeOptions, quantized: list[str],
+                      group: int | None, calibration: dict[str, Any] | None):
+    """The output config: TensorRT-LLM's quantization block (what builders read) plus llmc's
+    provenance record (what ran, on which data, with which versions)."""
+    from llmc import __version__
+    from llmc.checkpoint.config import QuantConfig
+
+    cfg = source.config
+    new_cfg = copy.deepcopy(cfg)
+    new_cfg.quantization = QuantConfig(
+        quant_algo=fmt.quant_algo, kv_cache_quant_algo=kv_algo,
+        group_size=group if group else DEFAULT_GROUP_SIZE, has_zero_point=fmt.zero_point,
+        pre_quant_scale=fmt.pre_quant_scale, exclude_modules=opts.exclude,
+        smoothquant_val=opts.sq_alpha if fmt.is_smoothquant else None)
+    new_cfg.mapping.tp_size = new_cfg.mapping.pp_size = new_cfg.mapping.world_size = 1
+    if "lm_head" in quantized:  # a quantized lm_head cannot share the embedding table
+        new_cfg.tie_word_embeddings = False
+        new_cfg.share_embedding_table = False
+    new_cfg.llmc = dict(cfg.llmc)
+    new_cfg.llmc["quantization"] = {
+        "qformat": fmt.name, "llmc_version": __version__,
+        "modelopt_version": _modelopt_version() if fmt.uses_modelopt else None,
+        "algorithm": fmt.modelopt_preset if fmt.uses_modelopt else "rtn_asymmetric (llmc)", "group_size": group,
+        "sq_alpha": opts.sq_alpha, "activation_granularity": fmt.act_granularity, "exclude": opts.exclude,
+        "calibration": calibration, "source_checkpoint": str(source.path.resolve()),
+    }
+    return new_cfg

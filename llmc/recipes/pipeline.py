@@ -133,93 +133,126 @@ class Pipeline:
 
     # ---- the stages ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        r = self.recipe
+        """Run (or skip) every stage in order and write report.json. Each stage's key chains the
+        keys it reads from, so a changed option reruns that stage and everything downstream."""
         wd = self.workdir
         wd.mkdir(parents=True, exist_ok=True)
         self.records_dir = output_under(wd, "records")
-        source = resolve_model(r.model)
-        conv_opts = {"source": _source_signature(source), **r.convert.model_dump()}
-        ckpt = output_under(wd, "checkpoint")
+        self.checkpoint = output_under(wd, "checkpoint")
+        self.engine = output_under(wd, "engine")
+        conv = self._convert()
+        model_ckpt, upstream = self.checkpoint, conv.key
+        if self.recipe.quantize is not None:
+            model_ckpt = output_under(wd, "quantized")
+            upstream = self._quantize(model_ckpt, upstream).key
+        built = self._build(model_ckpt, upstream)
+        results: dict[str, Any] = {}
+        if self.recipe.eval is not None:
+            results["eval"] = self._eval(model_ckpt, _hash(conv.key, built.key)).result
+        results["run"] = self._run(built.key).result
+        report = {"recipe": self.recipe.name, "workdir": str(wd), "stages": [rec.__dict__ for rec in self.records],
+                  "results": results}
+        output_under(wd, "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        return report
+
+    def _convert(self) -> StageRecord:
+        """Source -> checkpoint/. The source's file sizes and mtimes stand in for its content in
+        the key (hashing gigabytes on every run would cost more than converting small models)."""
+        source = resolve_model(self.recipe.model)
+        c = self.recipe.convert
 
         def do_convert():
+            if c.keep_quantization:
+                from llmc.quantize.gguf_keep import convert_keeping_quantization
+
+                res = convert_keeping_quantization(source, self.checkpoint, force=True)
+                return {"kept": res.kept, "dequantized": len(res.dequantized)}
             from llmc.converters.convert import convert
 
-            res = convert(source, ckpt, dtype=r.convert.dtype, tp_size=r.convert.tp_size, force=True,
+            res = convert(source, self.checkpoint, dtype=c.dtype, tp_size=c.tp_size, force=True,
                           progress=self.progress)
             return {"parameters": res.num_params}
 
-        conv = self.stage("convert", conv_opts, "", ckpt, do_convert)
-        model_ckpt, upstream = ckpt, conv.key
-        if r.quantize is not None:
-            qdir = output_under(wd, "quantized")
-            q = r.quantize
+        options = {"source": _source_signature(source), **c.model_dump()}
+        return self.stage("convert", options, "", self.checkpoint, do_convert)
 
-            def do_quantize():
-                from llmc.quantize import quantize_checkpoint
+    def _quantize(self, qdir: Path, upstream: str) -> StageRecord:
+        """checkpoint/ -> quantized/ with the recipe's quantize options (QuantizeOptions)."""
+        q = self.recipe.quantize
 
-                quantize_checkpoint(ckpt, qdir, **q.model_dump(), force=True, progress=self.progress)
-                return {}
+        def do_quantize():
+            from llmc.quantize import quantize_checkpoint
 
-            quant = self.stage("quantize", q.model_dump(), upstream, qdir, do_quantize)
-            model_ckpt, upstream = qdir, quant.key
-        engine = output_under(wd, "engine")
+            quantize_checkpoint(self.checkpoint, qdir, **q.model_dump(), force=True, progress=self.progress)
+            return {}
+
+        return self.stage("quantize", q.model_dump(), upstream, qdir, do_quantize)
+
+    def _build(self, model_ckpt: Path, upstream: str) -> StageRecord:
+        """The (quantized) checkpoint -> engine/ with the recipe's BuildOptions."""
+        b = self.recipe.build
 
         def do_build():
             from llmc.engine.build import build_engine
             from llmc.engine.options import BuildOptions
 
-            opts = BuildOptions.from_dict({**r.build.model_dump(), "force": True})
-            res = build_engine(model_ckpt, engine, opts, console=self.console)
-            return {"backend": getattr(res, "backend", r.build.backend)}
+            opts = BuildOptions.from_dict({**b.model_dump(), "force": True})
+            res = build_engine(model_ckpt, self.engine, opts, console=self.console)
+            return {"backend": getattr(res, "backend", b.backend)}
 
-        built = self.stage("build", r.build.model_dump(), upstream, engine, do_build)
-        results: dict[str, Any] = {}
-        if r.eval is not None:
-            ev = r.eval
+        return self.stage("build", b.model_dump(), upstream, self.engine, do_build)
 
-            def do_eval():
-                from llmc.evaluate import compare
+    def _eval(self, model_ckpt: Path, upstream: str) -> StageRecord:
+        """Perplexity of the unquantized checkpoint, the simulated quantized checkpoint (when
+        there is one) and the engine on the same windows, with the engine's divergence from the
+        unquantized checkpoint: the accuracy cost of each step, separately."""
+        ev, ckpt = self.recipe.eval, self.checkpoint
 
-                paths = [ckpt, *([model_ckpt] if model_ckpt != ckpt else []), engine]
-                res = compare(paths, ev.data, seq_len=ev.seq_len, max_chunks=ev.max_chunks,
-                              progress=self.progress, reference=ckpt)
-                base, eng = res[0].perplexity, res[-1].perplexity
-                out = {"baseline_ppl": base, "engine_ppl": eng, "delta_pct": 100 * (eng / base - 1),
-                       "tokens": res[-1].tokens, "data": res[-1].data,
-                       "engine_divergence": res[-1].divergence}
-                if len(res) == 3:
-                    out["checkpoint_ppl"] = res[1].perplexity
-                    out["checkpoint_divergence"] = res[1].divergence
-                return out
+        def do_eval():
+            from llmc.evaluate import compare
 
-            results["eval"] = self.stage("eval", ev.model_dump(), _hash(conv.key, built.key), None, do_eval).result
-        run = r.run
+            paths = [ckpt, *([model_ckpt] if model_ckpt != ckpt else []), self.engine]
+            res = compare(paths, ev.data, seq_len=ev.seq_len, max_chunks=ev.max_chunks,
+                          progress=self.progress, reference=ckpt)
+            base, eng = res[0].perplexity, res[-1].perplexity
+            out = {"baseline_ppl": base, "engine_ppl": eng, "delta_pct": 100 * (eng / base - 1),
+                   "tokens": res[-1].tokens, "data": res[-1].data, "engine_divergence": res[-1].divergence}
+            if len(res) == 3:
+                out["checkpoint_ppl"] = res[1].perplexity
+                out["checkpoint_divergence"] = res[1].divergence
+            return out
 
-        def do_run():
-            from llmc.runtime.llm import LLM
-            from llmc.runtime.sampling import SamplingParams
+        return self.stage("eval", ev.model_dump(), upstream, None, do_eval)
 
-            llm = LLM(engine)
-            start = time.perf_counter()
-            outs = llm.generate(run.prompts, SamplingParams(max_new_tokens=run.max_new_tokens), chat=run.chat)
-            elapsed = time.perf_counter() - start
-            ok = [o for o in outs if not o.error]
-            ntok = sum(len(o.output_token_ids) for o in ok)
-            med = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
-            del llm
-            from llmc.evaluate import greedy_agreement
+    def _run(self, upstream: str) -> StageRecord:
+        """The recipe's prompts through the engine (greedy), with speed figures and whether the
+        unquantized checkpoint would have answered the same."""
+        run = self.recipe.run
+        return self.stage("run", run.model_dump(), upstream, None,
+                          lambda: run_prompts(self.engine, self.checkpoint, run.prompts, run.max_new_tokens, run.chat))
 
-            # would the unquantized checkpoint have answered the same? (the run stage decodes greedily)
-            agreement = (greedy_agreement([(o.prompt_token_ids, o.output_token_ids) for o in ok if o.output_token_ids], ckpt).to_dict()
-                         if ok else None)
-            return {"outputs": [{"prompt": p, "text": o.text, "error": o.error} for p, o in zip(run.prompts, outs)],
-                    "greedy_agreement": agreement,
-                    "ttft_ms": (med([o.ttft for o in ok if o.ttft]) or 0) * 1e3,
-                    "tpot_ms": (med([o.tpot for o in ok if o.tpot]) or 0) * 1e3,
-                    "output_tokens_per_s": ntok / elapsed}
 
-        results["run"] = self.stage("run", run.model_dump(), built.key, None, do_run).result
-        report = {"recipe": r.name, "workdir": str(wd), "stages": [rec.__dict__ for rec in self.records],
-                  "results": results}
-        output_under(wd, "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        return report
+def _median(xs: list[float]) -> float | None:
+    return sorted(xs)[len(xs) // 2] if xs else None
+
+
+def run_prompts(engine: Path, reference: Path, prompts: list[str], max_new_tokens: int, chat: bool) -> dict[str, Any]:
+    """The run stage's result: outputs, greedy agreement with `reference`, TTFT/TPOT medians and
+    output tokens/s. The engine is released before the reference model loads (peak memory)."""
+    from llmc.evaluate import greedy_agreement
+    from llmc.runtime.llm import LLM
+    from llmc.runtime.sampling import SamplingParams
+
+    llm = LLM(engine)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens), chat=chat)
+    elapsed = time.perf_counter() - start
+    del llm
+    ok = [o for o in outs if not o.error]
+    answered = [(o.prompt_token_ids, o.output_token_ids) for o in ok if o.output_token_ids]
+    agreement = greedy_agreement(answered, reference).to_dict() if ok else None
+    return {"outputs": [{"prompt": p, "text": o.text, "error": o.error} for p, o in zip(prompts, outs)],
+            "greedy_agreement": agreement,
+            "ttft_ms": (_median([o.ttft for o in ok if o.ttft]) or 0) * 1e3,
+            "tpot_ms": (_median([o.tpot for o in ok if o.tpot]) or 0) * 1e3,
+            "output_tokens_per_s": sum(len(o.output_token_ids) for o in ok) / elapsed}

@@ -6,11 +6,12 @@ names the field and the reason.
 
 from __future__ import annotations
 
+import dataclasses
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from llmc.errors import LlmcError
 
@@ -31,49 +32,56 @@ class _Stage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ConvertStage(_Stage):
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
-    tp_size: int = Field(1, ge=1)
+def _checked(name: str, spec):
+    """A pydantic after-validator that applies the option's choices and bounds (the same wording
+    as the CLI's check, minus the flag: the error names the recipe key)."""
+    from llmc.optionfields import value_problem
 
-
-class QuantizeStage(_Stage):
-    """None means `llmc quantize`'s default (llmc.quantize.formats.DEFAULTS): one source of truth.
-
-    exclude: None keeps lm_head float (the CLI default); [] quantizes every linear.
-    """
-
-    qformat: str
-    kv_cache_dtype: Literal["fp8", "int8"] | None = None
-    calib_data: str | None = None
-    calib_size: int | None = Field(None, ge=1)
-    calib_seq_len: int | None = Field(None, ge=8)
-    batch_size: int | None = Field(None, ge=1)
-    group_size: int | None = Field(None, ge=8)
-    sq_alpha: float | None = Field(None, ge=0.0, le=1.0)
-    exclude: list[str] | None = None
-    seed: int | None = None
-
-    @field_validator("qformat")
-    @classmethod
-    def _known_qformat(cls, v: str) -> str:
-        from llmc.quantize.formats import QFORMATS
-
-        if v not in QFORMATS:
-            raise ValueError(f"unknown qformat {v!r}; choose from {', '.join(QFORMATS)}")
+    def check(v):
+        problem = value_problem(name, v, spec)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
+    return AfterValidator(check)
 
-class BuildStage(_Stage):
-    backend: Literal["auto", "onnxruntime", "tensorrt", "tensorrt-llm"] = "onnxruntime"
-    paged_kv_cache: bool = True
-    inflight_batching: bool = True
-    tokens_per_block: int = Field(64, ge=1)
-    max_batch_size: int = Field(16, ge=1)
-    max_input_len: int | None = Field(None, ge=1)
-    max_seq_len: int | None = Field(None, ge=1)
-    max_num_tokens: int | None = Field(None, ge=1)
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    lm_head: Literal["auto", "float", "int8"] = "auto"
+
+def stage_model(name: str, options_cls: type, doc: str) -> type[_Stage]:
+    """A recipe stage generated from a stage's options dataclass: every option a recipe may set
+    (`OptionSpec.recipe`), under the CLI's name, with the CLI's default and checks. Declaring the
+    stage a second time here is how recipe and CLI defaults drifted apart before."""
+    from llmc.optionfields import spec_of
+
+    hints = get_type_hints(options_cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(options_cls):
+        spec = spec_of(f)
+        if not spec.recipe:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = Field(f.default, description=spec.derived)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = Field(default_factory=f.default_factory, description=spec.derived)
+        else:
+            default = Field(...)
+        fields[f.name] = (Annotated[hints[f.name], _checked(f.name, spec)], default)
+    model = create_model(name, __base__=_Stage, __doc__=doc, **fields)
+    model.__module__ = __name__
+    return model
+
+
+def _stages():
+    from llmc.converters.options import ConvertOptions
+    from llmc.engine.options import BuildOptions
+    from llmc.quantize.options import QuantizeOptions
+
+    return (stage_model("ConvertStage", ConvertOptions, "`llmc convert`'s options (ConvertOptions)."),
+            stage_model("QuantizeStage", QuantizeOptions, "`llmc quantize`'s options (QuantizeOptions; "
+                        "formats.DEFAULTS). exclude [] quantizes every linear, the default keeps lm_head float."),
+            stage_model("BuildStage", BuildOptions, "`llmc build`'s options (BuildOptions)."))
+
+
+ConvertStage, QuantizeStage, BuildStage = _stages()
 
 
 class EvalStage(_Stage):
@@ -103,10 +111,32 @@ class Recipe(_Stage):
     run: RunStage
 
 
+def _model_of(model: Any, key: Any) -> type[BaseModel] | None:
+    """The pydantic model stored under `key` of `model` (a stage, also when it is optional)."""
+    field = model.model_fields.get(key) if isinstance(key, str) else None
+    ann = getattr(field, "annotation", None)
+    return next((a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type)
+                 and issubclass(a, BaseModel)), None)
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    """The keys allowed where an unknown key `loc` was found (for "did you mean")."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        model = _model_of(model, part)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
 def _format_error(exc: ValidationError, source: object) -> LlmcError:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        from llmc.cli.output import did_you_mean
+
+        msg += f": unknown key{did_you_mean(str(err['loc'][-1]), _known_keys(err['loc']))}"
     if err.get("type") == "string_pattern_mismatch" and loc == "name":
         msg = (f"must be a plain name (letters, digits, '.', '_', '-'; no path separators), "
                f"got {err.get('input')!r}")
@@ -176,3 +206,24 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         except yaml.YAMLError:
             target[parts[-1]] = raw
     return parse_recipe(data, "--set")
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    """The recipe as YAML with every option filled in; an option left to be derived (null) carries
+    a comment saying what it becomes, so the output shows every effective setting and still loads
+    as a recipe."""
+    import re
+
+    import yaml
+
+    lines, stage = [], None
+    for line in yaml.safe_dump(recipe.model_dump(), sort_keys=False).splitlines():
+        top = re.match(r"^(\w+):", line)
+        if top:
+            stage = _model_of(Recipe, top.group(1))
+        unset = re.match(r"^  (\w+): null$", line)
+        field = stage.model_fields.get(unset.group(1)) if unset and stage else None
+        if field is not None and field.description:
+            line += f"  # {field.description}"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
