@@ -110,34 +110,67 @@ def lm_head_policy(option: str, target, qkind: str) -> str:
     return "float"
 
 
+@dataclass
+class _Build:
+    """Everything decided before the output directory is opened: the resolved options, the
+    backend, dtypes and graph target, the validated weights and the memory plan."""
+
+    ckpt: Any
+    opts: BuildOptions
+    backend: str
+    dtype: str
+    kv_dtype: str
+    target: Any
+    qkind: str
+    tensors: dict[str, Any]
+    plan: Any
+
+
 def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions | None = None,
                  log: Callable[[str], None] | None = None, console=None) -> BuildResult:
-    import onnx
-
-    from llmc.checkpoint.io import load_checkpoint
-    from llmc.checkpoint.validate import validate_tensors
-    from llmc.engine.memory import plan_memory, render_plan
-    from llmc.engine.model_graph import build_graph, check_supported
-    from llmc.engine.weights import kv_quant, quant_kind
-    from llmc.fsutil import atomic_output_dir, check_output_dir
+    """Compile `checkpoint` into the engine directory `out` (written atomically: an interrupted
+    build leaves none). Every check runs before the output directory is touched."""
+    from llmc.fsutil import atomic_output_dir
     from llmc.integrity import make_record
-    from llmc.plugins.base import Target
 
     t0 = time.perf_counter()
     log = log or (lambda msg: None)
-    options = options or BuildOptions()
+    out = Path(out)
+    b = _prepare(checkpoint, out, options or BuildOptions(), log, console)
+    with atomic_output_dir(out, force=b.opts.force, kind="engine", inputs=[b.ckpt.path],
+                           expected_bytes=b.plan.weights) as tmp:
+        if b.backend == "tensorrt-llm":
+            spec, files, extra = _hand_to_trtllm(b, tmp, log)
+        else:
+            spec, files, extra = _emit_graph(b, tmp, log)
+        data = _engine_config(b, out, spec, files, copy_tokenizer(b.ckpt.path, tmp), extra, t0)
+        data["integrity"] = make_record(tmp)
+        write_engine_config(tmp, data)
+    return BuildResult(out, data, time.perf_counter() - t0, b.backend)
+
+
+def _prepare(checkpoint: str | Path, out: Path, options: BuildOptions, log, console) -> _Build:
+    """Load and validate the checkpoint, resolve the options against it, pick backend, dtypes and
+    graph target, and print the memory plan: everything that can refuse the build, before any
+    output exists."""
+    from llmc.checkpoint.io import load_checkpoint
+    from llmc.checkpoint.validate import validate_tensors
+    from llmc.engine.memory import plan_memory, render_plan
+    from llmc.engine.model_graph import check_supported
+    from llmc.engine.weights import kv_quant, quant_kind
+    from llmc.fsutil import check_output_dir
+    from llmc.plugins.base import Target
+
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
-    out = Path(out)
     check_output_dir(out, options.force, kind="engine", inputs=[ckpt.path])
     check_supported(cfg)
     qkind = quant_kind(cfg)
     opts = options.resolve(cfg.max_position_embeddings)
     backend = resolve_backend(opts.backend, opts.graph_only)
     dtype = compute_dtype(backend, opts.dtype, cfg.dtype)
-    attention = attention_impl(backend, opts.attention)
     graph_backend = "tensorrt" if backend == "tensorrt" else "onnxruntime"
-    target = Target.for_backend(graph_backend, ONNX_DTYPES[dtype], attention)
+    target = Target.for_backend(graph_backend, ONNX_DTYPES[dtype], attention_impl(backend, opts.attention))
     kvq = kv_quant(cfg) if opts.kv_cache_dtype == "auto" else (None if opts.kv_cache_dtype == "float" else opts.kv_cache_dtype)
     kv_dtype = kvq if (kvq and target.kv_storage == "native") else dtype
     if backend == "tensorrt" and kvq:
@@ -147,74 +180,93 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
     validate_tensors(tensors, cfg, ckpt.path)
     plan = plan_memory(tensors, cfg, opts, dtype, kv_dtype, fp8_dequantized=(target.fp8 == "emulate"))
     render_plan(plan, opts, kv_dtype, console)
-    source_hash = checkpoint_hash(ckpt.path)
+    return _Build(ckpt, opts, backend, dtype, kv_dtype, target, qkind, tensors, plan)
 
+
+def _emit_graph(b: _Build, tmp: Path, log) -> tuple[Any, list[str], dict[str, Any]]:
+    """model.onnx (+ streamed weights), checked by onnx.checker; for TensorRT also the
+    compatibility table and rank0.engine. The weights are dropped as soon as the graph holds them."""
+    import onnx
+
+    from llmc.engine.model_graph import build_graph
+
+    opts = b.opts
+    model, spec = build_graph(b.tensors, b.ckpt.config, b.target, tmp, block_size=opts.tokens_per_block,
+                              max_positions=opts.max_seq_len, num_buckets=opts.attention_buckets,
+                              kv_cache_dtype=opts.kv_cache_dtype,
+                              lm_head=lm_head_policy(opts.lm_head, b.target, b.qkind))
+    b.tensors = {}
+    onnx_path = tmp / "model.onnx"
+    onnx.save_model(model, str(onnx_path))
+    onnx.checker.check_model(str(onnx_path))
+    files = ["config.json", "model.onnx", "model.onnx.data"]
+    log(f"graph: {spec.node_count} nodes, {spec.weight_bytes / 2**20:.1f} MiB of weights")
     extra: dict[str, Any] = {}
-    with atomic_output_dir(out, force=opts.force, kind="engine", inputs=[ckpt.path],
-                           expected_bytes=plan.weights) as tmp:
-        spec = None
-        files = ["config.json"]
-        if backend != "tensorrt-llm":
-            model, spec = build_graph(tensors, cfg, target, tmp, block_size=opts.tokens_per_block,
-                                      max_positions=opts.max_seq_len, num_buckets=opts.attention_buckets,
-                                      kv_cache_dtype=opts.kv_cache_dtype,
-                                      lm_head=lm_head_policy(opts.lm_head, target, qkind))
-            del tensors
-            onnx_path = tmp / "model.onnx"
-            onnx.save_model(model, str(onnx_path))
-            onnx.checker.check_model(str(onnx_path))
-            files += ["model.onnx", "model.onnx.data"]
-            log(f"graph: {spec.node_count} nodes, {spec.weight_bytes / 2**20:.1f} MiB of weights")
-            if backend == "tensorrt":
-                from llmc.engine.trt_compat import assert_trt_compatible
+    if b.backend == "tensorrt":
+        _check_trt_compatible(model, log)
+        if not opts.graph_only:
+            from llmc.engine.backends.tensorrt import build_trt_engine
 
-                trt_version = None
-                try:
-                    import tensorrt as trt
+            extra["tensorrt"] = build_trt_engine(onnx_path, tmp / "rank0.engine", opts, spec, b.qkind, log)
+            files.append("rank0.engine")
+    return spec, files, extra
 
-                    trt_version = trt.__version__
-                except Exception:
-                    pass
-                assert_trt_compatible(model, trt_version)
-                log("TensorRT compatibility check: ok")
-                if not opts.graph_only:
-                    from llmc.engine.backends.tensorrt import build_trt_engine
 
-                    extra["tensorrt"] = build_trt_engine(onnx_path, tmp / "rank0.engine", opts, spec, qkind, log)
-                    files.append("rank0.engine")
-            del model
-        else:
-            del tensors
-            if not opts.graph_only:
-                from llmc.engine.backends.tensorrt_llm import build_with_trtllm
+def _check_trt_compatible(model, log) -> None:
+    """Refuse ops the installed (or, without one, the minimum supported) TensorRT cannot parse,
+    before minutes of engine building."""
+    from llmc.engine.trt_compat import assert_trt_compatible
 
-                extra["tensorrt_llm"] = build_with_trtllm(ckpt.path, tmp, opts, cfg.quantization.quant_algo, log)
-                files.append("trtllm/")
-        tok = copy_tokenizer(ckpt.path, tmp)
-        model_cfg = cfg.to_dict()
-        data = {
-            **model_cfg,  # the checkpoint config at top level, like TensorRT-LLM engine configs
-            "llmc": {**{k: v for k, v in (model_cfg.get("llmc") or {}).items() if k != "integrity"},
-                     "engine": True, "engine_format_version": ENGINE_FORMAT_VERSION},
-            "engine": {
-                "format_version": ENGINE_FORMAT_VERSION,
-                "backend": backend,
-                "graph_only": bool(opts.graph_only and backend in ("tensorrt", "tensorrt-llm")),
-                "files": files + tok,
-                "compute_dtype": dtype,
-                "kv_cache_dtype": kv_dtype,
-                "quantization": qkind,
-                "graph": spec.to_dict() if spec is not None else None,
-                **extra,
-            },
-            "build": opts.to_dict(),
-            "memory_plan": plan.to_dict(),
-            "versions": toolchain_versions(tensorrt=backend != "onnxruntime"),
-            "source": {"checkpoint": str(ckpt.path.resolve()), "hash": source_hash},
-            "build_command": build_command(ckpt.path, out, opts.to_dict() | {"backend": opts.backend}),
-            "tokenizer_files": tok,
-            "build_seconds": round(time.perf_counter() - t0, 3),
-        }
-        data["integrity"] = make_record(tmp)
-        write_engine_config(tmp, data)
-    return BuildResult(out, data, time.perf_counter() - t0, backend)
+    trt_version = None
+    try:
+        import tensorrt as trt
+
+        trt_version = trt.__version__
+    except Exception:
+        pass
+    assert_trt_compatible(model, trt_version)
+    log("TensorRT compatibility check: ok")
+
+
+def _hand_to_trtllm(b: _Build, tmp: Path, log) -> tuple[None, list[str], dict[str, Any]]:
+    """tensorrt-llm: no llmc graph; trtllm-build compiles the checkpoint (skipped with --graph-only)."""
+    b.tensors = {}
+    files, extra = ["config.json"], {}
+    if not b.opts.graph_only:
+        from llmc.engine.backends.tensorrt_llm import build_with_trtllm
+
+        extra["tensorrt_llm"] = build_with_trtllm(b.ckpt.path, tmp, b.opts, b.ckpt.config.quantization.quant_algo, log)
+        files.append("trtllm/")
+    return None, files, extra
+
+
+def _engine_config(b: _Build, out: Path, spec, files: list[str], tokenizer_files: list[str],
+                   extra: dict[str, Any], t0: float) -> dict[str, Any]:
+    """config.json: the checkpoint config at top level (like TensorRT-LLM engine configs) plus
+    what the runtime needs (engine), how it was built (build, build_command, versions) and from
+    what (source hash), so a load can tell a stale or foreign engine."""
+    opts = b.opts
+    model_cfg = b.ckpt.config.to_dict()
+    return {
+        **model_cfg,
+        "llmc": {**{k: v for k, v in (model_cfg.get("llmc") or {}).items() if k != "integrity"},
+                 "engine": True, "engine_format_version": ENGINE_FORMAT_VERSION},
+        "engine": {
+            "format_version": ENGINE_FORMAT_VERSION,
+            "backend": b.backend,
+            "graph_only": bool(opts.graph_only and b.backend in ("tensorrt", "tensorrt-llm")),
+            "files": files + tokenizer_files,
+            "compute_dtype": b.dtype,
+            "kv_cache_dtype": b.kv_dtype,
+            "quantization": b.qkind,
+            "graph": spec.to_dict() if spec is not None else None,
+            **extra,
+        },
+        "build": opts.to_dict(),
+        "memory_plan": b.plan.to_dict(),
+        "versions": toolchain_versions(tensorrt=b.backend != "onnxruntime"),
+        "source": {"checkpoint": str(b.ckpt.path.resolve()), "hash": checkpoint_hash(b.ckpt.path)},
+        "build_command": build_command(b.ckpt.path, out, opts.to_dict() | {"backend": opts.backend}),
+        "tokenizer_files": tokenizer_files,
+        "build_seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -127,30 +127,52 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     emb_bytes = g.weight_bytes - before_emb
     x = g.op("Gather", [emb, input_ids], name="embed", axis=0)
 
-    qk_heads = d.num_heads + d.num_kv_heads
     for i in range(cfg.num_hidden_layers):
-        lw = reader.layer(i)
-        p = f"transformer.layers.{i}"
-        h = emit_rmsnorm(g, target, x, lw.input_layernorm, cfg.norm_epsilon, f"{p}.input_layernorm")
-        qkv = emit_linear(g, target, h, lw.qkv, f"{p}.attention.qkv")
-        qk, v = g.op("Split", [qkv, g.const([d.q_size + d.kv_size, d.kv_size])], n_out=2,
-                     name=f"l{i}_qkv_split", axis=-1)
-        qk3 = g.op("Reshape", [qk, g.const([0, qk_heads, d.head_dim])], name=f"l{i}_qk_heads")
-        qk3 = emit_rope(g, qk3, cos, sin, d.head_dim, f"l{i}_rope")
-        q3, k3 = g.op("Split", [qk3, g.const([d.num_heads, d.num_kv_heads])], n_out=2, name=f"l{i}_qk_split", axis=1)
-        q = g.op("Reshape", [q3, g.const([0, d.q_size])], name=f"l{i}_q")
-        v3 = g.op("Reshape", [v, g.const([0, d.num_kv_heads, d.head_dim])], name=f"l{i}_v")
-        pool = KVPool(g, target, d, i, kvq or "float", lw.kv_cache_scale)
-        attn = emit_paged_attention(g, target, d, pool, q, k3, v3, scatter_index, buckets, out_index)
-        attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
-        x = g.op("Add", [x, attn], name=f"l{i}_residual_attn")
-        h = emit_rmsnorm(g, target, x, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")
-        m = emit_gated_mlp(g, target, h, lw.gate_up, lw.proj, f"{p}.mlp")
-        x = g.op("Add", [x, m], name=f"l{i}_residual_mlp")
+        x, pool = _emit_layer(g, target, d, cfg, reader.layer(i), i, x, kvq, cos, sin, scatter_index, buckets, out_index)
 
     last = g.op("Gather", [x, logits_index], name="logits_rows", axis=0)
     last = emit_rmsnorm(g, target, last, np32(tensors["transformer.ln_f.weight"]), cfg.norm_epsilon,
                         "transformer.ln_f")
+    logits, tied, lm_kind = _emit_lm_head(g, target, tensors, reader, emb, emb_t, last, lm_head)
+    if target.dtype != TensorProto.FLOAT:
+        logits = g.op("Cast", [logits], name="logits_fp32", to=TensorProto.FLOAT)
+    g.op("Identity", [logits], name="logits_out", outputs=["logits"])
+    g.output("logits", TensorProto.FLOAT, ["num_logits", cfg.vocab_size])
+
+    model = g.model(doc="llmc engine graph")
+    read_bytes = g.weight_bytes - (0 if tied and lm_kind == "float" else emb_bytes)
+    return model, _graph_spec(model, cfg, target, d, kvq, pool, buckets, num_buckets, block_size,
+                              max_positions, g.weight_bytes, read_bytes, lm_kind)
+
+
+def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: CheckpointConfig, lw, i: int, x: str,
+                kvq: str | None, cos: str, sin: str, scatter_index: str, buckets, out_index) -> tuple[str, KVPool]:
+    """One decoder layer: pre-norm attention over the paged KV pool, then the gated MLP, each with
+    its residual. Q and K share one Reshape and one RoPE (fewer, fatter nodes per layer)."""
+    p = f"transformer.layers.{i}"
+    qk_heads = d.num_heads + d.num_kv_heads
+    h = emit_rmsnorm(g, target, x, lw.input_layernorm, cfg.norm_epsilon, f"{p}.input_layernorm")
+    qkv = emit_linear(g, target, h, lw.qkv, f"{p}.attention.qkv")
+    qk, v = g.op("Split", [qkv, g.const([d.q_size + d.kv_size, d.kv_size])], n_out=2,
+                 name=f"l{i}_qkv_split", axis=-1)
+    qk3 = g.op("Reshape", [qk, g.const([0, qk_heads, d.head_dim])], name=f"l{i}_qk_heads")
+    qk3 = emit_rope(g, qk3, cos, sin, d.head_dim, f"l{i}_rope")
+    q3, k3 = g.op("Split", [qk3, g.const([d.num_heads, d.num_kv_heads])], n_out=2, name=f"l{i}_qk_split", axis=1)
+    q = g.op("Reshape", [q3, g.const([0, d.q_size])], name=f"l{i}_q")
+    v3 = g.op("Reshape", [v, g.const([0, d.num_kv_heads, d.head_dim])], name=f"l{i}_v")
+    pool = KVPool(g, target, d, i, kvq or "float", lw.kv_cache_scale)
+    attn = emit_paged_attention(g, target, d, pool, q, k3, v3, scatter_index, buckets, out_index)
+    attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
+    x = g.op("Add", [x, attn], name=f"l{i}_residual_attn")
+    h = emit_rmsnorm(g, target, x, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")
+    m = emit_gated_mlp(g, target, h, lw.gate_up, lw.proj, f"{p}.mlp")
+    return g.op("Add", [x, m], name=f"l{i}_residual_mlp"), pool
+
+
+def _emit_lm_head(g: GraphBuilder, target: Target, tensors, reader: WeightReader, emb: str, emb_t, last: str,
+                  lm_head: str) -> tuple[str, bool, str]:
+    """(logits, tied, lm_kind): a tied float lm_head reads the embedding table itself (Gemm with
+    transB, no second copy); a float one that is exactly int8 blocks is stored as such when asked."""
     lm_t = tensors.get("lm_head.weight")
     tied = lm_t is None or (lm_t.shape == emb_t.shape and lm_t.dtype == emb_t.dtype and torch.equal(lm_t, emb_t))
     lm_spec = LinearSpec("float", np32(emb_t)) if tied else reader.linear("lm_head")
@@ -164,22 +186,21 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
             packed.bias = lm_spec.bias
             lm_spec, lm_kind = packed, "int8-blocks"
     if tied and lm_kind == "float":  # share the embedding table: Gemm with transB reads it as [V, h]
-        logits = g.op("Gemm", [last, emb], name="lm_head", transB=1)
-    else:
-        logits = emit_linear(g, target, last, lm_spec, "lm_head")
-    if target.dtype != TensorProto.FLOAT:
-        logits = g.op("Cast", [logits], name="logits_fp32", to=TensorProto.FLOAT)
-    g.op("Identity", [logits], name="logits_out", outputs=["logits"])
-    g.output("logits", TensorProto.FLOAT, ["num_logits", cfg.vocab_size])
+        return g.op("Gemm", [last, emb], name="lm_head", transB=1), tied, lm_kind
+    return emit_linear(g, target, last, lm_spec, "lm_head"), tied, lm_kind
 
-    model = g.model(doc="llmc engine graph")
+
+def _graph_spec(model: onnx.ModelProto, cfg: CheckpointConfig, target: Target, d: AttentionDims, kvq: str | None,
+                pool: KVPool, buckets, num_buckets: int, block_size: int, max_positions: int,
+                weight_bytes: int, read_bytes: int, lm_kind: str) -> GraphSpec:
+    """What the runtime must know about the graph it loads (KV layout, buckets, dtypes) and what
+    the benchmarks report (bytes read per decode step, op counts)."""
     counts: dict[str, int] = {}
     for n in model.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     kv_name = kvq if (kvq and target.kv_storage == "native") else DTYPE_OF[target.dtype]
-    spec = GraphSpec(cfg.num_hidden_layers, num_buckets, block_size, d.num_kv_heads, d.head_dim, kv_name,
+    return GraphSpec(cfg.num_hidden_layers, num_buckets, block_size, d.num_kv_heads, d.head_dim, kv_name,
                      int(pool.pool_type), DTYPE_OF[target.dtype], max_positions,
                      [bk.impl for bk in buckets], bucket_kinds(num_buckets), target.backend,
-                     g.weight_bytes, g.weight_bytes - (0 if tied and lm_kind == "float" else emb_bytes),
-                     lm_kind, True, [bk.guarded for bk in buckets], len(model.graph.node), counts)
-    return model, spec
+                     weight_bytes, read_bytes, lm_kind, True, [bk.guarded for bk in buckets],
+                     len(model.graph.node), counts)
