@@ -25,7 +25,11 @@ class UnsupportedError(LlmcError):
 
 
 def warn(message: str, path: str | Path | None = None) -> None:
-    """A one-line warning on stderr (something odd that llmc can still handle)."""
+    """A one-line warning on stderr (something odd that llmc can still handle). Silent when the
+    "llmc" logger is above WARNING (`llmc -q`), so every llmc warning obeys one switch."""
+    import logging
     import sys
 
+    if not logging.getLogger("llmc").isEnabledFor(logging.WARNING):
+        return
     print(f"warning: {path}: {message}" if path is not None else f"warning: {message}", file=sys.stderr)

@@ -6,8 +6,11 @@ one stage of a pipeline; sampling RSS every few milliseconds can.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 import time
+from typing import Iterator
 
 
 class PeakRSS:
@@ -40,3 +43,17 @@ class PeakRSS:
         self._thread.join()
         self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
         self.seconds = time.perf_counter() - self._t0
+
+
+@contextlib.contextmanager
+def timed(logger: logging.Logger, what: str) -> Iterator[None]:
+    """Log `what: N.NN s` at DEBUG when the block ends (`llmc -v` shows per-step timings; a
+    disabled logger costs one level check)."""
+    if not logger.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        logger.debug("%s: %.2f s", what, time.perf_counter() - start)

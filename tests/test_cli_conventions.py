@@ -95,3 +95,102 @@ def test_inspect_describes_a_gguf():
 
     facts = json.loads(r.stdout)
     assert facts["kind"] == "gguf" and facts["layers"] == 30 and "Q4_1" in facts["tensor_types"]
+
+
+# ---- piped output never cut; -q / -v have real effects (issue 13) ----------------------------
+
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _cli_env(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llmc.cli.app", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_checkpoints, tmp_path_factory):
+    """A tiny engine under a deliberately long directory name (what a cut column would hide)."""
+    from llmc.engine import BuildOptions, build_engine
+
+    root = tmp_path_factory.mktemp("a-rather-long-directory-name-that-an-80-column-table-would-cut")
+    eng = root / "engine-with-a-long-name-too"
+    build_engine(tiny_checkpoints["llama"], eng, BuildOptions(max_batch_size=2, max_input_len=32, max_seq_len=64,
+                                                              tokens_per_block=16))
+    data = root / "t.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    return eng, data
+
+
+def test_piped_eval_compare_bench_and_recipes_list_are_never_cut(tiny_checkpoints, tiny_engine):
+    eng, data = tiny_engine
+    ckpt = str(tiny_checkpoints["llama"])
+    runs = {
+        "eval": _cli_env("eval", ckpt, str(eng), "--compare", "--data", str(data), "--seq-len", "32",
+                         "--max-chunks", "2", COLUMNS="80"),
+        "bench": _cli_env("bench", str(eng), "--num-requests", "3", "--input-len", "4:8", "--output-len", "2:3",
+                          "--kv-cache-mb", "2", COLUMNS="80"),
+        "recipes": _cli_env("recipes", "list", COLUMNS="80"),
+    }
+    for name, r in runs.items():
+        assert r.returncode == 0, (name, r.stderr)
+        assert "…" not in r.stdout and "..." not in r.stdout, (name, r.stdout)
+    assert ckpt in runs["eval"].stdout and str(eng) in runs["eval"].stdout
+    for header in ("TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms", "out tok/s", "peak KV blocks"):
+        assert header in runs["bench"].stdout, header
+    assert str(eng) in runs["bench"].stdout
+    from llmc.recipes.schema import shipped_recipes
+
+    for name in shipped_recipes():
+        assert name in runs["recipes"].stdout
+
+
+def test_quiet_hides_progress_and_notes_but_not_errors(tiny_checkpoints, tiny_engine, tmp_path):
+    eng, data = tiny_engine
+    # FORCE_COLOR makes rich treat the pipe like a terminal, so progress bars would draw
+    args = ("eval", str(eng), "--data", str(data), "--seq-len", "32", "--max-chunks", "2")
+    loud, quiet = _cli_env(*args, FORCE_COLOR="1"), _cli_env("-q", *args, FORCE_COLOR="1")
+    assert loud.returncode == 0 and quiet.returncode == 0, (loud.stderr, quiet.stderr)
+    assert "2/2" in loud.stderr and "━" in loud.stderr  # the progress bar
+    assert quiet.stderr == "", quiet.stderr
+    assert "perplexity" in quiet.stdout  # the result is not affected
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n\nthere\n")
+    run = ("run", str(eng), "--prompts-file", str(prompts), "--max-new-tokens", "2", "--kv-cache-mb", "2")
+    assert "skipped 1 empty line" in _cli_env(*run).stderr
+    assert "skipped" not in _cli_env("-q", *run).stderr
+
+    out = tmp_path / "e2"
+    built = _cli_env("build", str(tiny_checkpoints["llama"]), "-o", str(out), "--max-seq-len", "64",
+                     "--max-input-len", "32", "--tokens-per-block", "16")
+    assert built.returncode == 0 and "graph:" in built.stderr, built.stderr
+    quiet_build = _cli_env("-q", "build", str(tiny_checkpoints["llama"]), "-o", str(tmp_path / "e3"),
+                           "--max-seq-len", "64", "--max-input-len", "32", "--tokens-per-block", "16")
+    assert quiet_build.returncode == 0 and quiet_build.stderr == "", quiet_build.stderr
+    assert "built" in quiet_build.stdout
+
+    err = _cli_env("-q", "build", str(tmp_path / "missing"), "-o", str(tmp_path / "e4"))
+    assert err.returncode == 2 and err.stderr.startswith("error: ") and "missing" in err.stderr
+
+
+def test_quiet_silences_llmc_warnings(tmp_path):
+    code = ("import sys; from llmc.cli.output import configure_logging; "
+            "configure_logging(False, sys.argv[1] == 'q'); from llmc.errors import warn; warn('odd')")
+    loud = subprocess.run([sys.executable, "-c", code, "n"], capture_output=True, text=True)
+    quiet = subprocess.run([sys.executable, "-c", code, "q"], capture_output=True, text=True)
+    assert loud.stderr.strip() == "warning: odd" and quiet.stderr == ""
+
+
+def test_verbose_logs_llmc_debug_timings(tiny_checkpoints, tmp_path):
+    args = ("build", str(tiny_checkpoints["llama"]), "--max-seq-len", "64", "--max-input-len", "32",
+            "--tokens-per-block", "16", "-o")
+    v = _cli_env("-v", *args, str(tmp_path / "v"))
+    plain = _cli_env(*args, str(tmp_path / "p"))
+    assert v.returncode == 0 and plain.returncode == 0, (v.stderr, plain.stderr)
+    debug = [line for line in v.stderr.splitlines() if line.startswith("DEBUG llmc.")]
+    assert any("build: load, validate and plan:" in line for line in debug), v.stderr
+    assert any("build: onnxruntime engine:" in line for line in debug), v.stderr
+    assert not [line for line in v.stderr.splitlines() if line.startswith("DEBUG") and " llmc." not in line]
+    assert "DEBUG" not in plain.stderr

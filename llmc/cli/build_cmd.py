@@ -57,10 +57,11 @@ def build(
     """Compile a checkpoint into an engine: one ONNX graph of standard ops over a paged KV cache."""
     from rich.console import Console
 
+    from llmc.cli.output import err_console
     from llmc.engine.build import build_engine
     from llmc.fsutil import dir_size
 
-    console = Console(stderr=True)
+    console = err_console()
     opts = BuildOptions(backend=backend, paged_kv_cache=paged_kv_cache, inflight_batching=inflight_batching,
                         tokens_per_block=tokens_per_block, max_batch_size=max_batch_size,
                         max_input_len=max_input_len, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,

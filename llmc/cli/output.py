@@ -72,10 +72,19 @@ def print_json(data: Any) -> None:
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:
+    """-v: llmc's own loggers at DEBUG (per-step timings); other libraries stay at WARNING, so
+    -v shows llmc's work, not torch's or onnx's internals. -q: only errors, from anyone, and no
+    llmc warnings (`llmc.errors.warn` asks the "llmc" logger)."""
     state.verbose, state.quiet = verbose, quiet
-    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("llmc").setLevel(level)
+    others = logging.ERROR if quiet else logging.WARNING
+    logging.basicConfig(level=others, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(others)
+    logging.getLogger("llmc").setLevel(logging.DEBUG if verbose else others)
+
+
+def note(message: str) -> None:
+    """An informational line on stderr (what llmc did or skipped); hidden by -q."""
+    err_console().print(message, markup=False)
 
 
 def choice(choices: Iterable[str], aliases: dict[str, str] | None = None) -> dict[str, Any]:

@@ -14,8 +14,7 @@ def pipeline(
     set_: list[str] = typer.Option(None, "--set", help="Override an option: stage.option=value (repeatable), e.g. --set quantize.calib_size=32."),
 ) -> None:
     """Run convert, quantize, build, eval and run; skip stages whose inputs and options are unchanged."""
-    from rich.console import Console
-
+    from llmc.cli.output import err_console, out_console, state
     from llmc.recipes.pipeline import Pipeline
     from llmc.recipes.report import print_report
     from llmc.recipes.schema import apply_overrides, load_recipe
@@ -26,8 +25,8 @@ def pipeline(
         overrides.append(f"model={model}")
     if overrides:
         r = apply_overrides(r, overrides)
-    console = Console()
+    log = err_console()  # stage progress; the report is the result, on stdout
     wd = workdir or Path("llmc-work") / r.name
-    console.print(f"[bold]llmc pipeline[/] {r.name}: {r.description}")
-    report = Pipeline(r, wd, console=console).run()
-    print_report(report, console)
+    log.print(f"[bold]llmc pipeline[/] {r.name}: {r.description}")
+    report = Pipeline(r, wd, console=log, progress=not state.quiet).run()
+    print_report(report, out_console())

@@ -44,7 +44,6 @@ def run(
 ) -> None:
     """Generate text for prompts and print Input/Output pairs, then TTFT, TPOT and tokens/s."""
     import math
-    import sys
     import time
 
     from llmc.cli.output import err_console, out_console, print_json
@@ -52,19 +51,7 @@ def run(
     from llmc.runtime.llm import LLM
     from llmc.runtime.sampling import SamplingParams
 
-    prompts = list(prompt or [])
-    labels = list(range(len(prompts)))  # printed index of each prompt
-    if prompts_file is not None:
-        lines = read_prompts_file(prompts_file)
-        skipped = [n for n, line in enumerate(lines, 1) if not line.strip()]
-        # numbered by line (after any --prompt), so Output [i] is line i + 1 of the file
-        labels += [len(prompts) + n - 1 for n, line in enumerate(lines, 1) if line.strip()]
-        prompts += [line for line in lines if line.strip()]
-        if skipped:
-            shown = ", ".join(map(str, skipped[:10])) + (f" (+{len(skipped) - 10} more)" if len(skipped) > 10 else "")
-            print(f"note: {prompts_file}: skipped {len(skipped)} empty line(s): {shown}", file=sys.stderr)
-    if not prompts:
-        raise LlmcError("give at least one --prompt or a --prompts-file with a non-empty line")
+    prompts, labels = _collect_prompts(list(prompt or []), prompts_file)
     if kv_cache_mb is not None and not (math.isfinite(kv_cache_mb) and kv_cache_mb > 0):
         raise LlmcError(f"--kv-cache-mb must be a positive number, got {kv_cache_mb}")
     if stream and as_json:
@@ -76,44 +63,12 @@ def run(
                              stop=list(stop or [])) for i in range(len(prompts))]
     start = time.perf_counter()
     if stream:
-        outputs = []
-        for i, (p, sp) in enumerate(zip(prompts, params)):
-            console.print(f"[bold]Input [{labels[i]}]:[/] ", end="")
-            console.out(_shorten(p))
-            console.print(f"[bold]Output [{labels[i]}]:[/] ", end="")
-            outs = []
-            rid = llm.add_request(p, sp, chat=chat)
-            while True:
-                done = llm.step(lambda r, t, text: print(text, end="", flush=True) if r == rid else None)
-                outs += done
-                if any(o.request_id == rid for o in done):
-                    break
-            print()
-            outputs += outs
-            console.print(f"[dim]finish: {_reason(outs[-1])}[/]")
+        outputs = _generate_streaming(llm, prompts, labels, params, chat, console)
     else:
         outputs = llm.generate(prompts, params, chat=chat)
         if not as_json:
-            for i, out in enumerate(outputs):
-                console.print(f"[bold]Input [{labels[i]}]:[/] ", end="")
-                console.out(_shorten(prompts[i]))
-                if out.error:
-                    console.print(f"[bold red]Output [{labels[i]}]: error:[/] ", end="")
-                    console.out(out.error)
-                else:
-                    console.print(f"[bold]Output [{labels[i]}]:[/] ", end="")
-                    console.out(out.text if out.text else "(no text)")
-                    console.print(f"[dim]finish: {_reason(out)}, {len(out.output_token_ids)} tokens[/]")
-    elapsed = time.perf_counter() - start
-    ok = [o for o in outputs if not o.error]
-    n_out = sum(len(o.output_token_ids) for o in ok)
-    ttfts = sorted(o.ttft for o in ok if o.ttft is not None)
-    tpots = sorted(o.tpot for o in ok if o.tpot is not None)
-    med = lambda xs: xs[len(xs) // 2] if xs else None  # noqa: E731
-    summary = {"requests": len(outputs), "ok": len(ok), "output_tokens": n_out, "seconds": elapsed,
-               "ttft_ms_p50": None if med(ttfts) is None else med(ttfts) * 1e3,
-               "tpot_ms_p50": None if med(tpots) is None else med(tpots) * 1e3,
-               "output_tokens_per_s": n_out / elapsed if elapsed > 0 else None}
+            _print_outputs(outputs, prompts, labels, console)
+    summary = _summary(outputs, time.perf_counter() - start)
     if as_json:
         print_json({"outputs": [{"index": labels[i], "prompt": prompts[i], "text": o.text, "finish_reason": o.finish_reason,
                                  "error": o.error, "prompt_tokens": len(o.prompt_token_ids),
@@ -123,11 +78,78 @@ def run(
                                 for i, o in enumerate(outputs)], "summary": summary})
     else:
         ms = lambda v: "-" if v is None else f"{v:.1f} ms"  # noqa: E731  (never "nan")
-        console.print(f"[dim]{len(ok)}/{len(outputs)} requests, {n_out} output tokens in {elapsed:.2f}s | "
-                      f"TTFT {ms(summary['ttft_ms_p50'])} | TPOT {ms(summary['tpot_ms_p50'])} | "
-                      f"{n_out / elapsed:.1f} output tokens/s[/]")
-    if len(ok) < len(outputs):
+        console.print(f"[dim]{summary['ok']}/{summary['requests']} requests, {summary['output_tokens']} output "
+                      f"tokens in {summary['seconds']:.2f}s | TTFT {ms(summary['ttft_ms_p50'])} | "
+                      f"TPOT {ms(summary['tpot_ms_p50'])} | {summary['output_tokens_per_s'] or 0:.1f} output tokens/s[/]")
+    if summary["ok"] < summary["requests"]:
         raise typer.Exit(1)
+
+
+def _collect_prompts(prompts: list[str], prompts_file: Path | None) -> tuple[list[str], list[int]]:
+    """(prompts, printed index of each): --prompt ones first, then the file's non-empty lines
+    numbered by line, so Output [i] is line i + 1 of the file; skipped empty lines are noted."""
+    from llmc.cli.output import note
+    from llmc.errors import LlmcError
+
+    labels = list(range(len(prompts)))
+    if prompts_file is not None:
+        lines = read_prompts_file(prompts_file)
+        skipped = [n for n, line in enumerate(lines, 1) if not line.strip()]
+        labels += [len(prompts) + n - 1 for n, line in enumerate(lines, 1) if line.strip()]
+        prompts = prompts + [line for line in lines if line.strip()]
+        if skipped:
+            shown = ", ".join(map(str, skipped[:10])) + (f" (+{len(skipped) - 10} more)" if len(skipped) > 10 else "")
+            note(f"note: {prompts_file}: skipped {len(skipped)} empty line(s): {shown}")
+    if not prompts:
+        raise LlmcError("give at least one --prompt or a --prompts-file with a non-empty line")
+    return prompts, labels
+
+
+def _generate_streaming(llm, prompts: list[str], labels: list[int], params, chat: bool, console) -> list:
+    """--stream: one prompt at a time, its tokens printed as the engine produces them."""
+    outputs = []
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        console.print(f"[bold]Input [{labels[i]}]:[/] ", end="")
+        console.out(_shorten(p))
+        console.print(f"[bold]Output [{labels[i]}]:[/] ", end="")
+        outs = []
+        rid = llm.add_request(p, sp, chat=chat)
+        while True:
+            done = llm.step(lambda r, t, text: print(text, end="", flush=True) if r == rid else None)
+            outs += done
+            if any(o.request_id == rid for o in done):
+                break
+        print()
+        outputs += outs
+        console.print(f"[dim]finish: {_reason(outs[-1])}[/]")
+    return outputs
+
+
+def _print_outputs(outputs, prompts: list[str], labels: list[int], console) -> None:
+    """Input/Output pairs as text (not a repr), with each request's finish reason."""
+    for i, out in enumerate(outputs):
+        console.print(f"[bold]Input [{labels[i]}]:[/] ", end="")
+        console.out(_shorten(prompts[i]))
+        if out.error:
+            console.print(f"[bold red]Output [{labels[i]}]: error:[/] ", end="")
+            console.out(out.error)
+        else:
+            console.print(f"[bold]Output [{labels[i]}]:[/] ", end="")
+            console.out(out.text if out.text else "(no text)")
+            console.print(f"[dim]finish: {_reason(out)}, {len(out.output_token_ids)} tokens[/]")
+
+
+def _summary(outputs, elapsed: float) -> dict:
+    """Counts and median TTFT/TPOT over the requests that succeeded (None, never nan, when none did)."""
+    ok = [o for o in outputs if not o.error]
+    n_out = sum(len(o.output_token_ids) for o in ok)
+    ttfts = sorted(o.ttft for o in ok if o.ttft is not None)
+    tpots = sorted(o.tpot for o in ok if o.tpot is not None)
+    med = lambda xs: xs[len(xs) // 2] if xs else None  # noqa: E731
+    return {"requests": len(outputs), "ok": len(ok), "output_tokens": n_out, "seconds": elapsed,
+            "ttft_ms_p50": None if med(ttfts) is None else med(ttfts) * 1e3,
+            "tpot_ms_p50": None if med(tpots) is None else med(tpots) * 1e3,
+            "output_tokens_per_s": n_out / elapsed if elapsed > 0 else None}
 
 
 def _reason(out) -> str:

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any, Callable
 from onnx import TensorProto
 
 from llmc.errors import LlmcError, UnsupportedError
+from llmc.measure import timed
 from llmc.engine.options import BuildOptions
 from llmc.engine.stamps import (ENGINE_FORMAT_VERSION, build_command, checkpoint_hash, toolchain_versions,
                                 write_engine_config)
@@ -30,6 +32,7 @@ from llmc.engine.stamps import (ENGINE_FORMAT_VERSION, build_command, checkpoint
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
                    "vocab.json", "merges.txt")
+_logger = logging.getLogger(__name__)
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 
 
@@ -136,16 +139,19 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
     t0 = time.perf_counter()
     log = log or (lambda msg: None)
     out = Path(out)
-    b = _prepare(checkpoint, out, options or BuildOptions(), log, console)
+    with timed(_logger, "build: load, validate and plan"):
+        b = _prepare(checkpoint, out, options or BuildOptions(), log, console)
     with atomic_output_dir(out, force=b.opts.force, kind="engine", inputs=[b.ckpt.path],
                            expected_bytes=b.plan.weights) as tmp:
-        if b.backend == "tensorrt-llm":
-            spec, files, extra = _hand_to_trtllm(b, tmp, log)
-        else:
-            spec, files, extra = _emit_graph(b, tmp, log)
-        data = _engine_config(b, out, spec, files, copy_tokenizer(b.ckpt.path, tmp), extra, t0)
-        data["integrity"] = make_record(tmp)
-        write_engine_config(tmp, data)
+        with timed(_logger, f"build: {b.backend} engine"):
+            if b.backend == "tensorrt-llm":
+                spec, files, extra = _hand_to_trtllm(b, tmp, log)
+            else:
+                spec, files, extra = _emit_graph(b, tmp, log)
+        with timed(_logger, "build: tokenizer, config and integrity record"):
+            data = _engine_config(b, out, spec, files, copy_tokenizer(b.ckpt.path, tmp), extra, t0)
+            data["integrity"] = make_record(tmp)
+            write_engine_config(tmp, data)
     return BuildResult(out, data, time.perf_counter() - t0, b.backend)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import logging
 import resource
 import time
 from dataclasses import dataclass, field
@@ -22,9 +23,11 @@ from typing import Any
 import torch
 
 from llmc.errors import LlmcError
+from llmc.measure import timed
 from llmc.quantize.formats import DEFAULTS, QFormat, get_qformat, kv_cache_algo
 from llmc.quantize.options import QuantizeOptions, parse_exclude  # noqa: F401 (parse_exclude: re-export)
 
+_logger = logging.getLogger(__name__)
 GROUP_SIZE_CANDIDATES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 128
 
@@ -181,21 +184,23 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
     if not quantized:
         raise LlmcError("--exclude leaves no linear layer to quantize")
     group = resolve_group_size(fmt, opts.group_size, source.config, quantized)
-    batches, calib_facts = _calibration_batches(source, fmt, kv_algo, opts)
+    with timed(_logger, "quantize: calibration text"):
+        batches, calib_facts = _calibration_batches(source, fmt, kv_algo, opts)
 
     torch.manual_seed(opts.seed)
-    if fmt.uses_modelopt:
-        out_tensors, stats = _modelopt_tensors(source, fmt, kv_algo, batches, quantized, kept, group, opts,
-                                               awq_search_samples, progress)
-    else:
-        out_tensors, stats = _rtn_asymmetric_tensors(source, fmt, kv_algo, quantized, group)
+    with timed(_logger, f"quantize: {fmt.name} weights"):
+        if fmt.uses_modelopt:
+            out_tensors, stats = _modelopt_tensors(source, fmt, kv_algo, batches, quantized, kept, group, opts,
+                                                   awq_search_samples, progress)
+        else:
+            out_tensors, stats = _rtn_asymmetric_tensors(source, fmt, kv_algo, quantized, group)
     calibration = ({**calib_facts, "batch_size": opts.batch_size, "passes": stats.passes,
                     "awq_search_samples": (min(awq_search_samples, opts.calib_size)
                                            if "AWQ" in fmt.modelopt_preset else None),
                     "seconds": round(stats.seconds, 2)} if batches else None)
     new_cfg = _quantized_config(source, fmt, kv_algo, opts, quantized, group, calibration)
-    with atomic_output_dir(out, force=force, kind="checkpoint", inputs=[source.path],
-                           expected_bytes=source.size_on_disk()) as tmp:
+    with timed(_logger, "quantize: write checkpoint"), atomic_output_dir(
+            out, force=force, kind="checkpoint", inputs=[source.path], expected_bytes=source.size_on_disk()) as tmp:
         write_checkpoint(tmp, new_cfg, [out_tensors], side_files_from=source.path)
     return QuantizeResult(out=out, qformat=fmt.name, quant_algo=fmt.quant_algo, kv_cache_quant_algo=kv_algo,
                           group_size=group, sq_alpha=opts.sq_alpha, exclude=opts.exclude,

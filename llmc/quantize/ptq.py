@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -149,34 +148,6 @@ class _NoLogits(nn.Module):
         return x[..., :1]
 
 
-def _progress_to(stream) -> Callable:
-    """llmc's stage progress bar (samples/s), writing to `stream` even while stdout is redirected."""
-
-    @contextlib.contextmanager
-    def factory(enabled: bool, total: int, label: str, unit: str = ""):
-        if not enabled:
-            yield lambda n=1: None
-            return
-        from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
-                                   TextColumn, TimeElapsedColumn)
-
-        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                      TaskProgressColumn(), TimeElapsedColumn(), TextColumn("[cyan]{task.fields[rate]}"),
-                      console=Console(file=stream), transient=True) as bar:
-            task = bar.add_task(label, total=total, rate="")
-
-            def advance(n: int = 1) -> None:
-                bar.advance(task, n)
-                t = bar.tasks[task]
-                if t.elapsed:
-                    bar.update(task, rate=f"{t.completed / t.elapsed:.2f} {unit}/s")
-
-            yield advance
-
-    return factory
-
-
 def _pass_labels(fmt: QFormat) -> list[str]:
     algo = fmt.modelopt_preset
     if "AWQ" in algo:
@@ -204,8 +175,8 @@ def calibrate(model: nn.Module, fmt: QFormat, batches: list[torch.Tensor], *, gr
     stats = CalibStats()
     labels = _pass_labels(fmt)
 
-    if progress_factory is None:
-        progress_factory = _progress_to(sys.stdout)  # bound now: ModelOpt's prints get silenced below
+    if progress_factory is None:  # on stderr, so silencing ModelOpt's prints on stdout below keeps it
+        from llmc.progress import stage_progress as progress_factory
 
     search = batches
     if awq_search_samples is not None and "AWQ" in fmt.modelopt_preset:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from llmc.errors import LlmcError
 from llmc.fsutil import dir_size
 from llmc.measure import PeakRSS
 from llmc.recipes.schema import Recipe
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,6 +127,7 @@ class Pipeline:
         self._log(f"[bold cyan]> {name}[/] ({reason})")
         with PeakRSS() as mem:
             result = fn() or {}
+        _logger.debug("pipeline stage %s: %.2f s, peak RSS %.0f MiB", name, mem.seconds, mem.peak_bytes / 2**20)
         rec = StageRecord(name, key, options, "ran", reason, mem.seconds, mem.peak_bytes,
                           str(artifact) if artifact else None,
                           dir_size(artifact) if artifact is not None and artifact.exists() else None, result)

@@ -10,11 +10,10 @@ def _mib(n: int | None) -> str:
 
 
 def print_report(report: dict[str, Any], console) -> None:
-    from rich.table import Table
+    from llmc.cli.output import table
 
-    t = Table(title=f"pipeline {report['recipe']} ({report['workdir']})")
-    for col in ("stage", "status", "why", "time", "peak RSS", "artifact size"):
-        t.add_column(col)
+    t = table(f"pipeline {report['recipe']} ({report['workdir']})",
+              ["stage", "status", "why", "time", "peak RSS", "artifact size"])
     for s in report["stages"]:
         t.add_row(s["stage"], s["status"], s["reason"], f"{s['seconds']:.1f}s",
                   _mib(s["peak_rss_bytes"]), _mib(s["artifact_bytes"]))
