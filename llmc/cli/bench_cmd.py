@@ -33,24 +33,9 @@ def bench(
     """Benchmark an engine with in-flight batching over a reproducible workload (or a server, with --url)."""
     from llmc import bench as b
     from llmc.cli.output import err_console, out_console, print_json
-    from llmc.cli.output import table as out_table
     from llmc.errors import LlmcError
-    from llmc.runtime.llm import LLM
 
-    if concurrency is not None and request_rate is not None:
-        raise LlmcError("give --concurrency or --request-rate, not both")
-    if num_requests < 1:
-        raise LlmcError("--num-requests must be >= 1")
-    import math
-
-    if concurrency is not None and concurrency < 1:
-        raise LlmcError(f"--concurrency must be >= 1, got {concurrency}")
-    if request_rate is not None and not (math.isfinite(request_rate) and request_rate > 0):
-        raise LlmcError(f"--request-rate must be a positive number of requests/s, got {request_rate}")
-    if max_batch_size is not None and max_batch_size < 1:
-        raise LlmcError(f"--max-batch-size must be >= 1, got {max_batch_size}")
-    if kv_cache_mb is not None and not (math.isfinite(kv_cache_mb) and kv_cache_mb > 0):
-        raise LlmcError(f"--kv-cache-mb must be a positive number, got {kv_cache_mb}")
+    _check_workload_options(num_requests, concurrency, request_rate, max_batch_size, kv_cache_mb)
     in_range, out_range = b.parse_range(input_len, "--input-len"), b.parse_range(output_len, "--output-len")
     if url is not None:
         if sweep or kv_cache_mb is not None or max_batch_size is not None:
@@ -61,40 +46,90 @@ def bench(
         return
     if engine_dir is None:
         raise LlmcError("give an ENGINE directory, or --url of a running server")
-    values: list[int | None] = [max_batch_size]
-    if sweep:
-        key, _, vals = sweep.partition("=")
-        if key != "max-batch-size" or not vals:
-            raise LlmcError(f"--sweep supports max-batch-size=V1,V2,...; got {sweep!r}")
-        try:
-            values = [int(v) for v in vals.split(",")]
-        except ValueError:
-            raise LlmcError(f"--sweep values must be integers, got {vals!r}") from None
-        if any(v < 1 for v in values):
-            raise LlmcError(f"--sweep max-batch-size values must be >= 1, got {vals!r}")
+    values = _sweep_values(sweep) if sweep else [max_batch_size]
     console = err_console() if as_json else out_console()
     bandwidth = b.measure_memory_bandwidth()
-    rows = []
-    for value in values:
-        llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, max_batch_size=value)
-        if in_range[1] > llm.max_input_len:
-            raise LlmcError(f"--input-len {input_len}: prompts of up to {in_range[1]} tokens exceed the engine's "
-                            f"max_input_len {llm.max_input_len}")
-        tokens = b.corpus_tokens(llm.tokenizer, dataset)
-        work = b.make_workload(tokens, num_requests, in_range, out_range, seed, request_rate)
-        b.run_workload(llm, b.make_workload(tokens, 2, (8, 8), (4, 4), seed, None))  # warm-up
-        m = b.run_workload(llm, work, concurrency)
-        kv_tok = llm.engine.kv_bytes_per_block // llm.block_size
-        weights = b.engine_weight_bytes(llm.engine)
-        m["max_batch_size"] = llm.max_batch_size
-        m["mbu_decode"] = b.mbu(m, weights, kv_tok, bandwidth)
-        single = b.run_workload(llm, b.make_workload(tokens, 1, (64, 64), (32, 32), seed, None))
-        m["mbu_batch1_decode"] = b.mbu(single, weights, kv_tok, bandwidth, batch_size=1)
-        m["memory_bandwidth_gb_s"] = bandwidth / 1e9
-        rows.append(b.public(m))
-    table = out_table(f"llmc bench: {engine_dir} ({num_requests} requests, in {input_len}, out {output_len})",
-                      ("max batch", "out tok/s", "req/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
-                       "peak KV blocks", "preempt", "MBU decode", "MBU b=1"))
+    rows = [_bench_engine(engine_dir, value, kv_cache_mb, dataset, num_requests, in_range, out_range, input_len,
+                          seed, request_rate, concurrency, bandwidth) for value in values]
+    _print_engine_table(console, rows, f"llmc bench: {engine_dir} ({num_requests} requests, in {input_len}, "
+                        f"out {output_len})", bandwidth)
+    if json_out:
+        b.write_json(json_out, rows if sweep else rows[0])
+    if as_json:
+        print_json(rows if sweep else rows[0])
+    if sweep:
+        _write_sweep(sweep_out, rows)
+        console.print(f"sweep written to {sweep_out}/sweep.{{csv,json,png}}")
+
+
+def _check_workload_options(num_requests, concurrency, request_rate, max_batch_size, kv_cache_mb) -> None:
+    """One-line errors for workload settings that cannot run, before an engine is loaded."""
+    import math
+
+    from llmc.errors import LlmcError
+
+    if concurrency is not None and request_rate is not None:
+        raise LlmcError("give --concurrency or --request-rate, not both")
+    if num_requests < 1:
+        raise LlmcError("--num-requests must be >= 1")
+    if concurrency is not None and concurrency < 1:
+        raise LlmcError(f"--concurrency must be >= 1, got {concurrency}")
+    if request_rate is not None and not (math.isfinite(request_rate) and request_rate > 0):
+        raise LlmcError(f"--request-rate must be a positive number of requests/s, got {request_rate}")
+    if max_batch_size is not None and max_batch_size < 1:
+        raise LlmcError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if kv_cache_mb is not None and not (math.isfinite(kv_cache_mb) and kv_cache_mb > 0):
+        raise LlmcError(f"--kv-cache-mb must be a positive number, got {kv_cache_mb}")
+
+
+def _sweep_values(sweep: str) -> list[int]:
+    """--sweep max-batch-size=1,2,4 -> [1, 2, 4] (the only sweepable setting so far)."""
+    from llmc.errors import LlmcError
+
+    key, _, vals = sweep.partition("=")
+    if key != "max-batch-size" or not vals:
+        raise LlmcError(f"--sweep supports max-batch-size=V1,V2,...; got {sweep!r}")
+    try:
+        values = [int(v) for v in vals.split(",")]
+    except ValueError:
+        raise LlmcError(f"--sweep values must be integers, got {vals!r}") from None
+    if any(v < 1 for v in values):
+        raise LlmcError(f"--sweep max-batch-size values must be >= 1, got {vals!r}")
+    return values
+
+
+def _bench_engine(engine_dir, max_batch_size, kv_cache_mb, dataset, num_requests, in_range, out_range, input_len,
+                  seed, request_rate, concurrency, bandwidth) -> dict:
+    """One workload run on a fresh engine (after a warm-up), plus memory-bandwidth utilisation of
+    its decode steps and of a batch-1 decode, the figure that says how far from the roofline it is."""
+    from llmc import bench as b
+    from llmc.errors import LlmcError
+    from llmc.runtime.llm import LLM
+
+    llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, max_batch_size=max_batch_size)
+    if in_range[1] > llm.max_input_len:
+        raise LlmcError(f"--input-len {input_len}: prompts of up to {in_range[1]} tokens exceed the engine's "
+                        f"max_input_len {llm.max_input_len}")
+    tokens = b.corpus_tokens(llm.tokenizer, dataset)
+    work = b.make_workload(tokens, num_requests, in_range, out_range, seed, request_rate)
+    b.run_workload(llm, b.make_workload(tokens, 2, (8, 8), (4, 4), seed, None))  # warm-up
+    m = b.run_workload(llm, work, concurrency)
+    kv_tok = llm.engine.kv_bytes_per_block // llm.block_size
+    weights = b.engine_weight_bytes(llm.engine)
+    m["max_batch_size"] = llm.max_batch_size
+    m["mbu_decode"] = b.mbu(m, weights, kv_tok, bandwidth)
+    single = b.run_workload(llm, b.make_workload(tokens, 1, (64, 64), (32, 32), seed, None))
+    m["mbu_batch1_decode"] = b.mbu(single, weights, kv_tok, bandwidth, batch_size=1)
+    m["memory_bandwidth_gb_s"] = bandwidth / 1e9
+    return b.public(m)
+
+
+def _print_engine_table(console, rows: list[dict], title: str, bandwidth: float) -> None:
+    """One row per run (per swept max batch size); cells wrap, never cut."""
+    from llmc.cli.output import table as out_table
+
+    table = out_table(title, ("max batch", "out tok/s", "req/s", "TTFT p50/p90/p99 ms", "TPOT p50/p90/p99 ms",
+                              "peak KV blocks", "preempt", "MBU decode", "MBU b=1"))
     fmt = lambda d: "/".join(f"{d[k] * 1e3:.1f}" for k in ("p50", "p90", "p99"))  # noqa: E731
     for r in rows:
         table.add_row(str(r["max_batch_size"]), f"{r['output_tokens_per_s']:.1f}", f"{r['requests_per_s']:.2f}",
@@ -105,13 +140,6 @@ def bench(
     console.print(f"[dim]memory bandwidth {bandwidth / 1e9:.1f} GB/s (numpy copy)[/]")
     if any(r["errors"] for r in rows):
         console.print(f"[red]{sum(r['errors'] for r in rows)} requests failed[/]")
-    if json_out:
-        b.write_json(json_out, rows if sweep else rows[0])
-    if as_json:
-        print_json(rows if sweep else rows[0])
-    if sweep:
-        _write_sweep(sweep_out, rows)
-        console.print(f"sweep written to {sweep_out}/sweep.{{csv,json,png}}")
 
 
 def _bench_url(url, engine_dir, tokenizer_dir, model, prompt_format, api_key, dataset, num_requests, in_range,

@@ -21,7 +21,6 @@ def eval_cmd(
     exact fake-quant simulation of what the engine executes. With --reference, also how far each
     model's next-token distributions move from the reference's (KL, same top-1)."""
     from llmc.cli.output import out_console, print_json
-    from llmc.cli.output import table as make_table
     from llmc.evaluate import compare as run_compare
     from llmc.evaluate import evaluate
 
@@ -31,25 +30,34 @@ def eval_cmd(
     if as_json:
         print_json([r.to_dict() for r in results])
         return
-    console = out_console()
-    if not compare:
-        r = results[0]
-        console.print(f"[bold]perplexity {r.perplexity:.4f}[/] ({r.quantization}) on {r.tokens:,} tokens "
-                      f"({r.chunks} x {r.seq_len}) of {r.data} in {r.seconds:.1f}s")
-        if r.divergence:
-            d = r.divergence
-            console.print(f"vs {d['reference']}: KL mean {d['kl_mean']:.4f} p99 {d['kl_p99']:.4f} nats, "
-                          f"same top-1 {d['same_top1_pct']:.2f}%, perplexity ratio {d['ppl_ratio']:.4f} "
-                          f"(KL / top-1 on the second half of each window: {d['positions']:,} positions)")
-        return
+    if compare:
+        _print_comparison(out_console(), results, reference)
+    else:
+        _print_one(out_console(), results[0])
+
+
+def _print_one(console, r) -> None:
+    """One model: its perplexity and, with --reference, how far it moves from the reference."""
+    console.print(f"[bold]perplexity {r.perplexity:.4f}[/] ({r.quantization}) on {r.tokens:,} tokens "
+                  f"({r.chunks} x {r.seq_len}) of {r.data} in {r.seconds:.1f}s")
+    if r.divergence:
+        d = r.divergence
+        console.print(f"vs {d['reference']}: KL mean {d['kl_mean']:.4f} p99 {d['kl_p99']:.4f} nats, "
+                      f"same top-1 {d['same_top1_pct']:.2f}%, perplexity ratio {d['ppl_ratio']:.4f} "
+                      f"(KL / top-1 on the second half of each window: {d['positions']:,} positions)")
+
+
+def _print_comparison(console, results, reference) -> None:
+    """One table, deltas against the first path; full paths (cells wrap, never cut)."""
+    from llmc.cli.output import table as make_table
+
     base = results[0]
     right = {"justify": "right"}
-    table = make_table(f"perplexity on {base.data}: {base.chunks} windows x {base.seq_len} tokens",
-                       ["artifact", "quantization", ("perplexity", right), ("delta", right),
-                        ("delta %", right), ("seconds", right)])
+    columns = ["artifact", "quantization", ("perplexity", right), ("delta", right), ("delta %", right),
+               ("seconds", right)]
     if reference is not None:
-        for col in ("KL mean", "KL p99", "same top-1", "ppl ratio"):
-            table.add_column(col, justify="right", overflow="fold")
+        columns += [(col, right) for col in ("KL mean", "KL p99", "same top-1", "ppl ratio")]
+    table = make_table(f"perplexity on {base.data}: {base.chunks} windows x {base.seq_len} tokens", columns)
     for i, r in enumerate(results):
         d = r.perplexity - base.perplexity
         row = [r.path, r.quantization, f"{r.perplexity:.4f}",

@@ -103,73 +103,90 @@ def _all_zero(t: onnx.TensorProto) -> bool:
 
 def check_graph(model: onnx.ModelProto, trt_version: str | None = None) -> list[Problem]:
     """Every reason TensorRT's ONNX parser would reject `model` (empty list = accepted)."""
+    problems = _model_problems(model)
+    types = _types(model)
+    consts = _const_values(model)
+    dims = {init.name: list(init.dims) for init in model.graph.initializer}
+    for n in model.graph.node:
+        problems += _node_problems(n, types, consts, dims, trt_version)
+    return problems
+
+
+def _model_problems(model: onnx.ModelProto) -> list[Problem]:
+    """Opset domains/versions and graph input types: TensorRT takes quantized types only via Q/DQ."""
     problems: list[Problem] = []
     for imp in model.opset_import:
         if imp.domain not in ("", "ai.onnx"):
             problems.append(Problem("<model>", "opset_import", f"non-standard domain {imp.domain!r}"))
         elif imp.version > MAX_OPSET:
             problems.append(Problem("<model>", "opset_import", f"opset {imp.version} > {MAX_OPSET}"))
-    types = _types(model)
-    consts = _const_values(model)
-    dims = {}
-    for init in model.graph.initializer:
-        dims[init.name] = list(init.dims)
     for vi in model.graph.input:
         t = vi.type.tensor_type.elem_type
         if t in (TensorProto.DOUBLE, TensorProto.STRING, TensorProto.FLOAT8E4M3FN, TensorProto.INT8):
             problems.append(Problem(vi.name, "input", f"graph input of type {TYPE_NAMES.get(t)} "
                                     "(TensorRT takes quantized types only through Q/DQ)"))
-    for n in model.graph.node:
-        name, op = n.name or n.output[0], n.op_type
-        if n.domain not in ("", "ai.onnx"):
-            problems.append(Problem(name, op, f"non-standard domain {n.domain!r}"))
-            continue
-        if op not in SUPPORTED:
-            problems.append(Problem(name, op, "operator not supported by TensorRT's ONNX parser"))
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        allowed = SUPPORTED[op]
-        if allowed is not None and n.input and n.input[0] in types and types[n.input[0]] not in allowed:
-            problems.append(Problem(name, op, f"input type {TYPE_NAMES.get(types[n.input[0]])} not supported"))
-        if op in CONST_AXES_INPUT:
-            idx = CONST_AXES_INPUT[op]
-            if len(n.input) > idx and n.input[idx] and n.input[idx] not in consts:
-                problems.append(Problem(name, op, "axes must be an initializer"))
-        if op in ("QuantizeLinear", "DequantizeLinear"):
-            if len(n.input) > 2 and n.input[2]:
-                zp = consts.get(n.input[2])
-                if zp is None or not _all_zero(zp):
-                    problems.append(Problem(name, op, "zero point must be a constant 0 (symmetric only)"))
-            qtype = types.get(n.input[0]) if op == "DequantizeLinear" else None
-            if op == "QuantizeLinear":
-                out_t = attrs.get("output_dtype") or (consts[n.input[2]].data_type if len(n.input) > 2 and
-                                                      n.input[2] in consts else TensorProto.UINT8)
-                qtype = out_t
-                if out_t not in Q:
-                    problems.append(Problem(name, op, f"quantizes to {TYPE_NAMES.get(out_t)} (INT8/FP8/INT4 only)"))
-            if qtype in (TensorProto.UINT4,):
-                problems.append(Problem(name, op, "unsigned INT4 (asymmetric) is not supported"))
-            if qtype == TensorProto.INT4 and n.input[0] in dims and dims[n.input[0]] and dims[n.input[0]][-1] % 2:
-                problems.append(Problem(name, op, "INT4 tensors need an even last dimension"))
-            if "block_size" in attrs and attrs["block_size"]:
-                x, s = dims.get(n.input[0]), dims.get(n.input[1])
-                if x is None or s is None or len(x) != len(s):
-                    problems.append(Problem(name, op, "block scales must be an initializer of the input's rank"))
-                elif sum(1 for a, b in zip(x, s) if a != b) != 1:
-                    problems.append(Problem(name, op, "exactly one blocked axis is allowed"))
-        elif op == "Cast" and attrs.get("to") in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2,
-                                                  TensorProto.INT4, TensorProto.INT8):
-            problems.append(Problem(name, op, f"Cast to {TYPE_NAMES.get(attrs['to'])} (TensorRT needs Q/DQ)"))
-        elif op == "ScatterND" and attrs.get("reduction", b"none") not in (b"none", "none"):
-            problems.append(Problem(name, op, "reduction is not supported"))
-        elif op == "Attention":
-            if trt_version is not None and _ver(trt_version) < _ver(ATTENTION_MIN_TRT):
-                problems.append(Problem(name, op, f"needs TensorRT >= {ATTENTION_MIN_TRT} (have {trt_version}); "
-                                                  "build with --attention decomposed"))
-            if len(n.output) != 1:
-                problems.append(Problem(name, op, "TensorRT supports only the first output"))
-            if len(n.input) > 4 and any(n.input[4:]):
-                problems.append(Problem(name, op, "past_key/past_value/nonpad_kv_seqlen are not supported"))
+    return problems
+
+
+def _node_problems(n, types, consts, dims, trt_version: str | None) -> list[Problem]:
+    """One node against the SUPPORTED table and the per-op rules of TensorRT's parser."""
+    name, op = n.name or n.output[0], n.op_type
+    if n.domain not in ("", "ai.onnx"):
+        return [Problem(name, op, f"non-standard domain {n.domain!r}")]
+    if op not in SUPPORTED:
+        return [Problem(name, op, "operator not supported by TensorRT's ONNX parser")]
+    problems: list[Problem] = []
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+    allowed = SUPPORTED[op]
+    if allowed is not None and n.input and n.input[0] in types and types[n.input[0]] not in allowed:
+        problems.append(Problem(name, op, f"input type {TYPE_NAMES.get(types[n.input[0]])} not supported"))
+    if op in CONST_AXES_INPUT:
+        idx = CONST_AXES_INPUT[op]
+        if len(n.input) > idx and n.input[idx] and n.input[idx] not in consts:
+            problems.append(Problem(name, op, "axes must be an initializer"))
+    if op in ("QuantizeLinear", "DequantizeLinear"):
+        problems += _qdq_problems(n, name, op, attrs, types, consts, dims)
+    elif op == "Cast" and attrs.get("to") in (TensorProto.FLOAT8E4M3FN, TensorProto.FLOAT8E5M2,
+                                              TensorProto.INT4, TensorProto.INT8):
+        problems.append(Problem(name, op, f"Cast to {TYPE_NAMES.get(attrs['to'])} (TensorRT needs Q/DQ)"))
+    elif op == "ScatterND" and attrs.get("reduction", b"none") not in (b"none", "none"):
+        problems.append(Problem(name, op, "reduction is not supported"))
+    elif op == "Attention":
+        if trt_version is not None and _ver(trt_version) < _ver(ATTENTION_MIN_TRT):
+            problems.append(Problem(name, op, f"needs TensorRT >= {ATTENTION_MIN_TRT} (have {trt_version}); "
+                                              "build with --attention decomposed"))
+        if len(n.output) != 1:
+            problems.append(Problem(name, op, "TensorRT supports only the first output"))
+        if len(n.input) > 4 and any(n.input[4:]):
+            problems.append(Problem(name, op, "past_key/past_value/nonpad_kv_seqlen are not supported"))
+    return problems
+
+
+def _qdq_problems(n, name: str, op: str, attrs, types, consts, dims) -> list[Problem]:
+    """Q/DQ rules: symmetric (constant zero point), INT8/FP8/INT4 targets, signed even-width INT4,
+    and block scales with exactly one blocked axis."""
+    problems: list[Problem] = []
+    if len(n.input) > 2 and n.input[2]:
+        zp = consts.get(n.input[2])
+        if zp is None or not _all_zero(zp):
+            problems.append(Problem(name, op, "zero point must be a constant 0 (symmetric only)"))
+    qtype = types.get(n.input[0]) if op == "DequantizeLinear" else None
+    if op == "QuantizeLinear":
+        out_t = attrs.get("output_dtype") or (consts[n.input[2]].data_type if len(n.input) > 2 and
+                                              n.input[2] in consts else TensorProto.UINT8)
+        qtype = out_t
+        if out_t not in Q:
+            problems.append(Problem(name, op, f"quantizes to {TYPE_NAMES.get(out_t)} (INT8/FP8/INT4 only)"))
+    if qtype in (TensorProto.UINT4,):
+        problems.append(Problem(name, op, "unsigned INT4 (asymmetric) is not supported"))
+    if qtype == TensorProto.INT4 and n.input[0] in dims and dims[n.input[0]] and dims[n.input[0]][-1] % 2:
+        problems.append(Problem(name, op, "INT4 tensors need an even last dimension"))
+    if "block_size" in attrs and attrs["block_size"]:
+        x, s = dims.get(n.input[0]), dims.get(n.input[1])
+        if x is None or s is None or len(x) != len(s):
+            problems.append(Problem(name, op, "block scales must be an initializer of the input's rank"))
+        elif sum(1 for a, b in zip(x, s) if a != b) != 1:
+            problems.append(Problem(name, op, "exactly one blocked axis is allowed"))
     return problems
 
 
