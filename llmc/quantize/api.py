@@ -25,7 +25,7 @@ import torch
 from llmc.errors import LlmcError
 from llmc.measure import timed
 from llmc.quantize.formats import DEFAULTS, QFormat, get_qformat, kv_cache_algo
-from llmc.quantize.options import QuantizeOptions, parse_exclude  # noqa: F401 (parse_exclude: re-export)
+from llmc.quantize.options import QuantizeOptions, parse_exclude
 
 _logger = logging.getLogger(__name__)
 GROUP_SIZE_CANDIDATES = (32, 64, 128, 256)
