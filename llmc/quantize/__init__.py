@@ -6,7 +6,8 @@
     export.py      quantizer states -> checkpoint tensors (TensorRT-LLM names and layout)
     layout.py      the stored layout and its canonical unpacked view (QLinear)
     simulate.py    exact fake-quant simulation of a quantized checkpoint (what the engine runs)
-    api.py         quantize_checkpoint(): the stage
+    options.py     QuantizeOptions: every `llmc quantize` option (CLI and recipe stage)
+    api.py         quantize_checkpoint(): the stage, in named steps
 
 Importing this package is cheap; ModelOpt and torch-heavy work load on first use.
 """
