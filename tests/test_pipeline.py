@@ -140,4 +140,4 @@ def test_cli_json_is_the_report_and_quiet_is_silent(tiny_recipe, tmp_path):
     assert r.stderr == "", r.stderr
     loud = subprocess.run([sys.executable, "-m", "llmc.cli.app", "pipeline", str(tmp_path / "tiny.yaml"),
                            "-o", str(wd)], capture_output=True, text=True, timeout=900)
-    assert loud.returncode == 0 and "skipped" in loud.stderr and "pipeline tiny" in loud.stdout, loud.stderr
+    assert loud.returncode == 0 and "skipped" in loud.stdout and "pipeline tiny" in loud.stdout, loud.stderr

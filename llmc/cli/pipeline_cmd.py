@@ -26,7 +26,7 @@ def pipeline(
         overrides.append(f"model={model}")
     if overrides:
         r = apply_overrides(r, overrides)
-    log = err_console()  # stage progress; the report is the result, on stdout
+    log = err_console() if as_json else out_console()  # stage lines: stdout unless it must hold only JSON
     wd = workdir or Path("llmc-work") / r.name
     log.print(f"[bold]llmc pipeline[/] {r.name}: {r.description}")
     report = Pipeline(r, wd, console=log, progress=not state.quiet).run()
