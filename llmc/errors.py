@@ -8,6 +8,7 @@ traceback for their own mistakes; a traceback means a bug in llmc.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 
 class LlmcError(Exception):
@@ -33,3 +34,15 @@ def warn(message: str, path: str | Path | None = None) -> None:
     if not logging.getLogger("llmc").isEnabledFor(logging.WARNING):
         return
     print(f"warning: {path}: {message}" if path is not None else f"warning: {message}", file=sys.stderr)
+
+
+def did_you_mean(value: str, choices: Sequence[str]) -> str:
+    """' (did you mean X?)' for the closest choice, or ''."""
+    import difflib
+
+    norm = {c.replace("-", "_").lower(): c for c in choices}
+    key = value.replace("-", "_").lower()
+    if key in norm:
+        return f" (did you mean {norm[key]!r}?)"
+    close = difflib.get_close_matches(key, list(norm), n=1, cutoff=0.5)
+    return f" (did you mean {norm[close[0]]!r}?)" if close else ""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, did_you_mean
 
 _KEY = "llmc"
 
@@ -59,8 +59,6 @@ def value_problem(name: str, value: Any, spec: OptionSpec) -> str | None:
     if value is None:
         return None
     if spec.choices is not None and value not in spec.choices:
-        from llmc.cli.output import did_you_mean
-
         return (f"unknown {name} {value!r}; choose from {', '.join(spec.choices)}"
                 f"{did_you_mean(str(value), spec.choices)}")
     if spec.ge is not None and spec.le is not None and not spec.ge <= value <= spec.le:

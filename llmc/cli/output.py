@@ -13,7 +13,6 @@ Only typer and rich are imported here, so commands may import this at module lev
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import sys
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import typer
+
+from llmc.errors import did_you_mean
 
 
 
@@ -108,16 +109,6 @@ def choice(choices: Iterable[str], aliases: dict[str, str] | None = None) -> dic
                                  f"{did_you_mean(str(value), options)}")
 
     return {"metavar": "<" + "|".join(options) + ">", "callback": parse}
-
-
-def did_you_mean(value: str, choices: Sequence[str]) -> str:
-    """' (did you mean X?)' for the closest choice, or ''."""
-    norm = {c.replace("-", "_").lower(): c for c in choices}
-    key = value.replace("-", "_").lower()
-    if key in norm:
-        return f" (did you mean {norm[key]!r}?)"
-    close = difflib.get_close_matches(key, list(norm), n=1, cutoff=0.5)
-    return f" (did you mean {norm[close[0]]!r}?)" if close else ""
 
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",

@@ -1,4 +1,4 @@
-"""The recipe schema: every stage's options, with the same defaults as the CLI.
+"""The recipe schema: every stage's options, generated from the CLI's option objects.
 
 Unknown keys are rejected (a typo must not silently fall back to a default), and every error
 names the field and the reason.
@@ -13,7 +13,7 @@ from typing import Annotated, Any, get_type_hints
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, did_you_mean
 
 # The default recipe must answer its demo prompts exactly as the float32 model does. Measured
 # (benchmarks/bench_quantize.py, README "Quantization accuracy"): no quantized ONNX Runtime engine
@@ -134,8 +134,6 @@ def _format_error(exc: ValidationError, source: object) -> LlmcError:
     loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
-        from llmc.cli.output import did_you_mean
-
         msg += f": unknown key{did_you_mean(str(err['loc'][-1]), _known_keys(err['loc']))}"
     if err.get("type") == "string_pattern_mismatch" and loc == "name":
         msg = (f"must be a plain name (letters, digits, '.', '_', '-'; no path separators), "
