@@ -105,8 +105,8 @@ def run_quantize(ckpt: Path, out: Path, qformat: str, opts: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def build(ckpt: Path, out: Path) -> Path:
-    from llmc.engine.build import build_engine
-    from llmc.engine.options import BuildOptions
+    from llmc.build.builder import build_engine
+    from llmc.build.options import BuildOptions
 
     return Path(build_engine(ckpt, out, BuildOptions.from_dict({**BUILD, "force": True})).out)
 

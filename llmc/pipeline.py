@@ -165,8 +165,8 @@ class Pipeline:
         engine = output_under(wd, "engine")
 
         def do_build():
-            from llmc.engine.build import build_engine
-            from llmc.engine.options import BuildOptions
+            from llmc.build.builder import build_engine
+            from llmc.build.options import BuildOptions
 
             opts = BuildOptions.from_dict({**r.build.model_dump(), "force": True})
             res = build_engine(model_ckpt, engine, opts, console=self.console)

@@ -131,7 +131,7 @@ def ckpt(tiny_checkpoints) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(ckpt, tmp_path_factory) -> Path:
-    from llmc.engine import BuildOptions, build_engine
+    from llmc.build import BuildOptions, build_engine
 
     return build_engine(ckpt, tmp_path_factory.mktemp("eng") / "e",
                         BuildOptions(max_batch_size=4, max_input_len=48, max_seq_len=64, tokens_per_block=16)).out

@@ -8,7 +8,7 @@ standard ops that ONNX Runtime and TensorRT both fuse.
 
 from __future__ import annotations
 
-from llmc.engine.graph import GraphBuilder
+from llmc.plugins.graph import GraphBuilder
 from llmc.plugins.base import Target
 from llmc.plugins.linear import LinearSpec, emit_linear
 

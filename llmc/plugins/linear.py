@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto
 
-from llmc.engine.graph import GraphBuilder, pack_int4
+from llmc.plugins.graph import GraphBuilder, pack_int4
 from llmc.plugins.base import Target
 
 WEIGHT_FORMATS = ("float", "int8", "int4", "fp8")

@@ -23,7 +23,7 @@ from typing import Any, Callable
 from onnx import TensorProto
 
 from llmc.errors import LlmcError, UnsupportedError
-from llmc.engine.options import BuildOptions
+from llmc.build.options import BuildOptions
 from llmc.engine.stamps import (ENGINE_FORMAT_VERSION, build_command, checkpoint_hash, toolchain_versions,
                                 write_engine_config)
 
@@ -43,7 +43,7 @@ class BuildResult:
 
 def resolve_backend(requested: str, graph_only: bool = False) -> str:
     """auto -> tensorrt if usable else onnxruntime; explicit GPU backends fail at once if unusable."""
-    from llmc.engine.backends.tensorrt import tensorrt_status
+    from llmc.build.tensorrt import tensorrt_status
 
     if requested == "auto":
         return "tensorrt" if tensorrt_status()[0] else "onnxruntime"
@@ -53,7 +53,7 @@ def resolve_backend(requested: str, graph_only: bool = False) -> str:
             raise UnsupportedError(f"--backend tensorrt: {reason}. Use --graph-only to write and check the "
                                    "TensorRT graph on this machine, or --backend onnxruntime")
     if requested == "tensorrt-llm" and not graph_only:
-        from llmc.engine.backends.tensorrt_llm import trtllm_status
+        from llmc.build.tensorrt_llm import trtllm_status
 
         ok, reason, _ = trtllm_status()
         if not ok:
@@ -76,7 +76,7 @@ def attention_impl(backend: str, requested: str) -> str:
         try:
             import tensorrt as trt
 
-            from llmc.engine.trt_compat import ATTENTION_MIN_TRT, _ver
+            from llmc.build.trt_compat import ATTENTION_MIN_TRT, _ver
 
             if _ver(trt.__version__) < _ver(ATTENTION_MIN_TRT):
                 return "decomposed"
@@ -116,9 +116,9 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
 
     from llmc.checkpoint.io import load_checkpoint
     from llmc.checkpoint.validate import validate_tensors
-    from llmc.engine.memory import plan_memory, render_plan
-    from llmc.engine.model_graph import build_graph, check_supported
-    from llmc.engine.weights import kv_quant, quant_kind
+    from llmc.build.memory import plan_memory, render_plan
+    from llmc.build.model_graph import build_graph, check_supported
+    from llmc.build.weights import kv_quant, quant_kind
     from llmc.fsutil import atomic_output_dir, check_output_dir
     from llmc.integrity import make_record
     from llmc.plugins.base import Target
@@ -166,7 +166,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
             files += ["model.onnx", "model.onnx.data"]
             log(f"graph: {spec.node_count} nodes, {spec.weight_bytes / 2**20:.1f} MiB of weights")
             if backend == "tensorrt":
-                from llmc.engine.trt_compat import assert_trt_compatible
+                from llmc.build.trt_compat import assert_trt_compatible
 
                 trt_version = None
                 try:
@@ -178,7 +178,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
                 assert_trt_compatible(model, trt_version)
                 log("TensorRT compatibility check: ok")
                 if not opts.graph_only:
-                    from llmc.engine.backends.tensorrt import build_trt_engine
+                    from llmc.build.tensorrt import build_trt_engine
 
                     extra["tensorrt"] = build_trt_engine(onnx_path, tmp / "rank0.engine", opts, spec, qkind, log)
                     files.append("rank0.engine")
@@ -186,7 +186,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
         else:
             del tensors
             if not opts.graph_only:
-                from llmc.engine.backends.tensorrt_llm import build_with_trtllm
+                from llmc.build.tensorrt_llm import build_with_trtllm
 
                 extra["tensorrt_llm"] = build_with_trtllm(ckpt.path, tmp, opts, cfg.quantization.quant_algo, log)
                 files.append("trtllm/")

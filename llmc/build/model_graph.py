@@ -32,8 +32,8 @@ import torch
 from onnx import TensorProto
 
 from llmc.checkpoint.config import CheckpointConfig
-from llmc.engine.graph import DATA_FILE, GraphBuilder
-from llmc.engine.weights import WeightReader, kv_quant, np32
+from llmc.plugins.graph import DATA_FILE, GraphBuilder
+from llmc.build.weights import WeightReader, kv_quant, np32
 from llmc.errors import UnsupportedError
 from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_paged_attention, emit_step_masks,
                                     emit_write_index, step_inputs)
