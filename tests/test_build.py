@@ -64,7 +64,7 @@ def test_refuses_to_overwrite_without_force(engine_dir, tiny_checkpoints, capsys
 
 
 def test_tensorrt_without_tensorrt_fails_at_once(tiny_checkpoints, tmp_path, capsys):
-    from llmc.build.tensorrt import tensorrt_status
+    from llmc.engine.backends.tensorrt import tensorrt_status
 
     if tensorrt_status()[0]:
         pytest.skip("TensorRT and a GPU are available here")
@@ -209,7 +209,7 @@ def test_graph_only_tensorrt_engine(tiny_checkpoints, tmp_path):
     out = build_engine(tiny_checkpoints["llama"], tmp_path / "t",
                        BuildOptions(backend="tensorrt", graph_only=True, max_seq_len=128)).out
     assert (out / "model.onnx").is_file() and not (out / "rank0.engine").exists()
-    from llmc.build.tensorrt import tensorrt_status
+    from llmc.engine.backends.tensorrt import tensorrt_status
 
     if not tensorrt_status()[0]:
         with pytest.raises(LlmcError, match="graph-only"):
@@ -299,7 +299,7 @@ def test_trt_compat_rejects_what_tensorrt_cannot_parse():
 @pytest.mark.gpu
 def test_tensorrt_engine_runs_like_onnxruntime(tiny_checkpoints, tmp_path):
     """On a GPU host: rank0.engine builds from the same graph and agrees with ORT (fp16 tolerance)."""
-    from llmc.build.tensorrt import tensorrt_status
+    from llmc.engine.backends.tensorrt import tensorrt_status
 
     ok, reason = tensorrt_status()
     if not ok:

@@ -43,7 +43,7 @@ class BuildResult:
 
 def resolve_backend(requested: str, graph_only: bool = False) -> str:
     """auto -> tensorrt if usable else onnxruntime; explicit GPU backends fail at once if unusable."""
-    from llmc.build.tensorrt import tensorrt_status
+    from llmc.engine.backends.tensorrt import tensorrt_status
 
     if requested == "auto":
         return "tensorrt" if tensorrt_status()[0] else "onnxruntime"

@@ -98,7 +98,7 @@ class Engine:
             if data["engine"].get("graph_only") or not (self.path / "rank0.engine").is_file():
                 raise LlmcError(f"this TensorRT engine was built with --graph-only (no rank0.engine); "
                                 f"build it on a GPU host: {rebuild.replace(' --graph-only', '')}", self.path)
-            from llmc.build.tensorrt import TrtSession
+            from llmc.engine.backends.tensorrt import TrtSession
 
             self._session = TrtSession(self.path / "rank0.engine", cfg.vocab_size)
         else:
@@ -123,7 +123,7 @@ class Engine:
         if cfg.backend == "tensorrt":
             import torch
 
-            from llmc.build.tensorrt import TrtKVPool
+            from llmc.engine.backends.tensorrt import TrtKVPool
 
             if n > cfg.kv_cache_blocks:
                 raise LlmcError(f"this TensorRT engine's profile allows at most {cfg.kv_cache_blocks} KV blocks "
