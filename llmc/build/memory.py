@@ -89,7 +89,7 @@ human = human_bytes  # the one formatter, in llmc.fsutil
 
 
 def render_plan(plan: MemoryPlan, opts, kv_dtype: str, console=None) -> None:
-    from llmc.cli.output import err_console, table
+    from llmc.console import err_console, table
 
     console = console or err_console()
     t = table("memory plan (at the max settings)", ["item", ("bytes", {"justify": "right"}), "detail"])
