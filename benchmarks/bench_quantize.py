@@ -154,7 +154,7 @@ def main() -> None:
 
     console = Console() if sys.stdout.isatty() else Console(width=200)
     ckpt = ensure_default_checkpoint("float32")
-    from llmc.quantize.calib_data import data_fingerprint, load_documents
+    from llmc.text import data_fingerprint, load_documents
 
     eval_path = a.eval_data
     eval_sha = data_fingerprint(load_documents(eval_path)[0])

