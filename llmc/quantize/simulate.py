@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmc.models.reference import Attention, ReferenceModel
+from llmc.models.reference import Attention, ReferenceModel, attention_with_kv_hooks
 from llmc.quantize.formats import FP8_MAX, INT8_MAX
-from llmc.quantize.kv import attention_forward
 from llmc.quantize.layout import QLinear, fp8_round, kv_cache_scale, read_quantized_linear
 
 
@@ -149,7 +148,7 @@ class SimKVAttention(Attention):
         return fake_quant_fp8(t, self.kv_scale).to(dtype)
 
     def forward(self, x, cos, sin):
-        return attention_forward(self, x, cos, sin, self._kv, self._kv)
+        return attention_with_kv_hooks(self, x, cos, sin, self._kv, self._kv)
 
 
 def build_simulated_model(ckpt) -> ReferenceModel:
