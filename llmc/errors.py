@@ -29,3 +29,10 @@ def warn(message: str, path: str | Path | None = None) -> None:
     import sys
 
     print(f"warning: {path}: {message}" if path is not None else f"warning: {message}", file=sys.stderr)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if the message is empty): how a
+    library's multi-line error is quoted inside a one-line LlmcError."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

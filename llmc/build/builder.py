@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,6 @@ from llmc.build.options import BuildOptions
 from llmc.engine.stamps import (ENGINE_FORMAT_VERSION, build_command, checkpoint_hash, toolchain_versions,
                                 write_engine_config)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "vocab.json", "merges.txt")
 ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 
 
@@ -76,22 +72,14 @@ def attention_impl(backend: str, requested: str) -> str:
         try:
             import tensorrt as trt
 
-            from llmc.build.trt_compat import ATTENTION_MIN_TRT, _ver
+            from llmc.build.trt_compat import ATTENTION_MIN_TRT
+            from llmc.versions import version_tuple
 
-            if _ver(trt.__version__) < _ver(ATTENTION_MIN_TRT):
+            if version_tuple(trt.__version__, 2) < version_tuple(ATTENTION_MIN_TRT, 2):
                 return "decomposed"
         except Exception:
             pass
     return requested
-
-
-def copy_tokenizer(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
 
 
 # Checkpoints whose linears already run on ORT's integer kernels (at the engine's accuracy level).
@@ -122,6 +110,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
     from llmc.fsutil import atomic_output_dir, check_output_dir
     from llmc.integrity import make_record
     from llmc.plugins.base import Target
+    from llmc.tokenizer import copy_tokenizer_files
 
     t0 = time.perf_counter()
     log = log or (lambda msg: None)
@@ -190,7 +179,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
 
                 extra["tensorrt_llm"] = build_with_trtllm(ckpt.path, tmp, opts, cfg.quantization.quant_algo, log)
                 files.append("trtllm/")
-        tok = copy_tokenizer(ckpt.path, tmp)
+        tok = copy_tokenizer_files(ckpt.path, tmp)
         model_cfg = cfg.to_dict()
         data = {
             **model_cfg,  # the checkpoint config at top level, like TensorRT-LLM engine configs

@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from llmc.versions import version_tuple
+
 MAX_OPSET = 23
 ATTENTION_MIN_TRT = "10.14"
 
@@ -163,7 +165,7 @@ def check_graph(model: onnx.ModelProto, trt_version: str | None = None) -> list[
         elif op == "ScatterND" and attrs.get("reduction", b"none") not in (b"none", "none"):
             problems.append(Problem(name, op, "reduction is not supported"))
         elif op == "Attention":
-            if trt_version is not None and _ver(trt_version) < _ver(ATTENTION_MIN_TRT):
+            if trt_version is not None and version_tuple(trt_version, 2) < version_tuple(ATTENTION_MIN_TRT, 2):
                 problems.append(Problem(name, op, f"needs TensorRT >= {ATTENTION_MIN_TRT} (have {trt_version}); "
                                                   "build with --attention decomposed"))
             if len(n.output) != 1:
@@ -171,10 +173,6 @@ def check_graph(model: onnx.ModelProto, trt_version: str | None = None) -> list[
             if len(n.input) > 4 and any(n.input[4:]):
                 problems.append(Problem(name, op, "past_key/past_value/nonpad_kv_seqlen are not supported"))
     return problems
-
-
-def _ver(v: str) -> tuple[int, ...]:
-    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in v.split(".")[:2])
 
 
 def assert_trt_compatible(model: onnx.ModelProto, trt_version: str | None = None) -> None:

@@ -24,18 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from llmc.errors import LlmcError
+from llmc.versions import installed_version, version_tuple
 
 ENGINE_FORMAT_VERSION = 1
 MIN_ONNXRUNTIME = (1, 23)   # standard Attention / RMSNormalization (opset 23) CPU kernels
-
-
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:
-        return None
 
 
 def toolchain_versions(tensorrt: bool = False) -> dict[str, str | None]:
@@ -43,10 +35,10 @@ def toolchain_versions(tensorrt: bool = False) -> dict[str, str | None]:
 
     v = {
         "llmc": __version__,
-        "onnx": _version("onnx"),
-        "onnxruntime": _version("onnxruntime"),
-        "numpy": _version("numpy"),
-        "python": platform.python_version(),
+        "onnx": installed_version("onnx"),
+        "onnxruntime": installed_version("onnxruntime"),
+        "numpy": installed_version("numpy"),
+        "python": platform.pythoninstalled_version(),
         "tensorrt": None,
         "tensorrt_llm": None,
     }
@@ -57,7 +49,7 @@ def toolchain_versions(tensorrt: bool = False) -> dict[str, str | None]:
             v["tensorrt"] = trt.__version__
         except Exception:
             pass
-        v["tensorrt_llm"] = _version("tensorrt_llm") or _version("tensorrt-llm")
+        v["tensorrt_llm"] = installed_version("tensorrt_llm") or installed_version("tensorrt-llm")
     return v
 
 
@@ -121,14 +113,6 @@ def read_engine_config(engine_dir: str | Path) -> dict[str, Any]:
     return data
 
 
-def _ver_tuple(v: str | None) -> tuple[int, ...]:
-    out = []
-    for part in (v or "0").split(".")[:3]:
-        num = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(num) if num else 0)
-    return tuple(out)
-
-
 def check_compatible(data: dict[str, Any], engine_dir: str | Path) -> None:
     rebuild = data.get("build_command") or f"llmc build CHECKPOINT -o {engine_dir} --force"
     eng = data.get("engine")
@@ -140,10 +124,10 @@ def check_compatible(data: dict[str, Any], engine_dir: str | Path) -> None:
                         f"({ENGINE_FORMAT_VERSION}); rebuild it: {rebuild}", engine_dir)
     backend = eng.get("backend")
     if backend == "onnxruntime":
-        have = _version("onnxruntime")
+        have = installed_version("onnxruntime")
         if have is None:
             raise LlmcError(f"onnxruntime is not installed; install it or rebuild: {rebuild}", engine_dir)
-        if _ver_tuple(have)[:2] < MIN_ONNXRUNTIME:
+        if version_tuple(have, 2) < MIN_ONNXRUNTIME:
             raise LlmcError(f"onnxruntime {have} is too old for this engine (needs >= "
                             f"{'.'.join(map(str, MIN_ONNXRUNTIME))}); upgrade or rebuild: {rebuild}", engine_dir)
     elif backend == "tensorrt":
@@ -242,7 +226,7 @@ def warn_version_drift(data: dict[str, Any], engine_dir: str | Path) -> list[str
     built = data.get("versions") if isinstance(data.get("versions"), dict) else {}
     now = {"llmc": __version__}
     if (data.get("engine") or {}).get("backend") == "onnxruntime":
-        now["onnxruntime"] = _version("onnxruntime")
+        now["onnxruntime"] = installed_version("onnxruntime")
     notes = []
     for tool, have in now.items():
         was = built.get(tool)

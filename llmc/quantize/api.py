@@ -147,12 +147,9 @@ def _peak_rss() -> int:
 
 
 def _modelopt_version() -> str | None:
-    try:
-        from importlib.metadata import version
+    from llmc.versions import installed_version
 
-        return version("nvidia-modelopt")
-    except Exception:  # pragma: no cover
-        return None
+    return installed_version("nvidia-modelopt")
 
 
 # --------------------------------------------------------------------------------------------

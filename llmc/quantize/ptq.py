@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, first_line
 from llmc.quantize.formats import QFormat
 
 # ModelOpt's "everything off" first entry, then our own rules.
@@ -232,7 +232,7 @@ def calibrate(model: nn.Module, fmt: QFormat, batches: list[torch.Tensor], *, gr
             warnings.simplefilter("ignore")
             mtq.quantize(model, cfg, forward_loop if batches else None)
     except (AssertionError, ValueError) as exc:  # ModelOpt refusing this model/config
-        raise LlmcError(f"ModelOpt calibration failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise LlmcError(f"ModelOpt calibration failed: {first_line(exc)}") from exc
     finally:
         if skip_logits:
             model.lm_head = lm_head

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, first_line
 
 # The default recipe must answer its demo prompts exactly as the float32 model does. Measured
 # (benchmarks/bench_quantize.py, README "Quantization accuracy"): no quantized ONNX Runtime engine
@@ -136,7 +136,7 @@ def load_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise LlmcError("no such recipe file", path) from None
     except yaml.YAMLError as exc:
-        raise LlmcError(f"invalid YAML ({(str(exc).splitlines() or [type(exc).__name__])[0]})", path) from None
+        raise LlmcError(f"invalid YAML ({first_line(exc)})", path) from None
 
 
 def load_recipe(name_or_path: str) -> Recipe:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmc.errors import LlmcError, UnsupportedError
+from llmc.errors import LlmcError, UnsupportedError, first_line
 
 INSTALL_HINT = 'install TensorRT >= 10.14 on a CUDA host (pip install "llmc[tensorrt]")'
 
@@ -19,7 +19,7 @@ def tensorrt_status() -> tuple[bool, str]:
     try:
         import tensorrt as trt
     except Exception as exc:
-        return False, f"TensorRT is not installed or cannot load ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {INSTALL_HINT}"
+        return False, f"TensorRT is not installed or cannot load ({type(exc).__name__}: {first_line(exc)}); {INSTALL_HINT}"
     try:
         import torch
 
