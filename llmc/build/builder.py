@@ -19,14 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from onnx import TensorProto
-
 from llmc.errors import LlmcError, UnsupportedError
 from llmc.build.options import BuildOptions
 from llmc.engine.stamps import (ENGINE_FORMAT_VERSION, build_command, checkpoint_hash, toolchain_versions,
                                 write_engine_config)
-
-ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 
 
 @dataclass
@@ -110,6 +106,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
     from llmc.fsutil import atomic_output_dir, check_output_dir
     from llmc.integrity import make_record
     from llmc.plugins.base import Target
+    from llmc.plugins.graph import ONNX_DTYPES
     from llmc.tokenizer import copy_tokenizer_files
 
     t0 = time.perf_counter()

@@ -23,9 +23,6 @@ from llmc.engine.step import StepBatch, step_feeds
 from llmc.engine.stamps import (check_compatible, read_engine_config, validate_engine_config, verify_engine_files,
                                 warn_version_drift)
 
-KV_ELEM = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
-
-
 @dataclass
 class EngineConfig:
     """Model + build facts an engine runs with (attribute access; `raw` is config.json)."""
@@ -80,8 +77,7 @@ class Engine:
         self.num_kv_heads = int(self.graph["num_kv_heads"])
         self.head_dim = int(self.graph["head_dim"])
         self.bucket_kinds = list(self.graph["bucket_kinds"])
-        self.kv_bytes_per_block = (2 * cfg.num_layers * self.block_size * self.num_kv_heads * self.head_dim
-                                   * KV_ELEM[cfg.kv_cache_dtype])
+        self.kv_bytes_per_block = self.block_size * cfg.model.kv_cache_bytes_per_token(cfg.kv_cache_dtype)
         self.pool = None
         # Graphs built with explicit reshape targets run unused MatMul/Softmax buckets as zero rows
         # on ORT (its Attention kernel refuses an empty batch: fused buckets keep a dummy row).

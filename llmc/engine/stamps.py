@@ -38,7 +38,7 @@ def toolchain_versions(tensorrt: bool = False) -> dict[str, str | None]:
         "onnx": installed_version("onnx"),
         "onnxruntime": installed_version("onnxruntime"),
         "numpy": installed_version("numpy"),
-        "python": platform.pythoninstalled_version(),
+        "python": platform.python_version(),
         "tensorrt": None,
         "tensorrt_llm": None,
     }

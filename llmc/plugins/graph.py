@@ -29,11 +29,8 @@ NP_TO_ONNX = {
     np.dtype(np.int8): TensorProto.INT8, np.dtype(np.uint8): TensorProto.UINT8,
     np.dtype(np.bool_): TensorProto.BOOL,
 }
-DTYPE_NAMES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
-               "bfloat16": TensorProto.BFLOAT16}
-ELEM_BYTES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,
-              TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.FLOAT8E4M3FN: 1,
-              TensorProto.INT64: 8, TensorProto.INT32: 4, TensorProto.BOOL: 1}
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
+               "bfloat16": TensorProto.BFLOAT16}  # compute dtype name -> ONNX element type
 
 
 def to_bf16_bits(a: np.ndarray) -> np.ndarray:
