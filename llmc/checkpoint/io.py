@@ -52,10 +52,6 @@ class Checkpoint:
     def world_size(self) -> int:
         return self.config.mapping.world_size
 
-    def rank_names(self, rank: int) -> list[str]:
-        with open_safetensors(rank_file(self.path, rank)) as f:
-            return list(f.keys())
-
     def iter_rank(self, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
         path = rank_file(self.path, rank)
         with open_safetensors(path) as f:

@@ -20,9 +20,11 @@ import hashlib
 import json
 import platform
 import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.checkpoint.config import CheckpointConfig
 from llmc.errors import LlmcError
 from llmc.versions import installed_version, version_tuple
 
@@ -167,8 +169,40 @@ GRAPH_SCHEMA = {"num_buckets": _POS_INT, "block_size": _POS_INT, "num_kv_heads":
                 "bucket_kinds": _LIST, "attention": _LIST, "kv_pool_onnx_type": _INT}
 
 
-def validate_engine_config(data: dict[str, Any], engine_dir: str | Path) -> None:
-    """One line naming the first missing or mangled field of a damaged engine config.json."""
+@dataclass
+class EngineConfig:
+    """Model + build facts an engine runs with (attribute access; `raw` is config.json).
+
+    Made by `validate_engine_config` only: its fields are ENGINE_SCHEMA's keys, so what is checked
+    and what is read are one list."""
+
+    model: CheckpointConfig
+    backend: str
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+    max_num_tokens: int
+    tokens_per_block: int
+    kv_cache_dtype: str
+    kv_cache_blocks: int
+    paged_kv_cache: bool
+    inflight_batching: bool
+    compute_dtype: str
+    quantization: str
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_hidden_layers
+
+
+def validate_engine_config(data: dict[str, Any], engine_dir: str | Path) -> EngineConfig:
+    """The EngineConfig of an engine config.json, or one line naming the first missing or mangled
+    field of a damaged one."""
     rebuild = data.get("build_command") if isinstance(data.get("build_command"), str) else None
     hint = f"; rebuild it: {rebuild}" if rebuild else "; rebuild it with `llmc build`"
 
@@ -202,9 +236,9 @@ def validate_engine_config(data: dict[str, Any], engine_dir: str | Path) -> None
     b = data["build"]
     if b["max_input_len"] > b["max_seq_len"]:
         raise bad(f"build.max_input_len {b['max_input_len']} exceeds build.max_seq_len {b['max_seq_len']}")
-    from llmc.checkpoint.config import CheckpointConfig
-
-    CheckpointConfig.from_dict(model_config_dict(data), Path(engine_dir) / "config.json")
+    model = CheckpointConfig.from_dict(model_config_dict(data), Path(engine_dir) / "config.json")
+    return EngineConfig(model=model, quantization=data["engine"].get("quantization", "float"), raw=data,
+                        **{key: data[section][key] for section, key in ENGINE_SCHEMA})
 
 
 def verify_engine_files(data: dict[str, Any], engine_dir: str | Path, full: bool = True) -> dict[str, str] | None:
