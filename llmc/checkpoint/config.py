@@ -196,12 +196,12 @@ class CheckpointConfig:
     @classmethod
     def load(cls, path: str | Path) -> "CheckpointConfig":
         path = Path(path)
+        from llmc.fsutil import read_json
+
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path)
         except FileNotFoundError:
             raise LlmcError("missing config.json: not a checkpoint directory", path.parent) from None
-        except json.JSONDecodeError as exc:
-            raise LlmcError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from None
         if not isinstance(data, dict) or "architecture" not in data:
             raise LlmcError("not an llmc/TensorRT-LLM checkpoint config (no 'architecture' key)", path)
         return cls.from_dict(data, path)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from llmc.errors import LlmcError, first_line
+from llmc.fsutil import read_json
 
 
 class ModelSource(Protocol):
@@ -37,12 +38,7 @@ class HFSource:
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise LlmcError("no config.json: not a Hugging Face model directory", path)
-        try:
-            self.hf_config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise LlmcError(f"invalid JSON ({exc.msg} at line {exc.lineno})", cfg_path) from None
-        except UnicodeDecodeError:
-            raise LlmcError("config.json is not UTF-8 text", cfg_path) from None
+        self.hf_config = read_json(cfg_path)
         if not isinstance(self.hf_config, dict):
             raise LlmcError(f"config.json must hold a JSON object, not a {type(self.hf_config).__name__}",
                             cfg_path)

@@ -26,6 +26,7 @@ from typing import Any
 
 from llmc.checkpoint.config import CheckpointConfig
 from llmc.errors import LlmcError
+from llmc.fsutil import read_json
 from llmc.versions import installed_version, version_tuple
 
 ENGINE_FORMAT_VERSION = 1
@@ -102,12 +103,7 @@ def read_engine_config(engine_dir: str | Path) -> dict[str, Any]:
     path = engine_dir / "config.json"
     if not path.is_file():
         raise LlmcError("not an engine directory (no config.json)", engine_dir)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LlmcError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from None
-    except UnicodeDecodeError:
-        raise LlmcError("config.json is not UTF-8 text", path) from None
+    data = read_json(path)
     if not isinstance(data, dict) or "engine" not in data:
         hint = " (this is a checkpoint: build it with `llmc build`)" if isinstance(data, dict) and \
             "architecture" in data else ""
