@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from onnx import TensorProto
 
+from llmc.checkpoint.quant_algos import QUANT_ALGOS
 from llmc.errors import LlmcError, UnsupportedError
 from llmc.engine.options import BuildOptions
 from llmc.engine.stamps import (ENGINE_FORMAT_VERSION, build_command, checkpoint_hash, toolchain_versions,
@@ -95,7 +96,7 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
 
 
 # Checkpoints whose linears already run on ORT's integer kernels (at the engine's accuracy level).
-INTEGER_KINDS = ("int8_sq", "w8a16", "int4_awq", "w4a16")
+INTEGER_KINDS = frozenset(a.kind for a in QUANT_ALGOS.values() if a.integer)
 
 
 def lm_head_policy(option: str, target, qkind: str) -> str:

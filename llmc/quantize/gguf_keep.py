@@ -87,7 +87,7 @@ def keep_gguf_quantization(gguf: str | Path, float_ckpt: str | Path, out: str | 
     from llmc.checkpoint.io import load_checkpoint, write_checkpoint
     from llmc.converters.sources import GGUFSource
     from llmc.fsutil import atomic_output_dir
-    from llmc.quantize.layout import pack_int4
+    from llmc.quantize.layout import pack_int4_row_pairs
 
     start = time.perf_counter()
     source = GGUFSource(Path(gguf))
@@ -118,7 +118,7 @@ def keep_gguf_quantization(gguf: str | Path, float_ckpt: str | Path, out: str | 
             diff = float((b.dequantize() - w).abs().max()) if tuple(b.codes.shape) == tuple(w.shape) else float("nan")
             raise LlmcError(f"{name}: the GGUF blocks do not reproduce the float conversion (max diff {diff:.3g}); "
                             f"refusing to write a checkpoint that differs from the source", gguf)
-        tensors[name + ".weight"] = pack_int4(b.codes) if bits == 4 else b.codes.contiguous()
+        tensors[name + ".weight"] = pack_int4_row_pairs(b.codes) if bits == 4 else b.codes.contiguous()
         tensors[name + ".weights_scaling_factor"] = b.scale.contiguous()
         if zero_point:
             tensors[name + ".zero"] = (b.zero if b.zero is not None else torch.zeros_like(b.scale)).contiguous()
