@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from llmc.checkpoint.schema import LAYER
 from llmc.errors import LlmcError
 
-# checkpoint linear (under transformer.layers.{i}.) -> HF source matrices, stacked along rows
+# checkpoint linear (schema.LAYER_LINEARS, under LAYER) -> HF source matrices, stacked along rows
 LINEAR_SOURCES = {
     "attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "attention.dense": ("self_attn.o_proj",),
@@ -100,7 +101,7 @@ def keep_gguf_quantization(gguf: str | Path, float_ckpt: str | Path, out: str | 
     result = KeepResult(Path(out), "")
     for i in range(cfg.num_hidden_layers):
         for lin, parts in LINEAR_SOURCES.items():
-            found[f"transformer.layers.{i}.{lin}"] = _blocks_of(source, i, parts)
+            found[LAYER.format(i=i) + lin] = _blocks_of(source, i, parts)
     kinds = {b.kind for b, _ in found.values() if b is not None}
     if not kinds:
         raise LlmcError("no linear layer is stored as Q4_0, Q4_1 or Q8_0: nothing to keep "
