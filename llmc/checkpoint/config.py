@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.checkpoint.quant_algos import KV_CACHE_ALGOS, KV_CACHE_BY_DTYPE
 from llmc.errors import LlmcError
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -158,7 +159,7 @@ class CheckpointConfig:
     def kv_cache_bytes_per_token(self, kv_dtype: str | None = None) -> int:
         """2 (K and V) x layers x kv_heads x head_dim x bytes per element."""
         algo = kv_dtype or self.quantization.kv_cache_quant_algo
-        nbytes = 1 if algo in ("FP8", "INT8", "fp8", "int8") else DTYPE_BYTES.get(self.dtype, 4)
+        nbytes = 1 if algo in KV_CACHE_ALGOS or algo in KV_CACHE_BY_DTYPE else DTYPE_BYTES.get(self.dtype, 4)
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_size * nbytes
 
     # --- (de)serialisation ---------------------------------------------------------------

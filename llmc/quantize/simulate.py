@@ -85,14 +85,6 @@ class SimLinear(nn.Module):
             t = getattr(q, name)
             self.register_buffer(name, None if t is None else t.float().clone(), persistent=False)
 
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
@@ -102,7 +94,8 @@ class SimLinear(nn.Module):
         return F.linear(x, self.weight, self.bias).to(dtype)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features} -> {self.out_features}, kind={self.kind}, act={self.act_dtype}"
+        out_f, in_f = self.weight.shape
+        return (f"{in_f} -> {out_f}, kind={self.kind}, act={self.act_dtype}"
                 f"{'/' + self.act_granularity if self.act_granularity else ''}, "
                 f"pre_quant_scale={self.pre_quant_scale is not None}")
 
