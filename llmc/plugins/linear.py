@@ -12,7 +12,7 @@ Weights
 - int8:  DequantizeLinear(W int8 [in, out], per-output-channel scale, axis 1, zero point 0);
          with block scales [in/g, out]: opset-21 blocked DQ, axis 0, which ONNX Runtime fuses
          into its 8-bit MatMulNBits (see `exact_int8_blocks`). Weight-only int8 (W8A16) on ONNX
-         Runtime is always emitted blocked (`blocked_int8`: the per-channel scale repeated per
+         Runtime is always emitted blocked (`blocked_int8_scale`: the per-channel scale repeated per
          block, the same numbers), since ORT would fold a per-channel DQ into an fp32 weight.
 - int4:  DequantizeLinear(W int4 [in, out], block scales [in/g, out], axis 0, block_size g, no
          zero point): opset-21 blocked DQ; ONNX Runtime fuses DQ+MatMul into MatMulNBits,
