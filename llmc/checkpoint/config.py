@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.checkpoint.quant_algos import KV_CACHE_ALGOS
 from llmc.errors import LlmcError
 
 CHECKPOINT_FORMAT_VERSION = 1
@@ -158,10 +159,12 @@ class CheckpointConfig:
 
     def kv_cache_bytes_per_token(self, kv_dtype: str | None = None) -> int:
         """2 (K and V) x layers x kv_heads x head_dim x bytes per element of `kv_dtype` (a
-        DTYPE_BYTES name, or FP8/INT8 as in kv_cache_quant_algo; default: this checkpoint's KV
+        DTYPE_BYTES name, or a kv_cache_quant_algo name such as FP8; default: this checkpoint's KV
         quantization, else its dtype). The engine's KV pool and the build's memory plan use it."""
         algo = kv_dtype or self.quantization.kv_cache_quant_algo or self.dtype
-        nbytes = DTYPE_BYTES.get(algo.lower(), DTYPE_BYTES.get(self.dtype, 4))
+        if algo in KV_CACHE_ALGOS:
+            algo = KV_CACHE_ALGOS[algo].dtype
+        nbytes = DTYPE_BYTES.get(algo, DTYPE_BYTES.get(self.dtype, 4))
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_size * nbytes
 
     # --- (de)serialisation ---------------------------------------------------------------

@@ -44,8 +44,10 @@ def to_bf16_bits(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def pack_int4(values: np.ndarray) -> bytes:
-    """Signed int4 values (int8 array in [-8, 7]) -> ONNX INT4 raw bytes (low nibble first)."""
+def pack_int4_onnx(values: np.ndarray) -> bytes:
+    """Signed int4 values (int8 array in [-8, 7]) -> ONNX INT4 raw bytes: consecutive elements of
+    the flattened tensor pair up, low nibble first (not TensorRT-LLM's checkpoint layout, see
+    `llmc.quantize.layout.pack_int4_row_pairs`)."""
     flat = (np.ascontiguousarray(values).reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.uint8)])

@@ -21,7 +21,9 @@ from typing import Any
 
 import torch
 
+from llmc.checkpoint.schema import LAYER_LINEARS, LM_HEAD, linear_shapes
 from llmc.errors import LlmcError
+from llmc.quantize.export import checkpoint_names, module_name
 from llmc.quantize.formats import DEFAULTS, QFormat, get_qformat, kv_cache_algo
 
 GROUP_SIZE_CANDIDATES = (32, 64, 128, 256)
@@ -52,16 +54,7 @@ class QuantizeResult:
 
 def checkpoint_linears(cfg) -> dict[str, int]:
     """Every linear of a checkpoint (TensorRT-LLM names) -> its input width."""
-    widths: dict[str, int] = {}
-    for i in range(cfg.num_hidden_layers):
-        p = f"transformer.layers.{i}."
-        widths[p + "attention.qkv"] = cfg.hidden_size
-        widths[p + "attention.dense"] = cfg.q_size
-        widths[p + "mlp.fc"] = cfg.hidden_size
-        widths[p + "mlp.gate"] = cfg.hidden_size
-        widths[p + "mlp.proj"] = cfg.intermediate_size
-    widths["lm_head"] = cfg.hidden_size
-    return widths
+    return {name: out_in[1] for name, out_in in linear_shapes(cfg).items()}
 
 
 def parse_exclude(value: str | list[str] | None) -> list[str]:
@@ -83,25 +76,24 @@ def resolve_exclusions(patterns: list[str], cfg) -> tuple[list[str], list[str]]:
                             f"transformer.layers.0.attention.qkv, transformer.layers.0.mlp.fc, lm_head)")
         excluded.update(hits)
     quantize, keep = [], []
-    for i in range(cfg.num_hidden_layers):
-        p = f"transformer.layers.{i}."
-        fc, gate = p + "mlp.fc" in excluded, p + "mlp.gate" in excluded
-        if fc != gate:
-            raise LlmcError(f"--exclude must cover both {p}mlp.fc and {p}mlp.gate or neither: they share "
+    for mod in dict.fromkeys(module_name(n) for n in names):  # checkpoint order, fused ones once
+        parts = checkpoint_names(mod)
+        if len({p in excluded for p in parts}) > 1:
+            raise LlmcError(f"--exclude must cover both {parts[0]} and {parts[1]} or neither: they share "
                             f"an input and are calibrated as one fused linear (try '*.mlp.fc,*.mlp.gate')")
-        for mod, ck in ((p + "attention.qkv", p + "attention.qkv"), (p + "attention.dense", p + "attention.dense"),
-                        (p + "mlp.gate_up", p + "mlp.fc"), (p + "mlp.proj", p + "mlp.proj")):
-            (keep if ck in excluded else quantize).append(mod)
-    (keep if "lm_head" in excluded else quantize).append("lm_head")
+        (keep if parts[0] in excluded else quantize).append(mod)
     return quantize, keep
 
 
+# What the input width of each linear is called in a group-size error.
+_WIDTH_NAMES = {"hidden_size": "hidden_size", "q_size": "heads x head_size", "intermediate_size": "intermediate_size"}
+
+
 def _width_of(module: str, cfg) -> tuple[int, str]:
-    if module == "lm_head":
-        return cfg.hidden_size, "hidden_size"
-    kind = module.rsplit(".", 2)[-2] + "." + module.rsplit(".", 1)[-1]
-    return {"attention.qkv": (cfg.hidden_size, "hidden_size"), "attention.dense": (cfg.q_size, "heads x head_size"),
-            "mlp.gate_up": (cfg.hidden_size, "hidden_size"), "mlp.proj": (cfg.intermediate_size, "intermediate_size")}[kind]
+    name = checkpoint_names(module)[0]
+    width = checkpoint_linears(cfg)[name]
+    in_size = "hidden_size" if name == LM_HEAD else LAYER_LINEARS[name.split(".", 3)[3]][1]
+    return width, _WIDTH_NAMES[in_size]
 
 
 def resolve_group_size(fmt: QFormat, requested: int | None, cfg, quantized: list[str]) -> int | None:
