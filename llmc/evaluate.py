@@ -75,7 +75,7 @@ def is_engine_dir(path: str | Path) -> bool:
 
 def token_windows(tokenizer, data: str | Path, seq_len: int, max_chunks: int | None) -> tuple[torch.Tensor, str]:
     """LongTensor [chunks, seq_len] of consecutive non-overlapping windows of the text."""
-    from llmc.quantize.calib_data import eval_token_stream
+    from llmc.text import eval_token_stream
 
     if seq_len < 2:
         raise LlmcError(f"--seq-len must be >= 2, got {seq_len}")

@@ -67,6 +67,18 @@ def sigterm_as_interrupt() -> Iterator[None]:
 TRITON_MODEL_MARK = "# Written by `llmc export triton`"  # first line of an exported config.pbtxt
 
 
+def read_json(path: str | Path):
+    """A JSON file's content; a one-line LlmcError naming the file when it is not JSON or not
+    UTF-8 (OSError, e.g. a missing file, is the caller's to word)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LlmcError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from None
+    except UnicodeDecodeError:
+        raise LlmcError(f"{path.name} is not UTF-8 text", path) from None
+
+
 def artifact_kind(path: Path) -> str | None:
     """"checkpoint" | "engine" when `path/config.json` carries llmc's stamp, "triton-model" when
     `path/config.pbtxt` starts with llmc's mark, else None."""

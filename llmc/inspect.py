@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-from llmc.errors import LlmcError
 
 
 def describe_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -103,12 +101,9 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
         return describe_gguf(path)
     cfg_path = path / "config.json"
     if path.is_dir() and cfg_path.is_file():
-        try:
-            data = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise LlmcError(f"invalid JSON ({exc.msg})", cfg_path) from None
-        except UnicodeDecodeError:
-            raise LlmcError("config.json is not UTF-8 text", cfg_path) from None
+        from llmc.fsutil import read_json
+
+        data = read_json(cfg_path)
         if isinstance(data, dict) and "engine" in data:
             from llmc.engine import describe_engine  # provided by the engine package
 

@@ -1,7 +1,7 @@
 """Stage options declared once: a dataclass field carries its default, its allowed values and bounds.
 
 Each stage has one options dataclass (`llmc.converters.options.ConvertOptions`,
-`llmc.quantize.options.QuantizeOptions`, `llmc.engine.options.BuildOptions`). Its fields are
+`llmc.quantize.options.QuantizeOptions`, `llmc.build.options.BuildOptions`). Its fields are
 declared with `option(...)`, so the facts about an option live in one place, and three consumers
 read them:
 

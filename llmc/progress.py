@@ -23,7 +23,7 @@ def stage_progress(enabled: bool, total: int, label: str, unit: str = "") -> Ite
                TaskProgressColumn(), TimeElapsedColumn()]
     if unit:
         columns.append(TextColumn("[cyan]{task.fields[rate]}"))
-    from llmc.cli.output import err_console
+    from llmc.console import err_console
 
     with Progress(*columns, transient=True, console=err_console()) as progress:
         task = progress.add_task(label, total=total, rate="")

@@ -5,7 +5,26 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, first_line
+
+# The files that make up a model's tokenizer and generation defaults. Convert copies them from a
+# Hugging Face directory into the checkpoint, quantize into the quantized checkpoint, build into
+# the engine, so every artifact can tokenize on its own.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
+                   "vocab.json", "merges.txt")
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the TOKENIZER_FILES present in `src` into `dst`; returns their names."""
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
 
 
 @lru_cache(maxsize=8)
@@ -23,7 +42,7 @@ def load_tokenizer(directory: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except Exception as exc:
-        raise LlmcError(f"cannot load the tokenizer ({(str(exc).splitlines() or [type(exc).__name__])[0]})", directory) from None
+        raise LlmcError(f"cannot load the tokenizer ({first_line(exc)})", directory) from None
 
 
 def eos_token_ids(directory: str | Path) -> set[int]:

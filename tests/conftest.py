@@ -40,7 +40,7 @@ def smollm2_checkpoint() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2_checkpoint, tmp_path_factory) -> Path:
     """An fp32 SmolLM2 engine for end-to-end runtime / serving tests (built once per session)."""
-    from llmc.engine import BuildOptions, build_engine
+    from llmc.build import BuildOptions, build_engine
 
     out = tmp_path_factory.mktemp("smollm2-engine") / "engine"
     build_engine(smollm2_checkpoint, out, BuildOptions(max_batch_size=16, max_input_len=256, max_seq_len=384,

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from llmc.cli.app import main
-from llmc.engine import BuildOptions, build_engine, load_engine
+from llmc.build import BuildOptions, build_engine
+from llmc.engine import load_engine
 from llmc.errors import LlmcError
 
 
@@ -74,7 +75,7 @@ def test_tensorrt_without_tensorrt_fails_at_once(tiny_checkpoints, tmp_path, cap
 
 
 def test_tensorrt_llm_without_it_fails_at_once(tiny_checkpoints, tmp_path, capsys):
-    from llmc.engine.backends.tensorrt_llm import trtllm_status
+    from llmc.build.tensorrt_llm import trtllm_status
 
     if trtllm_status()[0]:
         pytest.skip("TensorRT-LLM is available here")
@@ -127,7 +128,7 @@ def test_checkpoint_hash_changes_with_content(tiny_checkpoints, tmp_path):
 
 
 def test_interrupted_build_leaves_no_engine(tiny_checkpoints, tmp_path, monkeypatch):
-    import llmc.engine.model_graph as mg
+    import llmc.build.model_graph as mg
 
     real = mg.build_graph
 
@@ -142,7 +143,7 @@ def test_interrupted_build_leaves_no_engine(tiny_checkpoints, tmp_path, monkeypa
 
 
 def test_failed_rebuild_keeps_the_old_engine(engine_dir, tiny_checkpoints, monkeypatch):
-    import llmc.engine.model_graph as mg
+    import llmc.build.model_graph as mg
 
     before = (engine_dir / "config.json").read_text()
 
@@ -218,7 +219,7 @@ def test_graph_only_tensorrt_engine(tiny_checkpoints, tmp_path):
 # --- pure TensorRT / TensorRT-LLM decisions (CPU) -----------------------------------------------
 
 def test_precision_flags():
-    from llmc.engine.backends.tensorrt import precision_flags
+    from llmc.build.tensorrt import precision_flags
 
     assert precision_flags("float16", "float") == ["FP16"]
     assert precision_flags("bfloat16", "fp8") == ["BF16", "FP8"]
@@ -229,7 +230,7 @@ def test_precision_flags():
 
 
 def test_optimization_profile_covers_the_max_options():
-    from llmc.engine.backends.tensorrt import optimization_profile
+    from llmc.build.tensorrt import optimization_profile
 
     opts = BuildOptions(max_batch_size=8, max_seq_len=512, max_input_len=256, max_num_tokens=1024,
                         tokens_per_block=64).resolve(4096)
@@ -243,7 +244,7 @@ def test_optimization_profile_covers_the_max_options():
 
 
 def test_trtllm_flag_mapping():
-    from llmc.engine.backends.tensorrt_llm import trtllm_build_args
+    from llmc.build.tensorrt_llm import trtllm_build_args
 
     opts = BuildOptions(max_batch_size=8, max_seq_len=512, max_input_len=256, tokens_per_block=32,
                         timing_cache="tc.bin").resolve(4096)
@@ -271,7 +272,7 @@ def test_trt_compat_rejects_what_tensorrt_cannot_parse():
     import numpy as np
     from onnx import TensorProto, helper
 
-    from llmc.engine.trt_compat import check_graph
+    from llmc.build.trt_compat import check_graph
 
     nodes = [
         helper.make_node("SimplifiedLayerNormalization", ["x", "w"], ["a"], domain="com.microsoft"),
@@ -320,7 +321,7 @@ def test_tensorrt_engine_runs_like_onnxruntime(tiny_checkpoints, tmp_path):
 
 @pytest.mark.gpu
 def test_tensorrt_llm_build(tiny_checkpoints, tmp_path):
-    from llmc.engine.backends.tensorrt_llm import trtllm_status
+    from llmc.build.tensorrt_llm import trtllm_status
 
     ok, reason, _ = trtllm_status()
     if not ok:

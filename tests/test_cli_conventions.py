@@ -58,7 +58,7 @@ def test_hub_id_says_download_first(tmp_path):
 def test_json_is_the_whole_of_stdout(tiny_checkpoints, tmp_path):
     import json
 
-    from llmc.engine import BuildOptions, build_engine
+    from llmc.build import BuildOptions, build_engine
 
     eng = tmp_path / "eng"
     build_engine(tiny_checkpoints["llama"], eng, BuildOptions(max_batch_size=2, max_input_len=32, max_seq_len=64,
@@ -112,7 +112,7 @@ def _cli_env(*args: str, **env: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_checkpoints, tmp_path_factory):
     """A tiny engine under a deliberately long directory name (what a cut column would hide)."""
-    from llmc.engine import BuildOptions, build_engine
+    from llmc.build import BuildOptions, build_engine
 
     root = tmp_path_factory.mktemp("a-rather-long-directory-name-that-an-80-column-table-would-cut")
     eng = root / "engine-with-a-long-name-too"

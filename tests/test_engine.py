@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmc.engine import BuildOptions, SeqSlice, StepBatch, build_engine, load_engine
+from llmc.build import BuildOptions, build_engine
+from llmc.engine import SeqSlice, StepBatch, load_engine
 
 TOL = 1e-4
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmc.engine import BuildOptions, build_engine
+from llmc.build import BuildOptions, build_engine
 from llmc.errors import LlmcError
 from llmc.runtime.llm import LLM
 from llmc.runtime.sampling import SamplingParams, token_logprobs

@@ -18,7 +18,8 @@ import onnx
 import pytest
 import torch
 
-from llmc.engine import BuildOptions, build_engine, load_engine
+from llmc.build import BuildOptions, build_engine
+from llmc.engine import load_engine
 from test_engine import MIXED_PLAN, mixed_seqs, run_schedule
 
 # (qformat, kv_cache_dtype)
@@ -134,7 +135,7 @@ def test_fp8_bit_encoding_is_exact():
     import onnxruntime as ort
     from onnx import TensorProto
 
-    from llmc.engine.graph import GraphBuilder
+    from llmc.plugins.graph import GraphBuilder
     from llmc.plugins.attention import emit_fp8_bits, emit_fp8_decode
     from llmc.plugins.base import Target
 
@@ -161,7 +162,7 @@ def test_fp8_bit_encoding_is_exact():
 @pytest.mark.parametrize("name", [i for i in IDS if i != "fp8_pc_pt"])
 def test_tensorrt_graph_is_compatible(name, quantized, tmp_path):
     """tensorrt-target graphs pass the TensorRT table for every qformat (checked on CPU)."""
-    from llmc.engine.trt_compat import check_graph
+    from llmc.build.trt_compat import check_graph
 
     out = build_engine(quantized[name], tmp_path / "trt", BuildOptions(backend="tensorrt", graph_only=True,
                                                                        tokens_per_block=4, max_seq_len=128)).out

@@ -132,11 +132,10 @@ def test_eval_errors(tiny_checkpoints, text_file, tmp_path, capsys):
 
 def test_real_engine_matches_checkpoint(tiny_checkpoints, text_file, tmp_path):
     """An ONNX Runtime engine built from the checkpoint scores the same text the same way."""
-    engine_mod = pytest.importorskip("llmc.engine")
-    if not hasattr(engine_mod, "build_engine"):
-        pytest.skip("llmc.engine has no build_engine yet")
+    from llmc.build import BuildOptions, build_engine
+
     ck = tiny_checkpoints["llama"]
-    eng = engine_mod.build_engine(ck, tmp_path / "eng", engine_mod.BuildOptions(
+    eng = build_engine(ck, tmp_path / "eng", BuildOptions(
         tokens_per_block=16, max_batch_size=2, max_seq_len=128, max_num_tokens=48)).out
     a, b = compare([ck, eng], text_file, seq_len=64, max_chunks=2, progress=False)
     assert b.kind == "engine" and b.perplexity == pytest.approx(a.perplexity, rel=1e-4)

@@ -67,7 +67,7 @@ def _logits(engine_dir, ids, level):
 
 
 def test_engine_equals_fp32_engine_at_a_fifth_of_the_bytes(kept, tmp_path):
-    from llmc.engine import BuildOptions, build_engine
+    from llmc.build import BuildOptions, build_engine
 
     _, q, f = kept
     opts = dict(max_batch_size=2, max_seq_len=256, max_num_tokens=256)

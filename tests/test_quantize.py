@@ -257,10 +257,10 @@ def test_group_size_default_falls_back(tmp_path, calib_file):
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "llama_tied"])
 def test_kv_hook_attention_is_the_reference_attention(family, tiny_checkpoints):
-    """llmc.quantize.kv.attention_forward (calibration and simulation) == the reference Attention."""
+    """attention_with_kv_hooks (what calibration and simulation run) == the reference Attention."""
     from llmc.models.reference import ReferenceModel
     from llmc.models.rope import rope_cos_sin
-    from llmc.quantize.kv import attention_forward
+    from llmc.models.reference import attention_with_kv_hooks
 
     model = ReferenceModel.from_checkpoint(tiny_checkpoints[family])
     attn = model.transformer.layers[1].attention
@@ -274,7 +274,7 @@ def test_kv_hook_attention_is_the_reference_attention(family, tiny_checkpoints):
         return t
 
     with torch.no_grad():
-        assert torch.equal(attention_forward(attn, x, cos, sin, hook, hook), attn(x, cos, sin))
+        assert torch.equal(attention_with_kv_hooks(attn, x, cos, sin, hook, hook), attn(x, cos, sin))
     kv_heads, head = model.config.num_key_value_heads, model.config.head_size
     assert seen == [torch.Size([2, kv_heads, 24, head])] * 2  # per KV head, before GQA repeat
 

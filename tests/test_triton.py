@@ -32,7 +32,7 @@ PROMPT = "The history of the United States begins"
 # ---- fast: the exported repository and the request parsing ----------------------------------
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_checkpoints, tmp_path_factory) -> Path:
-    from llmc.engine import BuildOptions, build_engine
+    from llmc.build import BuildOptions, build_engine
 
     out = tmp_path_factory.mktemp("eng") / "tiny"
     build_engine(tiny_checkpoints["llama"], out, BuildOptions(max_batch_size=4, max_input_len=32,

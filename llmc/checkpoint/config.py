@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.checkpoint.quant_algos import KV_CACHE_ALGOS
 from llmc.errors import LlmcError
 
 CHECKPOINT_FORMAT_VERSION = 1
 
+# Bytes per element of every dtype name llmc stores (the one table; memory plan and KV pool use it).
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1, "int8": 1}
 POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "intermediate_size", "head_size", "max_position_embeddings")
@@ -156,9 +158,13 @@ class CheckpointConfig:
         return self.num_key_value_heads * self.head_size
 
     def kv_cache_bytes_per_token(self, kv_dtype: str | None = None) -> int:
-        """2 (K and V) x layers x kv_heads x head_dim x bytes per element."""
-        algo = kv_dtype or self.quantization.kv_cache_quant_algo
-        nbytes = 1 if algo in ("FP8", "INT8", "fp8", "int8") else DTYPE_BYTES.get(self.dtype, 4)
+        """2 (K and V) x layers x kv_heads x head_dim x bytes per element of `kv_dtype` (a
+        DTYPE_BYTES name, or a kv_cache_quant_algo name such as FP8; default: this checkpoint's KV
+        quantization, else its dtype). The engine's KV pool and the build's memory plan use it."""
+        algo = kv_dtype or self.quantization.kv_cache_quant_algo or self.dtype
+        if algo in KV_CACHE_ALGOS:
+            algo = KV_CACHE_ALGOS[algo].dtype
+        nbytes = DTYPE_BYTES.get(algo, DTYPE_BYTES.get(self.dtype, 4))
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_size * nbytes
 
     # --- (de)serialisation ---------------------------------------------------------------
@@ -193,12 +199,12 @@ class CheckpointConfig:
     @classmethod
     def load(cls, path: str | Path) -> "CheckpointConfig":
         path = Path(path)
+        from llmc.fsutil import read_json
+
         try:
-            data = json.loads(path.read_text())
+            data = read_json(path)
         except FileNotFoundError:
             raise LlmcError("missing config.json: not a checkpoint directory", path.parent) from None
-        except json.JSONDecodeError as exc:
-            raise LlmcError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from None
         if not isinstance(data, dict) or "architecture" not in data:
             raise LlmcError("not an llmc/TensorRT-LLM checkpoint config (no 'architecture' key)", path)
         return cls.from_dict(data, path)

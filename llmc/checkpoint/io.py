@@ -10,22 +10,23 @@ import torch
 
 from llmc.checkpoint.config import CheckpointConfig
 from llmc.checkpoint import tensor_parallel as tpmod
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, first_line
 
 
 def rank_file(directory: Path, rank: int) -> Path:
     return directory / f"rank{rank}.safetensors"
 
 
-def _open_safetensors(path: Path):
+def open_safetensors(path: Path, missing: str = "missing rank file: checkpoint is incomplete"):
+    """safe_open(path), with a one-line LlmcError for a missing (`missing`) or corrupt file."""
     from safetensors import safe_open
 
     if not path.is_file():
-        raise LlmcError("missing rank file: checkpoint is incomplete", path)
+        raise LlmcError(missing, path)
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
-        raise LlmcError(f"corrupt or truncated safetensors file ({(str(exc).splitlines() or [type(exc).__name__])[0]})", path) from None
+        raise LlmcError(f"corrupt or truncated safetensors file ({first_line(exc)})", path) from None
 
 
 def check_layer_count(names, num_hidden_layers: int, source) -> None:
@@ -51,13 +52,9 @@ class Checkpoint:
     def world_size(self) -> int:
         return self.config.mapping.world_size
 
-    def rank_names(self, rank: int) -> list[str]:
-        with _open_safetensors(rank_file(self.path, rank)) as f:
-            return list(f.keys())
-
     def iter_rank(self, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
         path = rank_file(self.path, rank)
-        with _open_safetensors(path) as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 try:
                     yield name, f.get_tensor(name)
@@ -100,22 +97,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
         verify_record(path, record, rebuild="convert or quantize it again")
     for rank in range(cfg.mapping.world_size):
-        with _open_safetensors(rank_file(path, rank)) as f:
+        with open_safetensors(rank_file(path, rank)) as f:
             if rank == 0:
                 check_layer_count(f.keys(), cfg.num_hidden_layers, path)
     return Checkpoint(path, cfg)
-
-
-def copy_side_files(src: Path, dst: Path) -> list[str]:
-    """Tokenizer & generation files: everything beside the weights except config and rank files."""
-    import shutil
-
-    copied = []
-    for f in sorted(Path(src).iterdir()):
-        if f.is_file() and f.name != "config.json" and not (f.name.startswith("rank") and f.suffix == ".safetensors"):
-            shutil.copy2(f, Path(dst) / f.name)
-            copied.append(f.name)
-    return copied
 
 
 def write_checkpoint(out_dir: str | Path, config: CheckpointConfig,
@@ -133,7 +118,9 @@ def write_checkpoint(out_dir: str | Path, config: CheckpointConfig,
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(rank_file(out_dir, rank)),
                   metadata={"format": "pt"})
     if side_files_from is not None:
-        copy_side_files(Path(side_files_from), out_dir)
+        from llmc.tokenizer import copy_tokenizer_files
+
+        copy_tokenizer_files(side_files_from, out_dir)
     from llmc.integrity import make_record
 
     # A record of the files written here (a config loaded from another checkpoint carries that

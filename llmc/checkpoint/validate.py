@@ -1,10 +1,12 @@
 """Check a checkpoint's tensors against its config before anything is built from them.
 
 A damaged or hand-edited checkpoint must fail with one line naming the tensor, not build an
-engine that prints garbage. Checked, for every linear, norm and embedding the config implies:
+engine that prints garbage. Checked, for every linear, norm and embedding the config implies
+(`llmc.checkpoint.schema`):
 - presence and shape (packed INT4 weights hold out/2 rows; group scales [out, in / group]);
-- dtype per quant_algo (table below): quantized weights in their integer/FP8 dtype, excluded
-  linears, norms and embeddings in a float dtype (a quantized layer norm is refused);
+- dtype per quant_algo (`llmc.checkpoint.quant_algos.QUANT_ALGOS`): quantized weights in their
+  integer/FP8 dtype, excluded linears, norms and embeddings in a float dtype (a quantized layer
+  norm is refused); the weight scale under the algo's tensor name;
 - every float tensor finite (no NaN/Inf), every scale finite and > 0.
 """
 
@@ -13,50 +15,16 @@ from __future__ import annotations
 import torch
 
 from llmc.checkpoint.config import CheckpointConfig
+from llmc.checkpoint.quant_algos import QUANT_ALGOS, QuantAlgo
+from llmc.checkpoint.schema import LAYER, float_shapes, linear_shapes
 from llmc.errors import LlmcError
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# quant_algo -> (allowed quantized weight dtypes, packed INT4?, weight-scale layout)
-#   layout: "tensor" (1 value), "channel" (1 or out values), "group" ([out, in / group])
-# Every quant_algo llmc.quantize.layout reads must have a row (a test checks they agree).
-QUANT_TABLE: dict[str, tuple[tuple[torch.dtype, ...], bool, str]] = {
-    "FP8": ((torch.float8_e4m3fn, torch.int8), False, "channel"),
-    "FP8_PER_CHANNEL_PER_TOKEN": ((torch.float8_e4m3fn,), False, "channel"),
-    "W8A8_SQ_PER_CHANNEL": ((torch.int8,), False, "channel"),
-    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": ((torch.int8,), False, "channel"),
-    "W8A16": ((torch.int8,), False, "channel"),
-    "W4A16_AWQ": ((torch.int8, torch.uint8), True, "group"),
-    "W4A8_AWQ": ((torch.int8, torch.uint8), True, "group"),
-    "W4A16_GPTQ": ((torch.int8, torch.uint8), True, "group"),  # + zero points (GGUF Q4_1, int4_asym)
-    "W8A16_GPTQ": ((torch.int8,), False, "group"),  # GGUF Q8_0 blocks
-}
-# Where an algorithm keeps its weight scale, when not in weights_scaling_factor.
-WEIGHT_SCALE_NAME = {"FP8_PER_CHANNEL_PER_TOKEN": "per_channel_scale"}
 SCALE_MARK = "scaling_factor"
 
 
-def linear_shapes(cfg: CheckpointConfig) -> dict[str, tuple[int, int]]:
-    """Every linear (TensorRT-LLM prefix) -> (out, in)."""
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    qkv = cfg.q_size + 2 * cfg.kv_size
-    shapes = {"lm_head": (cfg.vocab_size, h)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"transformer.layers.{i}."
-        shapes.update({p + "attention.qkv": (qkv, h), p + "attention.dense": (h, cfg.q_size),
-                       p + "mlp.fc": (inter, h), p + "mlp.gate": (inter, h), p + "mlp.proj": (h, inter)})
-    return shapes
-
-
-def float_shapes(cfg: CheckpointConfig) -> dict[str, tuple[int, ...]]:
-    """Tensors that are never quantized: embedding and norms."""
-    h = cfg.hidden_size
-    shapes: dict[str, tuple[int, ...]] = {"transformer.vocab_embedding.weight": (cfg.vocab_size, h),
-                                          "transformer.ln_f.weight": (h,)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"transformer.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_layernorm.weight"] = (h,)
-    return shapes
+def _stored_dtypes(algo: QuantAlgo) -> tuple[torch.dtype, ...]:
+    return tuple(getattr(torch, name) for name in algo.stored_dtypes)
 
 
 def _finite(name: str, t: torch.Tensor, source) -> None:
@@ -86,20 +54,21 @@ def _check_linear(prefix: str, out_in: tuple[int, int], tensors: dict[str, torch
         return
     if algo is None:
         raise LlmcError(f"tensor {name} has dtype {w.dtype} but the checkpoint is not quantized", source)
-    dtypes, packed, layout = QUANT_TABLE[algo]
+    spec = QUANT_ALGOS[algo]
+    dtypes = _stored_dtypes(spec)
     if w.dtype not in dtypes:
         raise LlmcError(f"tensor {name} has dtype {w.dtype}; {algo} stores "
                         f"{' or '.join(str(d).removeprefix('torch.') for d in dtypes)}", source)
-    want = (out_f // 2, in_f) if packed else out_in
+    want = (out_f // 2, in_f) if spec.packed else out_in
     if tuple(w.shape) != want:
         raise LlmcError(f"tensor {name} has shape {tuple(w.shape)}, {algo} needs {want}", source)
-    wsf_name = prefix + "." + WEIGHT_SCALE_NAME.get(algo, "weights_scaling_factor")
+    wsf_name = prefix + "." + spec.weight_scale
     if wsf_name not in tensors:
         raise LlmcError(f"quantized checkpoint ({algo}) is missing {wsf_name}", source)
     wsf = tensors[wsf_name]
-    if layout == "channel" and wsf.numel() not in (1, out_f):
+    if spec.weight_granularity != "group" and wsf.numel() not in (1, out_f):  # readers take either
         raise LlmcError(f"scale {wsf_name} has {wsf.numel()} values for {out_f} output channels", source)
-    if layout == "group":
+    if spec.weight_granularity == "group":
         g = group_size or 0
         if g < 1 or in_f % g or tuple(wsf.shape) != (out_f, in_f // g):
             raise LlmcError(f"scale {wsf_name} has shape {tuple(wsf.shape)}, group size {group_size} needs "
@@ -113,8 +82,8 @@ def validate_tensors(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, so
     """LlmcError naming the first tensor that does not fit `cfg` (see module doc)."""
     q = cfg.quantization
     algo = q.quant_algo
-    if algo is not None and algo not in QUANT_TABLE:
-        raise LlmcError(f"quant_algo {algo!r} is not supported (llmc reads {', '.join(QUANT_TABLE)})", source)
+    if algo is not None and algo not in QUANT_ALGOS:
+        raise LlmcError(f"quant_algo {algo!r} is not supported (llmc reads {', '.join(QUANT_ALGOS)})", source)
     for name, shape in float_shapes(cfg).items():
         if name not in tensors:
             raise LlmcError(f"missing tensor {name}", source)
@@ -136,7 +105,7 @@ def validate_tensors(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, so
                 raise LlmcError(f"tensor {prefix}.bias must be float of shape ({out_in[0]},)", source)
             _finite(prefix + ".bias", bias, source)
     for i in range(cfg.num_hidden_layers):
-        name = f"transformer.layers.{i}.attention.kv_cache_scaling_factor"
+        name = LAYER.format(i=i) + "attention.kv_cache_scaling_factor"
         if name in tensors:
             _check_scale(name, tensors[name], source)
         elif q.kv_cache_quant_algo:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from llmc.cli.output import DTYPE_ALIASES, choice
-from llmc.engine.options import ATTENTION, BACKENDS, DTYPES, KV_DTYPES, LM_HEAD, BuildOptions
+from llmc.build.options import ATTENTION, BACKENDS, DTYPES, KV_DTYPES, LM_HEAD, BuildOptions
 
 _D = BuildOptions()
 
@@ -57,8 +57,8 @@ def build(
     """Compile a checkpoint into an engine: one ONNX graph of standard ops over a paged KV cache."""
     from rich.console import Console
 
+    from llmc.build.builder import build_engine
     from llmc.cli.output import err_console
-    from llmc.engine.build import build_engine
     from llmc.fsutil import dir_size
 
     console = err_console()

@@ -8,7 +8,6 @@ flags that differ between families. `{i}` stands for the layer index, as in gpt-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
 Source = str | tuple[str, ...]
 
@@ -50,5 +49,3 @@ class Family:
     model_types: tuple[str, ...] = ()
     # Extra config keys read from the HF config: checkpoint key -> HF key.
     extra_config: dict[str, str] = field(default_factory=dict)
-    # Optional last-minute config adjustments (rarely needed).
-    adjust_config: Callable[[dict[str, Any], dict[str, Any]], None] | None = None

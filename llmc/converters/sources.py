@@ -15,7 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, first_line
+from llmc.fsutil import read_json
 
 
 class ModelSource(Protocol):
@@ -31,23 +32,13 @@ class ModelSource(Protocol):
 # --------------------------------------------------------------------------------------------
 # Hugging Face directory
 # --------------------------------------------------------------------------------------------
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja", "chat_template.json",
-                   "tokenizer.model", "vocab.json", "merges.txt")
-
-
 class HFSource:
     def __init__(self, path: Path):
         self.path = path
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise LlmcError("no config.json: not a Hugging Face model directory", path)
-        try:
-            self.hf_config = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise LlmcError(f"invalid JSON ({exc.msg} at line {exc.lineno})", cfg_path) from None
-        except UnicodeDecodeError:
-            raise LlmcError("config.json is not UTF-8 text", cfg_path) from None
+        self.hf_config = read_json(cfg_path)
         if not isinstance(self.hf_config, dict):
             raise LlmcError(f"config.json must hold a JSON object, not a {type(self.hf_config).__name__}",
                             cfg_path)
@@ -76,16 +67,10 @@ class HFSource:
 
     def _open(self, f: Path):
         if f not in getattr(self, "_handles", {}):
-            from safetensors import safe_open
+            from llmc.checkpoint.io import open_safetensors
 
-            if not f.is_file():
-                raise LlmcError("missing safetensors shard named by the index", f)
-            try:
-                handle = safe_open(str(f), framework="pt")
-            except Exception as exc:
-                raise LlmcError(f"corrupt or truncated safetensors file ({(str(exc).splitlines() or [type(exc).__name__])[0]})", f) from None
             self._handles = getattr(self, "_handles", {})
-            self._handles[f] = handle
+            self._handles[f] = open_safetensors(f, missing="missing safetensors shard named by the index")
         return self._handles[f]
 
     def names(self) -> set[str]:
@@ -99,17 +84,12 @@ class HFSource:
         try:
             return self._open(f).get_tensor(name)
         except Exception as exc:
-            raise LlmcError(f"cannot read tensor {name} ({(str(exc).splitlines() or [type(exc).__name__])[0]})", f) from None
+            raise LlmcError(f"cannot read tensor {name} ({first_line(exc)})", f) from None
 
     def write_tokenizer(self, out: Path) -> list[str]:
-        import shutil
+        from llmc.tokenizer import copy_tokenizer_files
 
-        copied = []
-        for fname in TOKENIZER_FILES:
-            if (self.path / fname).is_file():
-                shutil.copy2(self.path / fname, out / fname)
-                copied.append(fname)
-        return copied
+        return copy_tokenizer_files(self.path, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,7 +182,7 @@ class GGUFSource:
         try:
             self._reader = gguf.GGUFReader(str(path))
         except Exception as exc:
-            raise LlmcError(f"not a readable GGUF file ({(str(exc).splitlines() or [type(exc).__name__])[0]})", path) from None
+            raise LlmcError(f"not a readable GGUF file ({first_line(exc)})", path) from None
         arch = _field(self._reader, "general.architecture")
         if not isinstance(arch, str) or arch not in GGUF_ARCHITECTURES:
             raise LlmcError(f"unsupported GGUF architecture {arch!r}; supported: "

@@ -1,7 +1,6 @@
-"""Engine stage: checkpoint -> one ONNX graph (+ TensorRT plan) -> a step API over a paged KV pool.
+"""The built engine: load an engine directory, run steps over a paged KV pool.
 
-    from llmc.engine import BuildOptions, build_engine, load_engine, StepBatch, SeqSlice
-    build_engine("ckpt/", "engine/", BuildOptions(max_batch_size=8))
+    from llmc.engine import load_engine, StepBatch, SeqSlice
     engine = load_engine("engine/")
     engine.allocate_kv_pool(num_blocks)
     logits = engine.step(StepBatch(...))
@@ -14,18 +13,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from llmc.engine.options import BuildOptions
 from llmc.engine.step import SeqSlice, StepBatch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from llmc.engine.build import BuildResult, build_engine
     from llmc.engine.engine import Engine, EngineConfig, describe_engine, load_engine
 
-__all__ = ["BuildOptions", "BuildResult", "Engine", "EngineConfig", "SeqSlice", "StepBatch",
-           "build_engine", "describe_engine", "load_engine"]
+__all__ = ["Engine", "EngineConfig", "SeqSlice", "StepBatch", "describe_engine", "load_engine"]
 
-_LAZY = {"build_engine": "llmc.engine.build", "BuildResult": "llmc.engine.build",
-         "load_engine": "llmc.engine.engine", "Engine": "llmc.engine.engine",
+_LAZY = {"load_engine": "llmc.engine.engine", "Engine": "llmc.engine.engine",
          "EngineConfig": "llmc.engine.engine", "describe_engine": "llmc.engine.engine"}
 
 

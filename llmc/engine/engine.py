@@ -11,77 +11,31 @@ per step is the small index arrays of `step_feeds`; the pool and the weights are
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmc.checkpoint.config import CheckpointConfig
 from llmc.errors import LlmcError, UnsupportedError
 from llmc.engine.step import StepBatch, step_feeds
-from llmc.engine.stamps import (check_compatible, read_engine_config, validate_engine_config, verify_engine_files,
-                                warn_version_drift)
-
-KV_ELEM = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
-
-
-@dataclass
-class EngineConfig:
-    """Model + build facts an engine runs with (attribute access; `raw` is config.json)."""
-
-    model: CheckpointConfig
-    backend: str
-    max_batch_size: int
-    max_input_len: int
-    max_seq_len: int
-    max_num_tokens: int
-    tokens_per_block: int
-    kv_cache_dtype: str
-    kv_cache_blocks: int
-    paged_kv_cache: bool
-    inflight_batching: bool
-    compute_dtype: str
-    quantization: str
-    raw: dict[str, Any] = field(default_factory=dict, repr=False)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.vocab_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.model.num_hidden_layers
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EngineConfig":
-        from llmc.engine.stamps import model_config_dict
-
-        b, e = data["build"], data["engine"]
-        return cls(
-            model=CheckpointConfig.from_dict(model_config_dict(data)),
-            backend=e["backend"], max_batch_size=b["max_batch_size"], max_input_len=b["max_input_len"],
-            max_seq_len=b["max_seq_len"], max_num_tokens=b["max_num_tokens"],
-            tokens_per_block=b["tokens_per_block"], kv_cache_dtype=e["kv_cache_dtype"],
-            kv_cache_blocks=b["kv_cache_blocks"], paged_kv_cache=b["paged_kv_cache"],
-            inflight_batching=b["inflight_batching"], compute_dtype=e["compute_dtype"],
-            quantization=e.get("quantization", "float"), raw=data)
+from llmc.engine.stamps import (EngineConfig, check_compatible, read_engine_config, validate_engine_config,
+                                verify_engine_files, warn_version_drift)
 
 
 class Engine:
-    def __init__(self, path: Path, data: dict[str, Any], threads: int | None = None,
+    def __init__(self, path: Path, config: EngineConfig, threads: int | None = None,
                  int4_accuracy_level: int | None = None):
+        """`config` comes from `validate_engine_config` (load_engine): every field read here was checked."""
         self.path = Path(path)
-        self.config = EngineConfig.from_dict(data)
+        self.config = cfg = config
+        data = config.raw
         self.graph = data["engine"]["graph"]
-        cfg = self.config
         self.num_buckets = int(self.graph["num_buckets"])
         self.block_size = int(self.graph["block_size"])
         self.num_kv_heads = int(self.graph["num_kv_heads"])
         self.head_dim = int(self.graph["head_dim"])
         self.bucket_kinds = list(self.graph["bucket_kinds"])
-        self.kv_bytes_per_block = (2 * cfg.num_layers * self.block_size * self.num_kv_heads * self.head_dim
-                                   * KV_ELEM[cfg.kv_cache_dtype])
+        self.kv_bytes_per_block = self.block_size * cfg.model.kv_cache_bytes_per_token(cfg.kv_cache_dtype)
         self.pool = None
         # Graphs built with explicit reshape targets run unused MatMul/Softmax buckets as zero rows
         # on ORT (its Attention kernel refuses an empty batch: fused buckets keep a dummy row).
@@ -139,10 +93,6 @@ class Engine:
         self.pool = pool
         return pool
 
-    def prepare(self, batch: StepBatch) -> dict[str, np.ndarray]:
-        """The graph feeds for a step (exposed for tests and benchmarks)."""
-        return step_feeds(batch, self.block_size, self.bucket_kinds, self._empty_buckets)
-
     def step(self, batch: StepBatch) -> np.ndarray:
         if self.pool is None:
             raise RuntimeError("call allocate_kv_pool() before step()")
@@ -164,14 +114,14 @@ def load_engine(engine_dir: str | Path, *, threads: int | None = None, num_threa
     threads = threads or num_threads
     data = read_engine_config(engine_dir)
     check_compatible(data, engine_dir)
-    validate_engine_config(data, engine_dir)
+    config = validate_engine_config(data, engine_dir)
     warn_version_drift(data, engine_dir)
     if verify_engine_files(data, engine_dir) is None:
         from llmc.errors import warn
 
         warn("engine has no integrity record (built by an older llmc): damage to its files cannot be "
              "detected; rebuild it", engine_dir)
-    return Engine(Path(engine_dir), data, threads, int4_accuracy_level)
+    return Engine(Path(engine_dir), config, threads, int4_accuracy_level)
 
 
 def describe_engine(path: str | Path, verify: bool = False) -> dict[str, Any]:

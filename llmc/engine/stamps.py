@@ -20,22 +20,17 @@ import hashlib
 import json
 import platform
 import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmc.checkpoint.config import CheckpointConfig
 from llmc.errors import LlmcError
+from llmc.fsutil import read_json
+from llmc.versions import installed_version, version_tuple
 
 ENGINE_FORMAT_VERSION = 1
 MIN_ONNXRUNTIME = (1, 23)   # standard Attention / RMSNormalization (opset 23) CPU kernels
-
-
-def _version(module: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(module)
-    except Exception:
-        return None
 
 
 def toolchain_versions(tensorrt: bool = False) -> dict[str, str | None]:
@@ -43,9 +38,9 @@ def toolchain_versions(tensorrt: bool = False) -> dict[str, str | None]:
 
     v = {
         "llmc": __version__,
-        "onnx": _version("onnx"),
-        "onnxruntime": _version("onnxruntime"),
-        "numpy": _version("numpy"),
+        "onnx": installed_version("onnx"),
+        "onnxruntime": installed_version("onnxruntime"),
+        "numpy": installed_version("numpy"),
         "python": platform.python_version(),
         "tensorrt": None,
         "tensorrt_llm": None,
@@ -57,7 +52,7 @@ def toolchain_versions(tensorrt: bool = False) -> dict[str, str | None]:
             v["tensorrt"] = trt.__version__
         except Exception:
             pass
-        v["tensorrt_llm"] = _version("tensorrt_llm") or _version("tensorrt-llm")
+        v["tensorrt_llm"] = installed_version("tensorrt_llm") or installed_version("tensorrt-llm")
     return v
 
 
@@ -108,25 +103,12 @@ def read_engine_config(engine_dir: str | Path) -> dict[str, Any]:
     path = engine_dir / "config.json"
     if not path.is_file():
         raise LlmcError("not an engine directory (no config.json)", engine_dir)
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LlmcError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path) from None
-    except UnicodeDecodeError:
-        raise LlmcError("config.json is not UTF-8 text", path) from None
+    data = read_json(path)
     if not isinstance(data, dict) or "engine" not in data:
         hint = " (this is a checkpoint: build it with `llmc build`)" if isinstance(data, dict) and \
             "architecture" in data else ""
         raise LlmcError(f"not an engine directory{hint}", engine_dir)
     return data
-
-
-def _ver_tuple(v: str | None) -> tuple[int, ...]:
-    out = []
-    for part in (v or "0").split(".")[:3]:
-        num = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(num) if num else 0)
-    return tuple(out)
 
 
 def check_compatible(data: dict[str, Any], engine_dir: str | Path) -> None:
@@ -140,10 +122,10 @@ def check_compatible(data: dict[str, Any], engine_dir: str | Path) -> None:
                         f"({ENGINE_FORMAT_VERSION}); rebuild it: {rebuild}", engine_dir)
     backend = eng.get("backend")
     if backend == "onnxruntime":
-        have = _version("onnxruntime")
+        have = installed_version("onnxruntime")
         if have is None:
             raise LlmcError(f"onnxruntime is not installed; install it or rebuild: {rebuild}", engine_dir)
-        if _ver_tuple(have)[:2] < MIN_ONNXRUNTIME:
+        if version_tuple(have, 2) < MIN_ONNXRUNTIME:
             raise LlmcError(f"onnxruntime {have} is too old for this engine (needs >= "
                             f"{'.'.join(map(str, MIN_ONNXRUNTIME))}); upgrade or rebuild: {rebuild}", engine_dir)
     elif backend == "tensorrt":
@@ -183,8 +165,40 @@ GRAPH_SCHEMA = {"num_buckets": _POS_INT, "block_size": _POS_INT, "num_kv_heads":
                 "bucket_kinds": _LIST, "attention": _LIST, "kv_pool_onnx_type": _INT}
 
 
-def validate_engine_config(data: dict[str, Any], engine_dir: str | Path) -> None:
-    """One line naming the first missing or mangled field of a damaged engine config.json."""
+@dataclass
+class EngineConfig:
+    """Model + build facts an engine runs with (attribute access; `raw` is config.json).
+
+    Made by `validate_engine_config` only: its fields are ENGINE_SCHEMA's keys, so what is checked
+    and what is read are one list."""
+
+    model: CheckpointConfig
+    backend: str
+    max_batch_size: int
+    max_input_len: int
+    max_seq_len: int
+    max_num_tokens: int
+    tokens_per_block: int
+    kv_cache_dtype: str
+    kv_cache_blocks: int
+    paged_kv_cache: bool
+    inflight_batching: bool
+    compute_dtype: str
+    quantization: str
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.num_hidden_layers
+
+
+def validate_engine_config(data: dict[str, Any], engine_dir: str | Path) -> EngineConfig:
+    """The EngineConfig of an engine config.json, or one line naming the first missing or mangled
+    field of a damaged one."""
     rebuild = data.get("build_command") if isinstance(data.get("build_command"), str) else None
     hint = f"; rebuild it: {rebuild}" if rebuild else "; rebuild it with `llmc build`"
 
@@ -218,9 +232,9 @@ def validate_engine_config(data: dict[str, Any], engine_dir: str | Path) -> None
     b = data["build"]
     if b["max_input_len"] > b["max_seq_len"]:
         raise bad(f"build.max_input_len {b['max_input_len']} exceeds build.max_seq_len {b['max_seq_len']}")
-    from llmc.checkpoint.config import CheckpointConfig
-
-    CheckpointConfig.from_dict(model_config_dict(data), Path(engine_dir) / "config.json")
+    model = CheckpointConfig.from_dict(model_config_dict(data), Path(engine_dir) / "config.json")
+    return EngineConfig(model=model, quantization=data["engine"].get("quantization", "float"), raw=data,
+                        **{key: data[section][key] for section, key in ENGINE_SCHEMA})
 
 
 def verify_engine_files(data: dict[str, Any], engine_dir: str | Path, full: bool = True) -> dict[str, str] | None:
@@ -242,7 +256,7 @@ def warn_version_drift(data: dict[str, Any], engine_dir: str | Path) -> list[str
     built = data.get("versions") if isinstance(data.get("versions"), dict) else {}
     now = {"llmc": __version__}
     if (data.get("engine") or {}).get("backend") == "onnxruntime":
-        now["onnxruntime"] = _version("onnxruntime")
+        now["onnxruntime"] = installed_version("onnxruntime")
     notes = []
     for tool, have in now.items():
         was = built.get(tool)

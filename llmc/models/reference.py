@@ -54,7 +54,7 @@ def attention_with_kv_hooks(attn: Attention, x: torch.Tensor, cos: torch.Tensor,
     """The attention computation, with optional hooks on exactly what a KV cache stores (K after
     RoPE and V, [batch, kv_heads, seq, head_dim], before the heads are repeated for GQA).
     Calibration plugs ModelOpt's KV quantizers in there; the simulation plugs in the engine's
-    fake quantization (llmc.quantize.kv)."""
+    fake quantization (llmc.quantize.simulate). One implementation, so the two cannot diverge."""
     cfg = attn.cfg
     b, s, _ = x.shape
     q, k, v = attn.qkv(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], -1)

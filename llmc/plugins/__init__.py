@@ -4,7 +4,7 @@ Each emitter writes one logical op (RMSNorm, RoPE, paged attention, gated MLP, q
 into a `GraphBuilder` and knows how to lower itself for each backend: the `Target` it is given
 says whether the graph is for ONNX Runtime (CPU) or TensorRT, the compute dtype, and which
 attention form to use. Lowerings only use standard-domain ONNX ops, so one graph format serves
-both backends; `llmc.engine.trt_compat` checks the TensorRT-bound ones.
+both backends; `llmc.build.trt_compat` checks the TensorRT-bound ones.
 """
 
 from llmc.plugins.base import Target

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from onnx import TensorProto, helper
 
-from llmc.engine.graph import GraphBuilder
+from llmc.plugins.graph import GraphBuilder
 from llmc.plugins.base import Target
 
 KV_ONNX_TYPES = {"int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}

@@ -1,15 +1,18 @@
 """Linear layers, float and quantized, as MatMul patterns each backend accelerates.
 
-A `LinearSpec` is a linear in canonical form: a weight format (float / int8 / int4 / fp8), an
-activation treatment (none / int8 static / int8 per-token / fp8 static), an optional pre-quant
-scale and bias. The emitted MatMul weight is [in, out] (transposed once at build time).
+`emit_linear` lowers the canonical quantized linear, `llmc.quantize.layout.QLinear` (the same
+object the fake-quant simulation runs, read by `read_quantized_linear`), to ONNX. Its weight
+format comes from the quant_algo table (`llmc.checkpoint.quant_algos.weight_format(kind)`: float /
+int8 / int4 / fp8), its activation treatment from (act_dtype, act_granularity), plus an optional
+pre-quant scale and bias. The emitted MatMul weight is [in, out] (transposed once at build time).
+This module reads QLinear's tensors through numpy and never imports torch itself.
 
 Weights
 - float: MatMul(x, W).
 - int8:  DequantizeLinear(W int8 [in, out], per-output-channel scale, axis 1, zero point 0);
          with block scales [in/g, out]: opset-21 blocked DQ, axis 0, which ONNX Runtime fuses
          into its 8-bit MatMulNBits (see `exact_int8_blocks`). Weight-only int8 (W8A16) on ONNX
-         Runtime is always emitted blocked (`blocked_int8`: the per-channel scale repeated per
+         Runtime is always emitted blocked (`blocked_int8_scale`: the per-channel scale repeated per
          block, the same numbers), since ORT would fold a per-channel DQ into an fp32 weight.
 - int4:  DequantizeLinear(W int4 [in, out], block scales [in/g, out], axis 0, block_size g, no
          zero point): opset-21 blocked DQ; ONNX Runtime fuses DQ+MatMul into MatMulNBits,
@@ -33,79 +36,69 @@ Activations
 - pre_quant_scale (AWQ, SmoothQuant): one Mul on the activation before anything else.
 
 W4A8 AWQ is executed as TensorRT-LLM does: the INT4 weight becomes FP8 per group,
-fp8(q * s_group / s2), so the graph stores those FP8 values (one byte per weight) with the
-per-tensor scale s2 and treats the layer as FP8 x FP8.
+fp8(q * s_group / s2) (`QLinear.as_fp8`, exact), so the graph stores those FP8 values (one byte
+per weight) with the per-tensor scale s2 and treats the layer as FP8 x FP8.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from onnx import TensorProto
 
-from llmc.engine.graph import GraphBuilder, pack_int4
+from llmc.checkpoint.quant_algos import QUANT_ALGOS, weight_format
+from llmc.plugins.graph import GraphBuilder, pack_int4_onnx
 from llmc.plugins.base import Target
 
-WEIGHT_FORMATS = ("float", "int8", "int4", "fp8")
-ACTIVATIONS = (None, "int8", "int8_token", "fp8", "fp8_token")
+if TYPE_CHECKING:  # pragma: no cover - torch-side type, only read here
+    from llmc.quantize.layout import QLinear
 
 
-@dataclass
-class LinearSpec:
-    """One linear in canonical form (numpy; weight [out, in]).
+def _np(t: Any) -> np.ndarray | None:
+    """A (float) tensor of a QLinear as float32 numpy."""
+    return None if t is None else t.detach().float().contiguous().numpy()
 
-    weight: float32 for "float" and "fp8" (fp8: the exact FP8 values, unscaled); int8 for "int8";
-    int8 holding values in [-8, 7] for "int4".
-    weight_scale: None (float) / [] / [out] / [out, in // group_size] float32.
-    """
 
-    wfmt: str
-    weight: np.ndarray
-    weight_scale: np.ndarray | None = None
-    group_size: int | None = None
-    act: str | None = None
-    input_scale: float | None = None
-    pre_quant_scale: np.ndarray | None = None
-    bias: np.ndarray | None = None
-    zero: np.ndarray | None = None  # [out, in // group_size] additive zeros (groupwise with zero points)
+def _int8_t(t: Any) -> np.ndarray:
+    """An integer weight [out, in] of a QLinear as int8 numpy [in, out]."""
+    return np.ascontiguousarray(t.detach().contiguous().numpy().astype(np.int8, copy=False).T)
 
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
 
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def kind(self) -> str:
-        return self.wfmt if self.act is None else f"{self.wfmt}/{self.act}"
-
-    def scale_per_channel(self) -> np.ndarray:
-        """weight_scale as [out] (per-tensor scales broadcast)."""
-        s = np.asarray(self.weight_scale, np.float32)
-        return np.full(self.out_features, float(s.reshape(-1)[0]), np.float32) if s.size == 1 else s.reshape(-1)
-
-    def dequantized(self) -> np.ndarray:
-        """The float32 [out, in] weight this spec stands for."""
-        w = self.weight.astype(np.float32)
-        if self.wfmt == "float":
-            return w
-        s = np.asarray(self.weight_scale, np.float32)
-        if s.ndim == 2:  # block scales along the input dim
-            g = w.shape[1] // s.shape[1]
-            w = w.reshape(w.shape[0], -1, g) * s[:, :, None]
-            if self.zero is not None:
-                w = w + np.asarray(self.zero, np.float32)[:, :, None]
-            return w.reshape(self.weight.shape)
-        return w * self.scale_per_channel()[:, None]
+def _scale_per_row(q: QLinear) -> np.ndarray:
+    """weight_scale as [out] float32 (per-tensor scales repeated)."""
+    s = _np(q.weight_scale)
+    return np.full(q.out_features, float(s.reshape(-1)[0]), np.float32) if s.size == 1 else s.reshape(-1)
 
 
 INT8_BLOCK = 32  # GGUF Q8_0's block: the grid such float weights already lie on
 
 
-def exact_int8_blocks(weight: np.ndarray, block: int = INT8_BLOCK) -> LinearSpec | None:
+@dataclass
+class Int8Blocks:
+    """A float weight found to be exactly int8 values x per-block scales (`exact_int8_blocks`)."""
+
+    weight: np.ndarray         # int8 [out, in]
+    weight_scale: np.ndarray   # float32 [out, in / block]
+    block: int
+
+    def dequantized(self) -> np.ndarray:
+        out, k = self.weight.shape
+        return (self.weight.astype(np.float32).reshape(out, -1, self.block)
+                * self.weight_scale[:, :, None]).reshape(out, k)
+
+    def to_qlinear(self, prefix: str, bias: Any = None) -> QLinear:
+        """The canonical linear: groupwise weight-only INT8 (W8A16_GPTQ's kind, no zero points)."""
+        import torch
+
+        from llmc.quantize.layout import QLinear
+
+        return QLinear(prefix, QUANT_ALGOS["W8A16_GPTQ"].kind, torch.from_numpy(self.weight),
+                       torch.from_numpy(self.weight_scale), group_size=self.block, bias=bias)
+
+
+def exact_int8_blocks(weight: np.ndarray, block: int = INT8_BLOCK) -> Int8Blocks | None:
     """A float [out, in] weight as int8 x per-block scale, if that is EXACT; else None.
 
     Weights dequantized from GGUF Q8_0 (SmolLM2's embedded model ships its tied embedding so)
@@ -122,54 +115,18 @@ def exact_int8_blocks(weight: np.ndarray, block: int = INT8_BLOCK) -> LinearSpec
     q = np.rint(w / safe[..., None])
     if np.abs(q).max() > 127 or not np.array_equal(q * safe[..., None], w):
         return None
-    return LinearSpec("int8", q.astype(np.int8).reshape(out, k), scale.astype(np.float32), block)
+    return Int8Blocks(q.astype(np.int8).reshape(out, k), scale.astype(np.float32), block)
 
 
-def blocked_int8(spec: LinearSpec) -> LinearSpec | None:
-    """A per-channel int8 weight-only linear as the same int8 values with its per-channel scale
-    repeated over blocks along the input (128, 64 or 32 wide; the first that divides it): an
-    exact re-statement that ONNX Runtime runs as its 8-bit MatMulNBits instead of constant-folding
-    the per-channel DequantizeLinear into a float32 weight (fp32 speed). None if no block fits."""
-    block = next((b for b in (128, 64, INT8_BLOCK) if spec.in_features % b == 0), None)
+def blocked_int8_scale(scale_per_row: np.ndarray, in_features: int) -> tuple[np.ndarray, int] | None:
+    """A per-channel int8 weight-only linear's scale repeated over blocks along the input (128, 64
+    or 32 wide; the first that divides it): an exact re-statement (the same int8 values) that ONNX
+    Runtime runs as its 8-bit MatMulNBits instead of constant-folding the per-channel
+    DequantizeLinear into a float32 weight (fp32 speed). None if no block fits."""
+    block = next((b for b in (128, 64, INT8_BLOCK) if in_features % b == 0), None)
     if block is None:
         return None
-    scale = np.repeat(spec.scale_per_channel()[:, None], spec.in_features // block, axis=1)
-    return LinearSpec("int8", spec.weight, scale, block, spec.act, spec.input_scale, spec.pre_quant_scale, spec.bias)
-
-
-def concat_out(specs: list[LinearSpec]) -> LinearSpec:
-    """Stack linears that share an input along the output dim (gated MLP fc + gate).
-
-    Per-tensor weight scales become per-channel vectors. Activation treatment and pre-quant
-    scales must agree (they do for llmc checkpoints: the reference model calibrates gate_up
-    as one linear); otherwise ValueError.
-    """
-    first = specs[0]
-    for s in specs[1:]:
-        if s.wfmt != first.wfmt or s.act != first.act or s.group_size != first.group_size:
-            raise ValueError("linears sharing an input are quantized differently")
-        if s.input_scale != first.input_scale:
-            raise ValueError("linears sharing an input have different activation scales")
-        if (first.pre_quant_scale is None) != (s.pre_quant_scale is None) or (
-                first.pre_quant_scale is not None and not np.array_equal(first.pre_quant_scale, s.pre_quant_scale)):
-            raise ValueError("linears sharing an input have different pre-quant scales")
-    weight = np.concatenate([s.weight for s in specs], 0)
-    scale = None
-    if first.weight_scale is not None:
-        if np.asarray(first.weight_scale).ndim == 2:
-            scale = np.concatenate([np.asarray(s.weight_scale, np.float32) for s in specs], 0)
-        else:
-            scale = np.concatenate([s.scale_per_channel() for s in specs], 0)
-    zero = None
-    if any(s.zero is not None for s in specs):
-        zero = np.concatenate([np.asarray(s.zero, np.float32) if s.zero is not None
-                               else np.zeros_like(np.asarray(s.weight_scale, np.float32)) for s in specs], 0)
-    bias = None
-    if any(s.bias is not None for s in specs):
-        bias = np.concatenate([s.bias if s.bias is not None else np.zeros(s.out_features, np.float32)
-                               for s in specs])
-    return LinearSpec(first.wfmt, weight, scale, first.group_size, first.act, first.input_scale,
-                      first.pre_quant_scale, bias, zero)
+    return np.repeat(scale_per_row[:, None], in_features // block, axis=1), block
 
 
 def _fake_quant_fp8(g: GraphBuilder, t: Target, x: str, scale: float, name: str) -> str:
@@ -221,7 +178,7 @@ def _fake_quant_int8_token(g: GraphBuilder, t: Target, x: str, name: str) -> str
     return g.op("Mul", [q, s], name=f"{name}_adq")
 
 
-def _emit_matmul_integer(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, name: str) -> str:
+def _emit_matmul_integer(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> str:
     """SmoothQuant with per-token dynamic int8 activations on ONNX Runtime: integer GEMM.
 
     q = clamp(round(x / s_t), -128, 127) with s_t = max|x_row| / 127; y = (q @ W_q) * s_t * s_w.
@@ -233,15 +190,19 @@ def _emit_matmul_integer(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, n
     # its s8s8 path (measured, M = 1..256).
     qu = g.op("Add", [q, g.const(np.float32(128.0), t.dtype)], name=f"{name}_aoffset")
     q8 = g.op("Cast", [qu], name=f"{name}_auint8", to=TensorProto.UINT8)
-    w = g.weight(f"{name}.weight", np.ascontiguousarray(spec.weight.T.astype(np.int8)))
+    w = g.weight(f"{name}.weight", _int8_t(lin.weight))
     acc = g.op("MatMulInteger", [q8, w, g.const(np.uint8(128), TensorProto.UINT8, hint="a_zero_point_128")],
                name=name)
     y = g.op("Cast", [acc], name=f"{name}_acc_float", to=t.dtype)
     y = g.op("Mul", [y, s], name=f"{name}_ascale_out")
-    y = g.op("Mul", [y, g.weight(f"{name}.weight_scale", spec.scale_per_channel(), t.dtype)], name=f"{name}_wscale")
-    if spec.bias is not None:
-        y = g.op("Add", [y, g.weight(f"{name}.bias", spec.bias.astype(np.float32), t.dtype)], name=f"{name}_bias")
-    return y
+    y = g.op("Mul", [y, g.weight(f"{name}.weight_scale", _scale_per_row(lin), t.dtype)], name=f"{name}_wscale")
+    return _add_bias(g, t, y, lin, name)
+
+
+def _add_bias(g: GraphBuilder, t: Target, y: str, lin: QLinear, name: str) -> str:
+    if lin.bias is None:
+        return y
+    return g.op("Add", [y, g.weight(f"{name}.bias", _np(lin.bias), t.dtype)], name=f"{name}_bias")
 
 
 def _fp8_bits(values: np.ndarray) -> bytes:
@@ -250,69 +211,82 @@ def _fp8_bits(values: np.ndarray) -> bytes:
     return np.ascontiguousarray(values.astype(np.float32).astype(ml_dtypes.float8_e4m3fn)).view(np.uint8).tobytes()
 
 
-def emit_linear(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, name: str) -> str:
-    """x [..., in] -> [..., out] (+ bias). The MatMul node is named `{name}_node`."""
-    if spec.pre_quant_scale is not None:
-        pqs = g.weight(f"{name}.pre_quant_scale", spec.pre_quant_scale.astype(np.float32), t.dtype)
-        x = g.op("Mul", [x, pqs], name=f"{name}_smooth")
-    if spec.act == "int8_token" and spec.wfmt == "int8" and not t.is_trt:
-        return _emit_matmul_integer(g, t, x, spec, name)
-    if spec.act == "int8":
-        s = g.const(np.float32(spec.input_scale), t.dtype)
-        zp = g.const(np.int8(0), TensorProto.INT8)
-        q = g.op("QuantizeLinear", [x, s, zp], name=f"{name}_aq")
-        x = g.op("DequantizeLinear", [q, s, zp], name=f"{name}_adq")
-    elif spec.act == "int8_token":
-        x = _fake_quant_int8_token(g, t, x, name)
-    elif spec.act == "fp8":
-        x = _fake_quant_fp8(g, t, x, float(spec.input_scale), name)
-    elif spec.act == "fp8_token":
-        x = _fake_quant_fp8_token(g, t, x, name)
-    elif spec.act is not None:
-        raise ValueError(f"unknown activation treatment {spec.act!r}")
+def _act_int8(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> str:
+    s = g.const(np.float32(float(lin.input_scale)), t.dtype)
+    zp = g.const(np.int8(0), TensorProto.INT8)
+    q = g.op("QuantizeLinear", [x, s, zp], name=f"{name}_aq")
+    return g.op("DequantizeLinear", [q, s, zp], name=f"{name}_adq")
 
-    w = spec.wfmt
-    if (w == "int8" and spec.act is None and not t.is_trt and np.asarray(spec.weight_scale).ndim < 2
-            and (blocked := blocked_int8(spec)) is not None):
-        spec = blocked  # W8A16 on ONNX Runtime: 8-bit MatMulNBits
+
+# (act_dtype, act_granularity) -> the activation's (fake) quantization in the graph.
+_ACTIVATIONS = {
+    ("int8", "tensor"): _act_int8,
+    ("int8", "token"): lambda g, t, x, lin, name: _fake_quant_int8_token(g, t, x, name),
+    ("fp8", "tensor"): lambda g, t, x, lin, name: _fake_quant_fp8(g, t, x, float(lin.input_scale), name),
+    ("fp8", "token"): lambda g, t, x, lin, name: _fake_quant_fp8_token(g, t, x, name),
+}
+
+
+def _blocked_weight(g: GraphBuilder, t: Target, q8: np.ndarray, scale: np.ndarray, group: int, name: str) -> str:
+    """int8 [in, out] x block scales [out, in/g] -> opset-21 blocked DequantizeLinear along the input."""
+    qw = g.weight(f"{name}.weight", q8)
+    s_w = g.weight(f"{name}.weight_scale", np.ascontiguousarray(scale.T), t.dtype)
+    return g.op("DequantizeLinear", [qw, s_w], name=f"{name}_wdq", axis=0, block_size=int(group))
+
+
+def _weight(g: GraphBuilder, t: Target, lin: QLinear, name: str) -> str:
+    """The [in, out] weight operand of the MatMul (see the module doc, "Weights")."""
+    w = weight_format(lin.kind)
     if w == "float" or (w == "fp8" and t.fp8 == "emulate"):
-        wd = g.weight(f"{name}.weight", spec.dequantized().T, t.dtype)
-    elif w == "int8" and np.asarray(spec.weight_scale).ndim == 2:  # block scales [out, in/g]
-        q = g.weight(f"{name}.weight", np.ascontiguousarray(spec.weight.T.astype(np.int8)))
-        s_w = g.weight(f"{name}.weight_scale", np.ascontiguousarray(np.asarray(spec.weight_scale, np.float32).T),
-                       t.dtype)
-        wd = g.op("DequantizeLinear", [q, s_w], name=f"{name}_wdq", axis=0, block_size=int(spec.group_size))
-    elif w == "int8":
-        q = g.weight(f"{name}.weight", np.ascontiguousarray(spec.weight.T.astype(np.int8)))
-        s_w = g.weight(f"{name}.weight_scale", spec.scale_per_channel(), t.dtype)
-        zp_w = g.const(np.zeros(spec.out_features, np.int8), TensorProto.INT8, hint=f"{name}.weight_zero_point")
-        wd = g.op("DequantizeLinear", [q, s_w, zp_w], name=f"{name}_wdq", axis=1)
-    elif w == "int4":
-        wt = np.ascontiguousarray(spec.weight.T)  # [in, out]
-        q = g.raw_weight(f"{name}.weight", TensorProto.INT4, wt.shape, pack_int4(wt))
-        s_w = g.weight(f"{name}.weight_scale", np.ascontiguousarray(np.asarray(spec.weight_scale, np.float32).T),
-                       t.dtype)  # [in/g, out]
-        wd = g.op("DequantizeLinear", [q, s_w], name=f"{name}_wdq", axis=0, block_size=int(spec.group_size))
-    elif w == "fp8":  # TensorRT: FP8 DQ on the weight
-        wt = np.ascontiguousarray(spec.weight.T)
-        q = g.raw_weight(f"{name}.weight", TensorProto.FLOAT8E4M3FN, wt.shape, _fp8_bits(wt))
-        ws = np.asarray(spec.weight_scale, np.float32)
+        return g.weight(f"{name}.weight", _np(lin.dequantize()).T, t.dtype)
+    if w == "int8":
+        scale = _np(lin.weight_scale)
+        if scale.ndim == 2:  # block scales [out, in/g]
+            return _blocked_weight(g, t, _int8_t(lin.weight), scale, lin.group_size, name)
+        if lin.act_dtype is None and not t.is_trt and \
+                (blocked := blocked_int8_scale(_scale_per_row(lin), lin.in_features)) is not None:
+            return _blocked_weight(g, t, _int8_t(lin.weight), *blocked, name)  # W8A16: 8-bit MatMulNBits
+        qw = g.weight(f"{name}.weight", _int8_t(lin.weight))
+        s_w = g.weight(f"{name}.weight_scale", _scale_per_row(lin), t.dtype)
+        zp_w = g.const(np.zeros(lin.out_features, np.int8), TensorProto.INT8, hint=f"{name}.weight_zero_point")
+        return g.op("DequantizeLinear", [qw, s_w, zp_w], name=f"{name}_wdq", axis=1)
+    if w == "int4":
+        wt = _int8_t(lin.weight)  # [in, out], values in [-8, 7]
+        qw = g.raw_weight(f"{name}.weight", TensorProto.INT4, wt.shape, pack_int4_onnx(wt))
+        s_w = g.weight(f"{name}.weight_scale", np.ascontiguousarray(_np(lin.weight_scale).T), t.dtype)  # [in/g, out]
+        return g.op("DequantizeLinear", [qw, s_w], name=f"{name}_wdq", axis=0, block_size=int(lin.group_size))
+    if w == "fp8":  # TensorRT: FP8 DQ on the weight
+        wt = np.ascontiguousarray(_np(lin.weight).T)
+        qw = g.raw_weight(f"{name}.weight", TensorProto.FLOAT8E4M3FN, wt.shape, _fp8_bits(wt))
+        ws = _np(lin.weight_scale)
         if ws.size == 1:
-            wd = g.op("DequantizeLinear", [q, g.const(np.float32(ws.reshape(-1)[0]), t.dtype)], name=f"{name}_wdq")
-        else:
-            s_w = g.weight(f"{name}.weight_scale", spec.scale_per_channel(), t.dtype)
-            wd = g.op("DequantizeLinear", [q, s_w], name=f"{name}_wdq", axis=1)
-    else:
-        raise ValueError(f"unknown weight format {w!r}")
-    y = g.op("MatMul", [x, wd], name=name)
-    if spec.zero is not None:
-        y = g.op("Add", [y, _zero_term(g, t, x, spec, name)], name=f"{name}_zero_add")
-    if spec.bias is not None:
-        y = g.op("Add", [y, g.weight(f"{name}.bias", spec.bias.astype(np.float32), t.dtype)], name=f"{name}_bias")
-    return y
+            return g.op("DequantizeLinear", [qw, g.const(np.float32(ws.reshape(-1)[0]), t.dtype)], name=f"{name}_wdq")
+        s_w = g.weight(f"{name}.weight_scale", _scale_per_row(lin), t.dtype)
+        return g.op("DequantizeLinear", [qw, s_w], name=f"{name}_wdq", axis=1)
+    raise ValueError(f"unknown weight format {w!r}")
 
 
-def _zero_term(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, name: str) -> str:
+def emit_linear(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> str:
+    """x [..., in] -> [..., out] (+ bias). The MatMul node is named `{name}`."""
+    if lin.weight_scale_2 is not None:  # W4A8: lowered to FP8 x FP8 (module doc)
+        lin = lin.as_fp8()
+    if lin.pre_quant_scale is not None:
+        pqs = g.weight(f"{name}.pre_quant_scale", _np(lin.pre_quant_scale), t.dtype)
+        x = g.op("Mul", [x, pqs], name=f"{name}_smooth")
+    act = None if lin.act_dtype is None else (lin.act_dtype, lin.act_granularity)
+    if act == ("int8", "token") and weight_format(lin.kind) == "int8" and not t.is_trt:
+        return _emit_matmul_integer(g, t, x, lin, name)
+    if act is not None:
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation treatment {act!r}")
+        x = _ACTIVATIONS[act](g, t, x, lin, name)
+    y = g.op("MatMul", [x, _weight(g, t, lin, name)], name=name)
+    if lin.zero is not None:
+        y = g.op("Add", [y, _zero_term(g, t, x, lin, name)], name=f"{name}_zero_add")
+    return _add_bias(g, t, y, lin, name)
+
+
+def _zero_term(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> str:
     """The zero points' share of a groupwise linear with real = q * s + z per (row, group):
 
         x @ (q * s + z)^T = x @ (q * s)^T  +  blocksum(x) @ z^T,   blocksum(x)[.., b] = sum of x over group b
@@ -320,11 +294,11 @@ def _zero_term(g: GraphBuilder, t: Target, x: str, spec: LinearSpec, name: str) 
     so the symmetric part keeps the DequantizeLinear -> MatMulNBits fusion (and TensorRT's INT4
     GEMM), and the zeros cost one small [in/g, out] float matmul on per-group activation sums.
     """
-    gsize = int(spec.group_size)
-    groups = spec.in_features // gsize
+    gsize = int(lin.group_size)
+    groups = lin.in_features // gsize
     lead = g.op("Shape", [x], name=f"{name}_zshape", end=-1)
     shape = g.op("Concat", [lead, g.const([groups, gsize])], name=f"{name}_zgshape", axis=0)
     xb = g.op("Reshape", [x, shape], name=f"{name}_zgroups")
     sums = g.op("ReduceSum", [xb, g.const([-1])], name=f"{name}_zsum", keepdims=0)
-    z = g.weight(f"{name}.zero", np.ascontiguousarray(np.asarray(spec.zero, np.float32).T), t.dtype)  # [in/g, out]
+    z = g.weight(f"{name}.zero", np.ascontiguousarray(_np(lin.zero).T), t.dtype)  # [in/g, out]
     return g.op("MatMul", [sums, z], name=f"{name}_zmm")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmc.engine.graph import GraphBuilder
+from llmc.plugins.graph import GraphBuilder
 from llmc.plugins.base import Target
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from llmc.checkpoint.config import CheckpointConfig
-from llmc.engine.graph import GraphBuilder
+from llmc.plugins.graph import GraphBuilder
 from llmc.errors import UnsupportedError
 from llmc.plugins.base import Target
 

@@ -1,10 +1,12 @@
 """Post-training quantization with NVIDIA ModelOpt, written as TensorRT-LLM checkpoints.
 
-    formats.py     the --qformat registry (QFORMATS): ModelOpt preset, quant_algo, storage
-    calib_data.py  calibration/evaluation text from local files or builtin:sotu
+    formats.py     the --qformat registry (QFORMATS): ModelOpt preset, quant_algo, defaults
+                   (what each quant_algo stores: llmc.checkpoint.quant_algos)
+    calib_data.py  calibration token windows (text itself: llmc.text)
     ptq.py         mtq.quantize over llmc's reference model (fused qkv / gate_up, KV cache)
     export.py      quantizer states -> checkpoint tensors (TensorRT-LLM names and layout)
-    layout.py      the stored layout and its canonical unpacked view (QLinear)
+    layout.py      the stored layout and its canonical unpacked view (QLinear, the one
+                   quantized-linear type the simulation and the engine's emitter consume)
     simulate.py    exact fake-quant simulation of a quantized checkpoint (what the engine runs)
     options.py     QuantizeOptions: every `llmc quantize` option (CLI and recipe stage)
     api.py         quantize_checkpoint(): the stage, in named steps

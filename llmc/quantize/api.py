@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 
+from llmc.checkpoint.schema import LAYER_LINEARS, LM_HEAD, linear_shapes
 from llmc.errors import LlmcError
 from llmc.measure import timed
+from llmc.quantize.export import checkpoint_names, module_name
 from llmc.quantize.formats import DEFAULTS, QFormat, get_qformat, kv_cache_algo
 from llmc.quantize.options import QuantizeOptions, parse_exclude
 
@@ -56,16 +58,7 @@ class QuantizeResult:
 
 def checkpoint_linears(cfg) -> dict[str, int]:
     """Every linear of a checkpoint (TensorRT-LLM names) -> its input width."""
-    widths: dict[str, int] = {}
-    for i in range(cfg.num_hidden_layers):
-        p = f"transformer.layers.{i}."
-        widths[p + "attention.qkv"] = cfg.hidden_size
-        widths[p + "attention.dense"] = cfg.q_size
-        widths[p + "mlp.fc"] = cfg.hidden_size
-        widths[p + "mlp.gate"] = cfg.hidden_size
-        widths[p + "mlp.proj"] = cfg.intermediate_size
-    widths["lm_head"] = cfg.hidden_size
-    return widths
+    return {name: out_in[1] for name, out_in in linear_shapes(cfg).items()}
 
 
 def resolve_exclusions(patterns: list[str], cfg) -> tuple[list[str], list[str]]:
@@ -79,25 +72,24 @@ def resolve_exclusions(patterns: list[str], cfg) -> tuple[list[str], list[str]]:
                             f"transformer.layers.0.attention.qkv, transformer.layers.0.mlp.fc, lm_head)")
         excluded.update(hits)
     quantize, keep = [], []
-    for i in range(cfg.num_hidden_layers):
-        p = f"transformer.layers.{i}."
-        fc, gate = p + "mlp.fc" in excluded, p + "mlp.gate" in excluded
-        if fc != gate:
-            raise LlmcError(f"--exclude must cover both {p}mlp.fc and {p}mlp.gate or neither: they share "
+    for mod in dict.fromkeys(module_name(n) for n in names):  # checkpoint order, fused ones once
+        parts = checkpoint_names(mod)
+        if len({p in excluded for p in parts}) > 1:
+            raise LlmcError(f"--exclude must cover both {parts[0]} and {parts[1]} or neither: they share "
                             f"an input and are calibrated as one fused linear (try '*.mlp.fc,*.mlp.gate')")
-        for mod, ck in ((p + "attention.qkv", p + "attention.qkv"), (p + "attention.dense", p + "attention.dense"),
-                        (p + "mlp.gate_up", p + "mlp.fc"), (p + "mlp.proj", p + "mlp.proj")):
-            (keep if ck in excluded else quantize).append(mod)
-    (keep if "lm_head" in excluded else quantize).append("lm_head")
+        (keep if parts[0] in excluded else quantize).append(mod)
     return quantize, keep
 
 
+# What the input width of each linear is called in a group-size error.
+_WIDTH_NAMES = {"hidden_size": "hidden_size", "q_size": "heads x head_size", "intermediate_size": "intermediate_size"}
+
+
 def _width_of(module: str, cfg) -> tuple[int, str]:
-    if module == "lm_head":
-        return cfg.hidden_size, "hidden_size"
-    kind = module.rsplit(".", 2)[-2] + "." + module.rsplit(".", 1)[-1]
-    return {"attention.qkv": (cfg.hidden_size, "hidden_size"), "attention.dense": (cfg.q_size, "heads x head_size"),
-            "mlp.gate_up": (cfg.hidden_size, "hidden_size"), "mlp.proj": (cfg.intermediate_size, "intermediate_size")}[kind]
+    name = checkpoint_names(module)[0]
+    width = checkpoint_linears(cfg)[name]
+    in_size = "hidden_size" if name == LM_HEAD else LAYER_LINEARS[name.split(".", 3)[3]][1]
+    return width, _WIDTH_NAMES[in_size]
 
 
 def resolve_group_size(fmt: QFormat, requested: int | None, cfg, quantized: list[str]) -> int | None:
@@ -143,12 +135,9 @@ def _peak_rss() -> int:
 
 
 def _modelopt_version() -> str | None:
-    try:
-        from importlib.metadata import version
+    from llmc.versions import installed_version
 
-        return version("nvidia-modelopt")
-    except Exception:  # pragma: no cover
-        return None
+    return installed_version("nvidia-modelopt")
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +245,7 @@ def _calibration_batches(source, fmt: QFormat, kv_algo: str | None,
 
 def _rtn_asymmetric_tensors(source, fmt: QFormat, kv_algo: str | None, quantized: list[str], group: int):
     """llmc's own asymmetric round-to-nearest with zero points: from the weights alone, no ModelOpt."""
-    from llmc.quantize.export import checkpoint_names, rtn_asymmetric
+    from llmc.quantize.export import rtn_asymmetric
     from llmc.quantize.ptq import CalibStats
 
     if kv_algo:
@@ -276,7 +265,7 @@ def _modelopt_tensors(source, fmt: QFormat, kv_algo: str | None, batches, quanti
     """Calibrate the float32 reference model with ModelOpt and export its quantizer states; the
     quantized linears' float weights are dropped first (they are re-derived from the model)."""
     from llmc.models.reference import ReferenceModel
-    from llmc.quantize.export import checkpoint_names, export_tensors
+    from llmc.quantize.export import export_tensors
     from llmc.quantize.ptq import calibrate
 
     cfg = source.config

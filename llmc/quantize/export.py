@@ -22,36 +22,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llmc.checkpoint.quant_algos import BOUNDS, KV_CACHE_ALGOS, QuantAlgo
+from llmc.checkpoint.schema import LAYER
 from llmc.quantize.formats import FP8_MAX, INT4_MAX, INT8_MAX, QFormat
-from llmc.quantize.layout import expand_groups, pack_int4, quantize_fp8, quantize_int
+from llmc.quantize.layout import expand_groups, pack_int4_row_pairs, quantize_fp8, quantize_int
 
-LAYER = "transformer.layers.{i}."
-
-
-def linear_module_names(num_layers: int) -> list[str]:
-    """Quantizable linears of the reference model, in checkpoint order."""
-    names = []
-    for i in range(num_layers):
-        p = LAYER.format(i=i)
-        names += [p + "attention.qkv", p + "attention.dense", p + "mlp.gate_up", p + "mlp.proj"]
-    return names + ["lm_head"]
+# The reference model runs mlp.fc and mlp.gate (which share an input) as one linear, mlp.gate_up.
+FUSED = {"mlp.gate_up": ("mlp.fc", "mlp.gate")}
 
 
 def checkpoint_names(module_name: str) -> list[str]:
     """Reference-model linear -> the checkpoint linear(s) it is stored as."""
-    if module_name.endswith(".mlp.gate_up"):
-        base = module_name[: -len("gate_up")]
-        return [base + "fc", base + "gate"]
+    for fused, parts in FUSED.items():
+        if module_name.endswith("." + fused):
+            return [module_name[: -len(fused)] + p for p in parts]
     return [module_name]
+
+
+def module_name(checkpoint_name: str) -> str:
+    """Checkpoint linear -> the reference-model linear that computes it (inverse of checkpoint_names)."""
+    for fused, parts in FUSED.items():
+        for p in parts:
+            if checkpoint_name.endswith("." + p):
+                return checkpoint_name[: -len(p)] + fused
+    return checkpoint_name
 
 
 def _amax(quantizer, bound: float) -> torch.Tensor:
     a = quantizer.amax.detach().float()
     return torch.nan_to_num(torch.where(a == 0, torch.full_like(a, bound), a), nan=bound)
-
-
-def _act_bound(fmt: QFormat) -> float:
-    return FP8_MAX if fmt.act_dtype == "fp8" else INT8_MAX
 
 
 def export_linear(module: nn.Module, fmt: QFormat, ckpt_dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -60,26 +59,27 @@ def export_linear(module: nn.Module, fmt: QFormat, ckpt_dtype: torch.dtype) -> d
     out_f, in_f = w.shape
     wq = module.weight_quantizer
     out: dict[str, torch.Tensor] = {}
-    if fmt.weight_dtype == "fp8" and fmt.weight_granularity == "channel":  # TensorRT-LLM's name for it
+    scale_name = fmt.algo.weight_scale
+    if fmt.weight_dtype == "fp8" and fmt.weight_granularity == "channel":
         s = (_amax(wq, FP8_MAX) / FP8_MAX).reshape(out_f)
         out["weight"] = quantize_fp8(w, s[:, None])
-        out["per_channel_scale"] = s
+        out[scale_name] = s
     elif fmt.weight_dtype == "fp8":
         s = (_amax(wq, FP8_MAX) / FP8_MAX).reshape(1)
         out["weight"] = quantize_fp8(w, s)
-        out["weights_scaling_factor"] = s
+        out[scale_name] = s
     elif fmt.weight_dtype == "int8":
         s = (_amax(wq, INT8_MAX) / INT8_MAX).reshape(out_f)
         out["weight"] = quantize_int(w, s[:, None], 8)
-        out["weights_scaling_factor"] = s
+        out[scale_name] = s
     else:  # int4, possibly with a second (FP8 per-tensor) stage
         block_q = wq[0] if fmt.weight_scale_2 else wq
         groups = block_q.amax.numel() // out_f
         s = (_amax(block_q, INT4_MAX) / INT4_MAX).reshape(out_f, groups)
         if in_f % groups:
             raise ValueError(f"block amax of {groups} groups does not tile {in_f} inputs")
-        out["weight"] = pack_int4(quantize_int(w, expand_groups(s, in_f), 4))
-        out["weights_scaling_factor"] = s
+        out["weight"] = pack_int4_row_pairs(quantize_int(w, expand_groups(s, in_f), 4))
+        out[scale_name] = s
         if fmt.weight_scale_2:
             out["weights_scaling_factor_2"] = (_amax(wq[1], FP8_MAX) / FP8_MAX).reshape(1)
     iq = module.input_quantizer
@@ -87,20 +87,19 @@ def export_linear(module: nn.Module, fmt: QFormat, ckpt_dtype: torch.dtype) -> d
     if pqs is not None and getattr(iq, "_enable_pre_quant_scale", True):
         out["prequant_scaling_factor"] = pqs.detach().reshape(in_f).to(ckpt_dtype)
     if fmt.act_dtype is not None and iq.is_enabled and iq.amax is not None:
-        bound = _act_bound(fmt)
+        bound = BOUNDS[fmt.act_dtype]
         out["activation_scaling_factor"] = (_amax(iq, bound).max() / bound).reshape(1)
     return out
 
 
-def _split_rows(tensors: dict[str, torch.Tensor], rows: int) -> tuple[dict, dict]:
+def _split_rows(tensors: dict[str, torch.Tensor], rows: int, algo: QuantAlgo) -> tuple[dict, dict]:
     """Split a fused [fc; gate] linear's tensors at output row `rows`."""
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
     for k, t in tensors.items():
-        if k == "weight" and t.dtype == torch.int8 and "weights_scaling_factor" in tensors and \
-                tensors["weights_scaling_factor"].dim() == 2:  # packed INT4: two rows per byte
+        if k == "weight" and algo.packed:  # packed INT4: two rows per byte
             a[k], b[k] = t[: rows // 2].contiguous(), t[rows // 2:].contiguous()
-        elif k in ("weight",) or (k in ("weights_scaling_factor", "per_channel_scale") and t.numel() > 1):
+        elif k == "weight" or (k == algo.weight_scale and t.numel() > 1):
             a[k], b[k] = t[:rows].contiguous(), t[rows:].contiguous()
         else:  # shared: per-tensor weight scale, activation scale, pre-quant scale, scale_2
             a[k], b[k] = t.clone(), t.clone()
@@ -108,12 +107,13 @@ def _split_rows(tensors: dict[str, torch.Tensor], rows: int) -> tuple[dict, dict
 
 
 def kv_scales(attention: nn.Module, kv_algo: str) -> dict[str, torch.Tensor]:
-    bound = FP8_MAX if kv_algo == "FP8" else INT8_MAX
+    kv = KV_CACHE_ALGOS[kv_algo]
+    bound = kv.bound
     scales = {}
     for which in ("k", "v"):
         s = (_amax(getattr(attention, f"{which}_bmm_quantizer"), bound).max() / bound).reshape(1)
-        if kv_algo == "FP8":
-            s = torch.clamp(s, min=1.0)
+        if kv.min_scale:
+            s = torch.clamp(s, min=kv.min_scale)
         scales[f"{which}_cache_scaling_factor"] = s
     scales["kv_cache_scaling_factor"] = torch.maximum(scales["k_cache_scaling_factor"],
                                                       scales["v_cache_scaling_factor"])
@@ -130,7 +130,7 @@ def export_tensors(model: nn.Module, source: dict[str, torch.Tensor], fmt: QForm
         module = model.get_submodule(mod_name)
         tensors = export_linear(module, fmt, ckpt_dtype)
         targets = checkpoint_names(mod_name)
-        parts = list(_split_rows(tensors, intermediate_size)) if len(targets) == 2 else [tensors]
+        parts = list(_split_rows(tensors, intermediate_size, fmt.algo)) if len(targets) == 2 else [tensors]
         for target, part in zip(targets, parts):
             for suffix, t in part.items():
                 out[f"{target}.{suffix}"] = t
@@ -159,5 +159,5 @@ def rtn_asymmetric(w: torch.Tensor, group: int, bits: int = 4) -> dict[str, torc
     d = torch.where(hi > lo, (hi - lo) / levels, torch.ones_like(lo))
     u = torch.round((g - lo[..., None]) / d[..., None]).clamp(0, levels)
     q = (u - half).to(torch.int8).reshape(out_f, in_f)
-    return {"weight": pack_int4(q) if bits == 4 else q, "weights_scaling_factor": d,
+    return {"weight": pack_int4_row_pairs(q) if bits == 4 else q, "weights_scaling_factor": d,
             "zero": lo + half * d}

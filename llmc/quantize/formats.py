@@ -1,17 +1,20 @@
-"""The quantization formats llmc offers: one declarative registry.
+"""The quantization formats llmc offers (`--qformat`): one declarative registry.
 
-Each `QFormat` says everything the other modules need about a `--qformat` choice:
+Each `QFormat` is one way llmc *writes* a TensorRT-LLM quant_algo. What the algo stores and how it
+runs (weight dtype and granularity, activation quantization, scale tensors, zero points) is the
+algo's row in `llmc.checkpoint.quant_algos.QUANT_ALGOS`; the QFormat adds only what is a choice of
+the format:
 
 - how ModelOpt calibrates it (`modelopt_preset`: the name of the `mtq.*_CFG` preset whose weight and
   input quantizer settings and algorithm llmc uses; llmc builds the rest of the ModelOpt config
-  itself, see `llmc.quantize.ptq.modelopt_config`),
-- how the result is written (`quant_algo`: TensorRT-LLM's `QuantAlgo` name in config.json; the
-  weight storage dtype; whether linears carry a `prequant_scaling_factor`),
-- the defaults a user gets (group size for INT4).
+  itself, see `llmc.quantize.ptq.modelopt_config`), and whether calibration leaves a
+  `prequant_scaling_factor` (int4_awq and int4_wo write the same algo, with and without AWQ),
+- the defaults a user gets (group size for INT4, SmoothQuant alpha).
 
-The CLI takes its `--qformat` choices and its help text from `QFORMATS`; adding a format is one
-entry here plus its export rule in `llmc.quantize.export` and its read rule in
-`llmc.quantize.layout`.
+The CLI takes its `--qformat` choices and its help text from `QFORMATS`. Adding a format touches
+the algo's row in `llmc.checkpoint.quant_algos` (when the algo is new), a `QFormat` here, its export
+rule in `llmc.quantize.export`, its read rule in `llmc.quantize.layout` and its lowering in
+`llmc.plugins.linear`.
 
 Weight storage (see `llmc.quantize.layout` for the exact byte layout):
     fp8       F8_E4M3 [out, in], per-tensor scale          FP8 activations, per-tensor static
@@ -31,24 +34,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llmc.checkpoint.quant_algos import BOUNDS, KV_CACHE_BY_DTYPE, QUANT_ALGOS, QuantAlgo
 from llmc.errors import LlmcError
 
 
 @dataclass(frozen=True)
 class QFormat:
     name: str
-    quant_algo: str                  # TensorRT-LLM QuantAlgo written to config.json
+    quant_algo: str                  # TensorRT-LLM QuantAlgo written to config.json (a QUANT_ALGOS key)
     summary: str                     # one line for --help and the docs
     modelopt_preset: str             # mtq.<preset> whose quantizer settings + algorithm we use
-    weight_dtype: str                # "fp8" | "int8" | "int4"
-    weight_granularity: str          # "tensor" | "channel" | "group"
-    act_dtype: str | None = None     # None (weight-only) | "fp8" | "int8"
-    act_granularity: str | None = None  # "tensor" (static, calibrated) | "token" (dynamic)
-    pre_quant_scale: bool = False    # linears carry prequant_scaling_factor (AWQ, SmoothQuant)
+    pre_quant_scale: bool = False    # calibration writes prequant_scaling_factor (AWQ, SmoothQuant)
     default_group_size: int | None = None
-    weight_scale_2: bool = False     # two-level weight scale (W4A8)
     default_sq_alpha: float | None = None  # SmoothQuant migration strength (SmoothQuant formats)
-    zero_point: bool = False         # asymmetric groups with zero points, computed by llmc (no ModelOpt)
+
+    @property
+    def algo(self) -> QuantAlgo:
+        """What the format stores and how it runs (the quant_algo's row)."""
+        return QUANT_ALGOS[self.quant_algo]
+
+    # The algo's facts under the names the quantize package reads them by.
+    weight_dtype = property(lambda self: self.algo.weight)
+    weight_granularity = property(lambda self: self.algo.weight_granularity)
+    act_dtype = property(lambda self: self.algo.act)
+    act_granularity = property(lambda self: self.algo.act_granularity)
+    weight_scale_2 = property(lambda self: self.algo.weight_scale_2)
+    zero_point = property(lambda self: self.algo.zero_point)  # computed by llmc (no ModelOpt)
 
     @property
     def is_smoothquant(self) -> bool:
@@ -57,7 +68,7 @@ class QFormat:
     @property
     def needs_activations(self) -> bool:
         """Calibration must see real activations (False: round-to-nearest from weights alone)."""
-        return (self.act_dtype is not None and self.act_granularity != "token") or self.pre_quant_scale
+        return self.algo.static_activations or self.pre_quant_scale
 
     @property
     def uses_modelopt(self) -> bool:
@@ -72,32 +83,29 @@ class QFormat:
 # W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN), chosen by measurement; see llmc.quantize.ptq.
 QFORMATS: dict[str, QFormat] = {f.name: f for f in [
     QFormat("fp8", "FP8", "FP8 E4M3 weights and activations, per-tensor scales (max calibration)",
-            "FP8_DEFAULT_CFG", "fp8", "tensor", act_dtype="fp8", act_granularity="tensor"),
+            "FP8_DEFAULT_CFG"),
     QFormat("fp8_pc_pt", "FP8_PER_CHANNEL_PER_TOKEN",
             "FP8 E4M3 weights with per-output-channel scales, activations FP8 per token (dynamic): "
             "TensorRT-LLM's FP8 rowwise mode",
-            "FP8_PER_CHANNEL_PER_TOKEN_CFG", "fp8", "channel", act_dtype="fp8", act_granularity="token"),
+            "FP8_PER_CHANNEL_PER_TOKEN_CFG"),
     QFormat("int8_sq", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
             "INT8 SmoothQuant: per-channel weights, per-token dynamic activations",
-            "INT8_SMOOTHQUANT_CFG", "int8", "channel", act_dtype="int8", act_granularity="token",
-            pre_quant_scale=True, default_sq_alpha=0.5),
+            "INT8_SMOOTHQUANT_CFG", pre_quant_scale=True, default_sq_alpha=0.5),
     QFormat("int4_awq", "W4A16_AWQ", "INT4 AWQ weights (groups along K), 16-bit activations",
-            "INT4_AWQ_CFG", "int4", "group", pre_quant_scale=True, default_group_size=128),
+            "INT4_AWQ_CFG", pre_quant_scale=True, default_group_size=128),
     QFormat("w4a8_awq", "W4A8_AWQ", "INT4 AWQ weights with FP8 activations (per-tensor)",
-            "W4A8_AWQ_BETA_CFG", "int4", "group", act_dtype="fp8", act_granularity="tensor",
-            pre_quant_scale=True, default_group_size=128, weight_scale_2=True),
+            "W4A8_AWQ_BETA_CFG", pre_quant_scale=True, default_group_size=128),
     QFormat("int8_wo", "W8A16", "INT8 weight-only, per-channel round-to-nearest (baseline)",
-            "INT8_WEIGHT_ONLY_CFG", "int8", "channel"),
+            "INT8_WEIGHT_ONLY_CFG"),
     QFormat("int4_wo", "W4A16_AWQ", "INT4 weight-only, per-group round-to-nearest (baseline for AWQ)",
-            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4", "group", default_group_size=128),
+            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", default_group_size=128),
     QFormat("int4_asym", "W4A16_GPTQ",
             "INT4 weight-only, asymmetric per-group round-to-nearest with zero points (min/max, GGUF Q4_1's rule)",
-            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4", "group", default_group_size=32, zero_point=True),
+            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", default_group_size=32),
     QFormat("int8_sq_static", "W8A8_SQ_PER_CHANNEL",
             "INT8 SmoothQuant with one static per-tensor activation scale (ModelOpt's own layout; "
             "loads in TensorRT-LLM's builder; less accurate on small models)",
-            "INT8_SMOOTHQUANT_CFG", "int8", "channel", act_dtype="int8", act_granularity="tensor",
-            pre_quant_scale=True, default_sq_alpha=0.8),
+            "INT8_SMOOTHQUANT_CFG", pre_quant_scale=True, default_sq_alpha=0.8),
 ]}
 
 # Defaults of `llmc quantize`, with the reason for each (README / --help take them from here).
@@ -112,17 +120,12 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # --kv-cache-dtype -> TensorRT-LLM kv_cache_quant_algo
-KV_CACHE_DTYPES: dict[str, str] = {"fp8": "FP8", "int8": "INT8"}
+KV_CACHE_DTYPES: dict[str, str] = {k.dtype: k.name for k in KV_CACHE_BY_DTYPE.values()}
 
 # Largest representable magnitude of each storage type (scale = amax / bound).
-FP8_MAX = 448.0
-INT8_MAX = 127.0
-INT4_MAX = 7.0
-
-# quant_algo values this package can read back (checkpoints from llmc or from ModelOpt's
-# TensorRT-LLM export). W8A8_SQ_PER_CHANNEL is static per-tensor activation SmoothQuant.
-READABLE_QUANT_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN",
-                        "W8A16", "W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ", "W8A16_GPTQ")
+FP8_MAX = BOUNDS["fp8"]
+INT8_MAX = BOUNDS["int8"]
+INT4_MAX = BOUNDS["int4"]
 
 
 def get_qformat(name: str) -> QFormat:
@@ -141,6 +144,3 @@ def kv_cache_algo(dtype: str | None) -> str | None:
         raise LlmcError(f"unknown --kv-cache-dtype {dtype!r}; choose from "
                         f"{', '.join(KV_CACHE_DTYPES)} (or omit it to keep the KV cache in the model dtype)") from None
 
-
-def qformat_help() -> str:
-    return "; ".join(f"{f.name}: {f.summary}" for f in QFORMATS.values())

@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from llmc.checkpoint.schema import LAYER
 from llmc.errors import LlmcError
 
-# checkpoint linear (under transformer.layers.{i}.) -> HF source matrices, stacked along rows
+# checkpoint linear (schema.LAYER_LINEARS, under LAYER) -> HF source matrices, stacked along rows
 LINEAR_SOURCES = {
     "attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "attention.dense": ("self_attn.o_proj",),
@@ -87,7 +88,7 @@ def keep_gguf_quantization(gguf: str | Path, float_ckpt: str | Path, out: str | 
     from llmc.checkpoint.io import load_checkpoint, write_checkpoint
     from llmc.converters.sources import GGUFSource
     from llmc.fsutil import atomic_output_dir
-    from llmc.quantize.layout import pack_int4
+    from llmc.quantize.layout import pack_int4_row_pairs
 
     start = time.perf_counter()
     source = GGUFSource(Path(gguf))
@@ -100,7 +101,7 @@ def keep_gguf_quantization(gguf: str | Path, float_ckpt: str | Path, out: str | 
     result = KeepResult(Path(out), "")
     for i in range(cfg.num_hidden_layers):
         for lin, parts in LINEAR_SOURCES.items():
-            found[f"transformer.layers.{i}.{lin}"] = _blocks_of(source, i, parts)
+            found[LAYER.format(i=i) + lin] = _blocks_of(source, i, parts)
     kinds = {b.kind for b, _ in found.values() if b is not None}
     if not kinds:
         raise LlmcError("no linear layer is stored as Q4_0, Q4_1 or Q8_0: nothing to keep "
@@ -118,7 +119,7 @@ def keep_gguf_quantization(gguf: str | Path, float_ckpt: str | Path, out: str | 
             diff = float((b.dequantize() - w).abs().max()) if tuple(b.codes.shape) == tuple(w.shape) else float("nan")
             raise LlmcError(f"{name}: the GGUF blocks do not reproduce the float conversion (max diff {diff:.3g}); "
                             f"refusing to write a checkpoint that differs from the source", gguf)
-        tensors[name + ".weight"] = pack_int4(b.codes) if bits == 4 else b.codes.contiguous()
+        tensors[name + ".weight"] = pack_int4_row_pairs(b.codes) if bits == 4 else b.codes.contiguous()
         tensors[name + ".weights_scaling_factor"] = b.scale.contiguous()
         if zero_point:
             tensors[name + ".zero"] = (b.zero if b.zero is not None else torch.zeros_like(b.scale)).contiguous()

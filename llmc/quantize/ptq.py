@@ -16,7 +16,7 @@ modules, so ModelOpt calibrates one input scale (and one AWQ / SmoothQuant pre-q
 q/k/v and for fc/gate, which is what a fused engine matmul executes.
 
 KV cache: the reference `Attention` is registered with ModelOpt (`mtq.register`) as a quantized
-module whose forward (`llmc.quantize.kv.attention_forward`) passes K after RoPE and V through
+module whose forward (`llmc.models.reference.attention_with_kv_hooks`) passes K after RoPE and V through
 `k_bmm_quantizer` / `v_bmm_quantizer`, the quantizer names ModelOpt's own KV configs target.
 
 Defaults, and why (measured on SmolLM2-135M-Instruct, calibrated on builtin:sotu, perplexity on
@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, first_line
 from llmc.quantize.formats import QFormat
 
 # ModelOpt's "everything off" first entry, then our own rules.
@@ -123,8 +123,7 @@ def register_kv_attention() -> None:
     mtq = _import_mtq()
     from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
 
-    from llmc.models.reference import Attention
-    from llmc.quantize.kv import attention_forward
+    from llmc.models.reference import Attention, attention_with_kv_hooks
 
     if QuantModuleRegistry.get(Attention) is not None:
         return
@@ -135,7 +134,7 @@ def register_kv_attention() -> None:
             self.v_bmm_quantizer = TensorQuantizer()
 
         def forward(self, x, cos, sin):
-            return attention_forward(self, x, cos, sin, self.k_bmm_quantizer, self.v_bmm_quantizer)
+            return attention_with_kv_hooks(self, x, cos, sin, self.k_bmm_quantizer, self.v_bmm_quantizer)
 
     mtq.register(original_cls=Attention, quantized_cls=QuantKVAttention)
 
@@ -204,7 +203,7 @@ def calibrate(model: nn.Module, fmt: QFormat, batches: list[torch.Tensor], *, gr
             warnings.simplefilter("ignore")
             mtq.quantize(model, cfg, forward_loop if batches else None)
     except (AssertionError, ValueError) as exc:  # ModelOpt refusing this model/config
-        raise LlmcError(f"ModelOpt calibration failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise LlmcError(f"ModelOpt calibration failed: {first_line(exc)}") from exc
     finally:
         if skip_logits:
             model.lm_head = lm_head

@@ -18,8 +18,9 @@ K after RoPE and V are fake-quantized per tensor with the layer's kv_cache_scali
 quantized paged cache stores and reads back.
 
 `build_simulated_model(ckpt)` returns llmc's ReferenceModel with every linear replaced by its
-SimLinear (mlp.fc + mlp.gate fused back into one gate_up when they share an input treatment,
-otherwise run side by side) and, with a quantized KV cache, attention swapped for SimKVAttention.
+SimLinear (mlp.fc + mlp.gate fused back into one gate_up by `layout.concat_out`, the fusion the
+engine builder uses, when they share an input treatment; otherwise run side by side) and, with a
+quantized KV cache, attention swapped for SimKVAttention.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmc.models.reference import Attention, ReferenceModel
+from llmc.checkpoint.quant_algos import KV_CACHE_ALGOS
+from llmc.checkpoint.schema import LAYER
+from llmc.models.reference import Attention, ReferenceModel, attention_with_kv_hooks
 from llmc.quantize.formats import FP8_MAX, INT8_MAX
-from llmc.quantize.kv import attention_forward
-from llmc.quantize.layout import QLinear, fp8_round, kv_cache_scale, read_quantized_linear
+from llmc.quantize.layout import QLinear, concat_out, fp8_round, kv_cache_scale, read_quantized_linear
 
 
 def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -82,20 +84,6 @@ class SimLinear(nn.Module):
             t = getattr(q, name)
             self.register_buffer(name, None if t is None else t.float().clone(), persistent=False)
 
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
-
-    def input_key(self) -> tuple:
-        """Linears with equal keys treat a shared input identically and can be fused."""
-        def val(t):
-            return None if t is None else tuple(t.reshape(-1).tolist())
-        return (self.act_dtype, self.act_granularity, val(self.pre_quant_scale), val(self.input_scale))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
@@ -105,7 +93,8 @@ class SimLinear(nn.Module):
         return F.linear(x, self.weight, self.bias).to(dtype)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_features} -> {self.out_features}, kind={self.kind}, act={self.act_dtype}"
+        out_f, in_f = self.weight.shape
+        return (f"{in_f} -> {out_f}, kind={self.kind}, act={self.act_dtype}"
                 f"{'/' + self.act_granularity if self.act_granularity else ''}, "
                 f"pre_quant_scale={self.pre_quant_scale is not None}")
 
@@ -121,18 +110,13 @@ class SimConcat(nn.Module):
         return torch.cat([p(x) for p in self.parts], dim=-1)
 
 
-def fuse_out(parts: list[SimLinear]) -> nn.Module:
-    """[fc, gate] -> one SimLinear with stacked rows when their input treatment agrees."""
-    if all(p.input_key() == parts[0].input_key() for p in parts[1:]):
-        fused = parts[0]
-        w = torch.cat([p.weight for p in parts], 0)
-        fused.register_buffer("weight", w, persistent=False)
-        if any(p.bias is not None for p in parts):
-            fused.register_buffer("bias", torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features)
-                                                     for p in parts]), persistent=False)
-        fused.kind = "+".join(sorted({p.kind for p in parts}))
-        return fused
-    return SimConcat(parts)
+def sim_fused(parts: list[QLinear]) -> nn.Module:
+    """[fc, gate] as the engine runs them: one SimLinear of `concat_out(parts)` (the builder's
+    fusion), or side by side when their input treatment differs (the builder refuses those)."""
+    try:
+        return SimLinear(concat_out(parts))
+    except ValueError:
+        return SimConcat([SimLinear(p) for p in parts])
 
 
 class SimKVAttention(Attention):
@@ -149,7 +133,7 @@ class SimKVAttention(Attention):
         return fake_quant_fp8(t, self.kv_scale).to(dtype)
 
     def forward(self, x, cos, sin):
-        return attention_forward(self, x, cos, sin, self._kv, self._kv)
+        return attention_with_kv_hooks(self, x, cos, sin, self._kv, self._kv)
 
 
 def build_simulated_model(ckpt) -> ReferenceModel:
@@ -166,24 +150,29 @@ def build_simulated_model(ckpt) -> ReferenceModel:
     with torch.device("meta"):
         model = ReferenceModel(cfg)
 
+    def read(prefix: str) -> QLinear:
+        return read_quantized_linear(tensors, prefix, qcfg)
+
     def sim(prefix: str) -> SimLinear:
-        return SimLinear(read_quantized_linear(tensors, prefix, qcfg))
+        return SimLinear(read(prefix))
 
     for i, layer in enumerate(model.transformer.layers):
-        p = f"transformer.layers.{i}."
+        p = LAYER.format(i=i)
         layer.attention.qkv = sim(p + "attention.qkv")
         layer.attention.dense = sim(p + "attention.dense")
-        layer.mlp.gate_up = fuse_out([sim(p + "mlp.fc"), sim(p + "mlp.gate")])
+        layer.mlp.gate_up = sim_fused([read(p + "mlp.fc"), read(p + "mlp.gate")])
         layer.mlp.proj = sim(p + "mlp.proj")
         scale = kv_cache_scale(tensors, i)
         if qcfg.kv_cache_quant_algo:
-            if scale is None:
+            if scale is None or qcfg.kv_cache_quant_algo not in KV_CACHE_ALGOS:
                 from llmc.errors import LlmcError
 
                 raise LlmcError(f"kv_cache_quant_algo is {qcfg.kv_cache_quant_algo} but "
-                                f"{p}attention.kv_cache_scaling_factor is missing", ckpt.path)
+                                f"{p}attention.kv_cache_scaling_factor is missing" if scale is None else
+                                f"kv_cache_quant_algo {qcfg.kv_cache_quant_algo!r} is not supported "
+                                f"(llmc reads {', '.join(KV_CACHE_ALGOS)})", ckpt.path)
             layer.attention.__class__ = SimKVAttention
-            layer.attention.kv_dtype = qcfg.kv_cache_quant_algo.lower()
+            layer.attention.kv_dtype = KV_CACHE_ALGOS[qcfg.kv_cache_quant_algo].dtype
             layer.attention.kv_scale = scale
     model.lm_head = sim("lm_head")
     state = {n: tensors[n].float() for n, _ in model.named_parameters()}

@@ -197,8 +197,8 @@ class Pipeline:
         b = self.recipe.build
 
         def do_build():
-            from llmc.engine.build import build_engine
-            from llmc.engine.options import BuildOptions
+            from llmc.build.builder import build_engine
+            from llmc.build.options import BuildOptions
 
             opts = BuildOptions.from_dict({**b.model_dump(), "force": True})
             res = build_engine(model_ckpt, self.engine, opts, console=self.console)

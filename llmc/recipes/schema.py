@@ -13,7 +13,7 @@ from typing import Annotated, Any, get_type_hints
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from llmc.errors import LlmcError, did_you_mean
+from llmc.errors import LlmcError, did_you_mean, first_line
 
 # The default recipe must answer its demo prompts exactly as the float32 model does. Measured
 # (benchmarks/bench_quantize.py, README "Quantization accuracy"): no quantized ONNX Runtime engine
@@ -72,7 +72,7 @@ def stage_model(name: str, options_cls: type, doc: str) -> type[_Stage]:
 
 def _stages():
     from llmc.converters.options import ConvertOptions
-    from llmc.engine.options import BuildOptions
+    from llmc.build.options import BuildOptions
     from llmc.quantize.options import QuantizeOptions
 
     return (stage_model("ConvertStage", ConvertOptions, "`llmc convert`'s options (ConvertOptions)."),
@@ -164,7 +164,7 @@ def load_yaml(path: Path) -> Any:
     except FileNotFoundError:
         raise LlmcError("no such recipe file", path) from None
     except yaml.YAMLError as exc:
-        raise LlmcError(f"invalid YAML ({(str(exc).splitlines() or [type(exc).__name__])[0]})", path) from None
+        raise LlmcError(f"invalid YAML ({first_line(exc)})", path) from None
 
 
 def load_recipe(name_or_path: str) -> Recipe:

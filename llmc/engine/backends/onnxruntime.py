@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto
 
-from llmc.errors import LlmcError
+from llmc.errors import LlmcError, first_line
 
 POOL_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT8: np.int8,
            TensorProto.FLOAT8E4M3FN: np.uint8, TensorProto.UINT8: np.uint8, TensorProto.BFLOAT16: np.uint16}
@@ -134,8 +134,7 @@ class OrtSession:
             self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"],
                                              disabled_optimizers=DISABLED_OPTIMIZERS)
         except Exception as exc:  # an unreadable or incompatible model is a user-facing problem
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise LlmcError(f"ONNX Runtime {ort.__version__} cannot load this engine ({msg})", model_path) from None
+            raise LlmcError(f"ONNX Runtime {ort.__version__} cannot load this engine ({first_line(exc)})", model_path) from None
         self.io = self.sess.io_binding()
         self.vocab_size = vocab_size
         self.pool: OrtKVPool | None = None

@@ -15,25 +15,19 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from onnx import TensorProto
-
+from llmc.checkpoint.quant_algos import QUANT_ALGOS
 from llmc.errors import LlmcError, UnsupportedError
+from llmc.build.options import BuildOptions
 from llmc.measure import timed
-from llmc.engine.options import BuildOptions
 from llmc.engine.stamps import (ENGINE_FORMAT_VERSION, build_command, checkpoint_hash, toolchain_versions,
                                 write_engine_config)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "vocab.json", "merges.txt")
 _logger = logging.getLogger(__name__)
-ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16}
 
 
 @dataclass
@@ -46,7 +40,7 @@ class BuildResult:
 
 def resolve_backend(requested: str, graph_only: bool = False) -> str:
     """auto -> tensorrt if usable else onnxruntime; explicit GPU backends fail at once if unusable."""
-    from llmc.engine.backends.tensorrt import tensorrt_status
+    from llmc.build.tensorrt import tensorrt_status
 
     if requested == "auto":
         return "tensorrt" if tensorrt_status()[0] else "onnxruntime"
@@ -56,7 +50,7 @@ def resolve_backend(requested: str, graph_only: bool = False) -> str:
             raise UnsupportedError(f"--backend tensorrt: {reason}. Use --graph-only to write and check the "
                                    "TensorRT graph on this machine, or --backend onnxruntime")
     if requested == "tensorrt-llm" and not graph_only:
-        from llmc.engine.backends.tensorrt_llm import trtllm_status
+        from llmc.build.tensorrt_llm import trtllm_status
 
         ok, reason, _ = trtllm_status()
         if not ok:
@@ -79,26 +73,18 @@ def attention_impl(backend: str, requested: str) -> str:
         try:
             import tensorrt as trt
 
-            from llmc.engine.trt_compat import ATTENTION_MIN_TRT, _ver
+            from llmc.build.trt_compat import ATTENTION_MIN_TRT
+            from llmc.versions import version_tuple
 
-            if _ver(trt.__version__) < _ver(ATTENTION_MIN_TRT):
+            if version_tuple(trt.__version__, 2) < version_tuple(ATTENTION_MIN_TRT, 2):
                 return "decomposed"
         except Exception:
             pass
     return requested
 
 
-def copy_tokenizer(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
-
-
 # Checkpoints whose linears already run on ORT's integer kernels (at the engine's accuracy level).
-INTEGER_KINDS = ("int8_sq", "w8a16", "int4_awq", "w4a16")
+INTEGER_KINDS = frozenset(a.kind for a in QUANT_ALGOS.values() if a.integer)
 
 
 def lm_head_policy(option: str, target, qkind: str) -> str:
@@ -135,6 +121,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
     build leaves none). Every check runs before the output directory is touched."""
     from llmc.fsutil import atomic_output_dir
     from llmc.integrity import make_record
+    from llmc.tokenizer import copy_tokenizer_files
 
     t0 = time.perf_counter()
     log = log or (lambda msg: None)
@@ -149,7 +136,7 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
             else:
                 spec, files, extra = _emit_graph(b, tmp, log)
         with timed(_logger, "build: tokenizer, config and integrity record"):
-            data = _engine_config(b, out, spec, files, copy_tokenizer(b.ckpt.path, tmp), extra, t0)
+            data = _engine_config(b, out, spec, files, copy_tokenizer_files(b.ckpt.path, tmp), extra, t0)
             data["integrity"] = make_record(tmp)
             write_engine_config(tmp, data)
     return BuildResult(out, data, time.perf_counter() - t0, b.backend)
@@ -161,11 +148,12 @@ def _prepare(checkpoint: str | Path, out: Path, options: BuildOptions, log, cons
     output exists."""
     from llmc.checkpoint.io import load_checkpoint
     from llmc.checkpoint.validate import validate_tensors
-    from llmc.engine.memory import plan_memory, render_plan
-    from llmc.engine.model_graph import check_supported
-    from llmc.engine.weights import kv_quant, quant_kind
+    from llmc.build.memory import plan_memory, render_plan
+    from llmc.build.model_graph import check_supported
+    from llmc.build.weights import kv_quant, quant_kind
     from llmc.fsutil import check_output_dir
     from llmc.plugins.base import Target
+    from llmc.plugins.graph import ONNX_DTYPES
 
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
@@ -194,7 +182,7 @@ def _emit_graph(b: _Build, tmp: Path, log) -> tuple[Any, list[str], dict[str, An
     compatibility table and rank0.engine. The weights are dropped as soon as the graph holds them."""
     import onnx
 
-    from llmc.engine.model_graph import build_graph
+    from llmc.build.model_graph import build_graph
 
     opts = b.opts
     model, spec = build_graph(b.tensors, b.ckpt.config, b.target, tmp, block_size=opts.tokens_per_block,
@@ -211,7 +199,7 @@ def _emit_graph(b: _Build, tmp: Path, log) -> tuple[Any, list[str], dict[str, An
     if b.backend == "tensorrt":
         _check_trt_compatible(model, log)
         if not opts.graph_only:
-            from llmc.engine.backends.tensorrt import build_trt_engine
+            from llmc.build.tensorrt import build_trt_engine
 
             extra["tensorrt"] = build_trt_engine(onnx_path, tmp / "rank0.engine", opts, spec, b.qkind, log)
             files.append("rank0.engine")
@@ -221,7 +209,7 @@ def _emit_graph(b: _Build, tmp: Path, log) -> tuple[Any, list[str], dict[str, An
 def _check_trt_compatible(model, log) -> None:
     """Refuse ops the installed (or, without one, the minimum supported) TensorRT cannot parse,
     before minutes of engine building."""
-    from llmc.engine.trt_compat import assert_trt_compatible
+    from llmc.build.trt_compat import assert_trt_compatible
 
     trt_version = None
     try:
@@ -239,7 +227,7 @@ def _hand_to_trtllm(b: _Build, tmp: Path, log) -> tuple[None, list[str], dict[st
     b.tensors = {}
     files, extra = ["config.json"], {}
     if not b.opts.graph_only:
-        from llmc.engine.backends.tensorrt_llm import build_with_trtllm
+        from llmc.build.tensorrt_llm import build_with_trtllm
 
         extra["tensorrt_llm"] = build_with_trtllm(b.ckpt.path, tmp, b.opts, b.ckpt.config.quantization.quant_algo, log)
         files.append("trtllm/")

@@ -32,16 +32,17 @@ import torch
 from onnx import TensorProto
 
 from llmc.checkpoint.config import CheckpointConfig
-from llmc.engine.graph import DATA_FILE, GraphBuilder
-from llmc.engine.weights import WeightReader, kv_quant, np32
+from llmc.plugins.graph import DATA_FILE, GraphBuilder
+from llmc.build.weights import WeightReader, kv_quant, np32
 from llmc.errors import UnsupportedError
 from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_paged_attention, emit_step_masks,
                                     emit_write_index, step_inputs)
 from llmc.plugins.base import Target
 from llmc.plugins.gated_mlp import emit_gated_mlp
-from llmc.plugins.linear import LinearSpec, emit_linear, exact_int8_blocks
+from llmc.plugins.linear import emit_linear, exact_int8_blocks
 from llmc.plugins.rmsnorm import emit_rmsnorm
 from llmc.plugins.rope import emit_rope, emit_rope_tables
+from llmc.quantize.layout import QLinear
 
 
 @dataclass
@@ -175,19 +176,19 @@ def _emit_lm_head(g: GraphBuilder, target: Target, tensors, reader: WeightReader
     transB, no second copy); a float one that is exactly int8 blocks is stored as such when asked."""
     lm_t = tensors.get("lm_head.weight")
     tied = lm_t is None or (lm_t.shape == emb_t.shape and lm_t.dtype == emb_t.dtype and torch.equal(lm_t, emb_t))
-    lm_spec = LinearSpec("float", np32(emb_t)) if tied else reader.linear("lm_head")
-    lm_kind = "float" if lm_spec.wfmt == "float" else "quantized"
-    if lm_head != "float" and lm_spec.wfmt == "float":
-        packed = exact_int8_blocks(lm_spec.weight)
+    lm_lin = QLinear("lm_head", "float", emb_t) if tied else reader.linear("lm_head")
+    lm_kind = "float" if lm_lin.kind == "float" else "quantized"
+    if lm_head != "float" and lm_lin.kind == "float":
+        packed = exact_int8_blocks(np32(lm_lin.weight))
         if packed is None and lm_head == "int8":
             raise UnsupportedError("--lm-head int8: this lm_head is not exactly int8 x per-32-block scales "
                                    "(only weights dequantized from such a format are); use --lm-head float")
         if packed is not None:
-            packed.bias = lm_spec.bias
-            lm_spec, lm_kind = packed, "int8-blocks"
+            lm_lin, lm_kind = packed.to_qlinear("lm_head", bias=lm_lin.bias), "int8-blocks"
     if tied and lm_kind == "float":  # share the embedding table: Gemm with transB reads it as [V, h]
         return g.op("Gemm", [last, emb], name="lm_head", transB=1), tied, lm_kind
-    return emit_linear(g, target, last, lm_spec, "lm_head"), tied, lm_kind
+    return emit_linear(g, target, last, lm_lin, "lm_head"), tied, lm_kind
+
 
 
 def _graph_spec(model: onnx.ModelProto, cfg: CheckpointConfig, target: Target, d: AttentionDims, kvq: str | None,

@@ -29,29 +29,19 @@ from pathlib import Path
 from typing import Any
 
 from llmc.errors import LlmcError, UnsupportedError
+from llmc.versions import installed_version, version_tuple
 
 MAX_VERSION = (1, 2)
 FUSED_MLP_QUANT = (None, "FP8")
 
 
-def _ver(v: str | None) -> tuple[int, ...]:
-    out = []
-    for part in (v or "0").split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
-
-
 def trtllm_status() -> tuple[bool, str, str | None]:
     """(usable, reason, version)."""
-    try:
-        from importlib.metadata import version
-
-        v = version("tensorrt_llm")
-    except Exception:
+    v = installed_version("tensorrt_llm")
+    if v is None:
         return False, ("TensorRT-LLM is not installed (pip install \"llmc[tensorrt-llm]\" on a CUDA host "
                        "with TensorRT-LLM <= 1.2)"), None
-    if _ver(v) > MAX_VERSION:
+    if version_tuple(v, 2) > MAX_VERSION:
         return False, (f"TensorRT-LLM {v} no longer ships the TensorRT engine builder (trtllm-build); "
                        "use TensorRT-LLM <= 1.2 or --backend tensorrt"), v
     try:
@@ -67,7 +57,7 @@ def trtllm_status() -> tuple[bool, str, str | None]:
 def trtllm_build_args(checkpoint_dir: str | Path, output_dir: str | Path, opts: Any,
                       quant_algo: str | None, trtllm_version: str | None = "1.2") -> list[str]:
     """The trtllm-build argument list for these llmc build options (pure; tested on CPU)."""
-    legacy = _ver(trtllm_version) < (0, 12)
+    legacy = version_tuple(trtllm_version, 2) < (0, 12)
     args = ["--checkpoint_dir", str(checkpoint_dir), "--output_dir", str(output_dir),
             "--max_batch_size", str(opts.max_batch_size), "--max_input_len", str(opts.max_input_len),
             "--max_seq_len", str(opts.max_seq_len), "--max_num_tokens", str(opts.max_num_tokens),

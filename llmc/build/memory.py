@@ -15,11 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from llmc.checkpoint.config import CheckpointConfig
+from llmc.checkpoint.config import DTYPE_BYTES, CheckpointConfig
 from llmc.fsutil import human_bytes
-
-ELEM = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "fp8": 1}
-
 
 @dataclass
 class MemoryPlan:
@@ -39,7 +36,7 @@ class MemoryPlan:
 
 
 def kv_bytes_per_block(cfg: CheckpointConfig, block_size: int, kv_dtype: str) -> int:
-    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_size * ELEM[kv_dtype]
+    return block_size * cfg.kv_cache_bytes_per_token(kv_dtype)
 
 
 def estimate_weights(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, compute_dtype: str,
@@ -53,9 +50,9 @@ def estimate_weights(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, co
             continue
         n = t.numel()
         if t.is_floating_point() and t.dtype != torch.float8_e4m3fn and n > 1:
-            total += n * ELEM[compute_dtype]
+            total += n * DTYPE_BYTES[compute_dtype]
         elif t.dtype == torch.float8_e4m3fn and fp8_dequantized:
-            total += n * ELEM[compute_dtype]
+            total += n * DTYPE_BYTES[compute_dtype]
         else:
             total += n * t.element_size()
     return total
@@ -65,7 +62,7 @@ def plan_memory(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, opts, c
                 kv_dtype: str, fp8_dequantized: bool) -> MemoryPlan:
     per_block = kv_bytes_per_block(cfg, opts.tokens_per_block, kv_dtype)
     blocks_max = opts.max_batch_size * math.ceil(opts.max_seq_len / opts.tokens_per_block)
-    e = ELEM[compute_dtype]
+    e = DTYPE_BYTES[compute_dtype]
     T = opts.max_num_tokens
     widest = max(cfg.q_size + 2 * cfg.kv_size, 2 * cfg.intermediate_size)
     hidden = T * (3 * cfg.hidden_size + widest + cfg.intermediate_size) * e
@@ -89,7 +86,7 @@ human = human_bytes  # the one formatter, in llmc.fsutil
 
 
 def render_plan(plan: MemoryPlan, opts, kv_dtype: str, console=None) -> None:
-    from llmc.cli.output import err_console, table
+    from llmc.console import err_console, table
 
     console = console or err_console()
     t = table("memory plan (at the max settings)", ["item", ("bytes", {"justify": "right"}), "detail"])

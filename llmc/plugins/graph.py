@@ -29,11 +29,8 @@ NP_TO_ONNX = {
     np.dtype(np.int8): TensorProto.INT8, np.dtype(np.uint8): TensorProto.UINT8,
     np.dtype(np.bool_): TensorProto.BOOL,
 }
-DTYPE_NAMES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
-               "bfloat16": TensorProto.BFLOAT16}
-ELEM_BYTES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16: 2,
-              TensorProto.INT8: 1, TensorProto.UINT8: 1, TensorProto.FLOAT8E4M3FN: 1,
-              TensorProto.INT64: 8, TensorProto.INT32: 4, TensorProto.BOOL: 1}
+ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
+               "bfloat16": TensorProto.BFLOAT16}  # compute dtype name -> ONNX element type
 
 
 def to_bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -47,8 +44,10 @@ def to_bf16_bits(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def pack_int4(values: np.ndarray) -> bytes:
-    """Signed int4 values (int8 array in [-8, 7]) -> ONNX INT4 raw bytes (low nibble first)."""
+def pack_int4_onnx(values: np.ndarray) -> bytes:
+    """Signed int4 values (int8 array in [-8, 7]) -> ONNX INT4 raw bytes: consecutive elements of
+    the flattened tensor pair up, low nibble first (not TensorRT-LLM's checkpoint layout, see
+    `llmc.quantize.layout.pack_int4_row_pairs`)."""
     flat = (np.ascontiguousarray(values).reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
     if flat.size % 2:
         flat = np.concatenate([flat, np.zeros(1, np.uint8)])

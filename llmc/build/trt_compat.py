@@ -24,6 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from llmc.versions import version_tuple
+
 MAX_OPSET = 23
 ATTENTION_MIN_TRT = "10.14"
 
@@ -152,7 +154,7 @@ def _node_problems(n, types, consts, dims, trt_version: str | None) -> list[Prob
     elif op == "ScatterND" and attrs.get("reduction", b"none") not in (b"none", "none"):
         problems.append(Problem(name, op, "reduction is not supported"))
     elif op == "Attention":
-        if trt_version is not None and _ver(trt_version) < _ver(ATTENTION_MIN_TRT):
+        if trt_version is not None and version_tuple(trt_version, 2) < version_tuple(ATTENTION_MIN_TRT, 2):
             problems.append(Problem(name, op, f"needs TensorRT >= {ATTENTION_MIN_TRT} (have {trt_version}); "
                                               "build with --attention decomposed"))
         if len(n.output) != 1:
@@ -188,10 +190,6 @@ def _qdq_problems(n, name: str, op: str, attrs, types, consts, dims) -> list[Pro
         elif sum(1 for a, b in zip(x, s) if a != b) != 1:
             problems.append(Problem(name, op, "exactly one blocked axis is allowed"))
     return problems
-
-
-def _ver(v: str) -> tuple[int, ...]:
-    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in v.split(".")[:2])
 
 
 def assert_trt_compatible(model: onnx.ModelProto, trt_version: str | None = None) -> None:
