@@ -10,7 +10,7 @@ def _mib(n: int | None) -> str:
 
 
 def print_report(report: dict[str, Any], console) -> None:
-    from llmc.cli.output import table
+    from llmc.console import table
 
     t = table(f"pipeline {report['recipe']} ({report['workdir']})",
               ["stage", "status", "why", "time", "peak RSS", "artifact size"])
