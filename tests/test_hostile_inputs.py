@@ -899,13 +899,3 @@ def test_200_random_requests_under_a_one_sequence_pool(engine):
     for p, k, o in zip(prompts, news, outs):
         ref = alone.generate([p], SamplingParams(max_new_tokens=k, ignore_eos=True))[0].output_token_ids
         assert o.output_token_ids == ref
-
-
-def test_validation_knows_every_quant_algo_llmc_reads():
-    """The checkpoint validator and the layout reader must name the same quant_algo set."""
-    from llmc.checkpoint.quant_algos import QUANT_ALGOS as QUANT_TABLE  # validate reads this table
-    from llmc.checkpoint.quant_algos import QUANT_ALGOS as READABLE_QUANT_ALGOS  # and so does layout
-    from llmc.quantize.formats import QFORMATS
-
-    assert set(READABLE_QUANT_ALGOS) == set(QUANT_TABLE)
-    assert {f.quant_algo for f in QFORMATS.values()} <= set(QUANT_TABLE)
