@@ -38,6 +38,7 @@ from llmc.errors import UnsupportedError
 from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_paged_attention, emit_step_masks,
                                     emit_write_index, step_inputs)
 from llmc.plugins.base import Target
+from llmc.plugins.embedding import emit_embedding
 from llmc.plugins.gated_mlp import emit_gated_mlp
 from llmc.plugins.linear import LinearSpec, emit_linear, exact_int8_blocks
 from llmc.plugins.rmsnorm import emit_rmsnorm
@@ -122,10 +123,22 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     scatter_index = emit_write_index(g, d, write_index)
 
     emb_t = tensors["transformer.vocab_embedding.weight"]
+    lm_t = tensors.get("lm_head.weight")
+    tied = lm_t is None or (lm_t.shape == emb_t.shape and lm_t.dtype == emb_t.dtype and torch.equal(lm_t, emb_t))
+    lm_spec = LinearSpec("float", np32(emb_t)) if tied else reader.linear("lm_head")
+    lm_kind = "float" if lm_spec.wfmt == "float" else "quantized"
+    if lm_head != "float" and lm_spec.wfmt == "float":
+        packed = exact_int8_blocks(lm_spec.weight)
+        if packed is None and lm_head == "int8":
+            raise UnsupportedError("--lm-head int8: this lm_head is not exactly int8 x per-32-block scales "
+                                   "(only weights dequantized from such a format are); use --lm-head float")
+        if packed is not None:
+            packed.bias = lm_spec.bias
+            lm_spec, lm_kind = packed, "int8-blocks"
     before_emb = g.weight_bytes
-    emb = g.weight("transformer.vocab_embedding.weight", np32(emb_t), target.dtype)
+    # Integer lm_head: the float table is not needed, look rows up from int8 blocks if exact.
+    x, emb = emit_embedding(g, target, np32(emb_t), input_ids, allow_blocks=lm_kind != "float")
     emb_bytes = g.weight_bytes - before_emb
-    x = g.op("Gather", [emb, input_ids], name="embed", axis=0)
 
     qk_heads = d.num_heads + d.num_kv_heads
     for i in range(cfg.num_hidden_layers):
@@ -151,18 +164,6 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     last = g.op("Gather", [x, logits_index], name="logits_rows", axis=0)
     last = emit_rmsnorm(g, target, last, np32(tensors["transformer.ln_f.weight"]), cfg.norm_epsilon,
                         "transformer.ln_f")
-    lm_t = tensors.get("lm_head.weight")
-    tied = lm_t is None or (lm_t.shape == emb_t.shape and lm_t.dtype == emb_t.dtype and torch.equal(lm_t, emb_t))
-    lm_spec = LinearSpec("float", np32(emb_t)) if tied else reader.linear("lm_head")
-    lm_kind = "float" if lm_spec.wfmt == "float" else "quantized"
-    if lm_head != "float" and lm_spec.wfmt == "float":
-        packed = exact_int8_blocks(lm_spec.weight)
-        if packed is None and lm_head == "int8":
-            raise UnsupportedError("--lm-head int8: this lm_head is not exactly int8 x per-32-block scales "
-                                   "(only weights dequantized from such a format are); use --lm-head float")
-        if packed is not None:
-            packed.bias = lm_spec.bias
-            lm_spec, lm_kind = packed, "int8-blocks"
     if tied and lm_kind == "float":  # share the embedding table: Gemm with transB reads it as [V, h]
         logits = g.op("Gemm", [last, emb], name="lm_head", transB=1)
     else:

@@ -134,6 +134,20 @@ def resolve_group_size(fmt: QFormat, requested: int | None, cfg, quantized: list
     return max(smaller)
 
 
+def resolve_awq_method(fmt: QFormat, requested: str | None) -> str | None:
+    """The ModelOpt AWQ algorithm (formats.AWQ_METHODS key) for an AWQ format, else None."""
+    from llmc.quantize.formats import AWQ_METHODS
+
+    if "AWQ" not in fmt.modelopt_preset:
+        if requested is not None:
+            raise LlmcError(f"--awq-method applies to AWQ formats (int4_awq, int4_awq_asym, w4a8_awq), not {fmt.name}")
+        return None
+    method = DEFAULTS["awq_method"] if requested is None else requested
+    if method not in AWQ_METHODS:
+        raise LlmcError(f"unknown --awq-method {method!r}; choose from {', '.join(AWQ_METHODS)}")
+    return method
+
+
 def _peak_rss() -> int:
     """Peak resident memory of this process (VmHWM: unlike ru_maxrss, not inherited across exec
     from a parent that was already large)."""
@@ -164,7 +178,8 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
                         calib_seq_len: int | None = None, batch_size: int | None = None,
                         group_size: int | None = None, sq_alpha: float | None = None,
                         exclude: str | list[str] | None = None, seed: int | None = None,
-                        awq_search_samples: int | None = None, force: bool = False,
+                        awq_search_samples: int | None = None, awq_method: str | None = None,
+                        force: bool = False,
                         progress: bool = True) -> QuantizeResult:
     """Quantize the checkpoint at `ckpt` into `out` (see DEFAULTS for the defaults)."""
     from llmc.checkpoint.config import QuantConfig
@@ -226,6 +241,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
     awq_search_samples = DEFAULTS["awq_search_samples"] if awq_search_samples is None else awq_search_samples
     if awq_search_samples < 1:
         raise LlmcError(f"awq_search_samples must be >= 1, got {awq_search_samples}")
+    awq_method = resolve_awq_method(fmt, awq_method)
     torch.manual_seed(seed)
     tensors = source.merged_tensors()
     if not fmt.uses_modelopt:  # llmc's own round-to-nearest with zero points: weights alone
@@ -247,7 +263,8 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
                 tensors.pop(name + ".weight", None)
         model = ReferenceModel.from_checkpoint(source, dtype=torch.float32)
         stats = calibrate(model, fmt, batches, group_size=group, sq_alpha=sq_alpha, kv_algo=kv_algo,
-                          excluded_modules=kept, awq_search_samples=awq_search_samples, progress=progress)
+                          excluded_modules=kept, awq_search_samples=awq_search_samples, progress=progress,
+                          awq_method=awq_method)
         ckpt_dtype = next(t.dtype for n, t in tensors.items() if n.endswith("input_layernorm.weight"))
         out_tensors = export_tensors(model, tensors, fmt, quantized_modules=quantized, kv_algo=kv_algo,
                                      intermediate_size=cfg.intermediate_size,
@@ -270,6 +287,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
     new_cfg.llmc["quantization"] = {
         "qformat": fmt.name, "llmc_version": __version__, "modelopt_version": _modelopt_version() if fmt.uses_modelopt else None,
         "algorithm": fmt.modelopt_preset if fmt.uses_modelopt else "rtn_asymmetric (llmc)", "group_size": group, "sq_alpha": sq_alpha,
+        "awq_method": awq_method, "zero_points": "min/max per group (llmc)" if fmt.zero_point else None,
         "activation_granularity": fmt.act_granularity, "exclude": patterns,
         "calibration": {**calib_facts, "batch_size": batch_size, "passes": stats.passes,
                         "awq_search_samples": min(awq_search_samples, calib_size) if "AWQ" in fmt.modelopt_preset else None,

@@ -50,6 +50,7 @@ class QuantizeStage(_Stage):
     batch_size: int | None = Field(None, ge=1)
     group_size: int | None = Field(None, ge=8)
     sq_alpha: float | None = Field(None, ge=0.0, le=1.0)
+    awq_method: Literal["lite", "clip", "full"] | None = None
     exclude: list[str] | None = None
     seed: int | None = None
 
