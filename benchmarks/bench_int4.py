@@ -60,6 +60,9 @@ def main() -> None:
         saved = out.with_name(out.name + ".quantize.json")
         if a.reuse and saved.is_file():
             q = json.loads(saved.read_text())
+        elif a.reuse and (out / "config.json").is_file():  # quantized separately (llmc quantize)
+            calib = json.loads((out / "config.json").read_text())["llmc"]["quantization"].get("calibration") or {}
+            q = {"seconds": calib.get("seconds", float("nan"))}
         else:
             q = run_quantize(ckpt, out, qformat, opts)
             saved.write_text(json.dumps(q))
