@@ -96,15 +96,15 @@ QFORMATS: dict[str, QFormat] = {f.name: f for f in [
     QFormat("int4_asym", "W4A16_GPTQ",
             "INT4 weight-only, asymmetric per-group round-to-nearest with zero points (min/max, GGUF Q4_1's rule)",
             "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4", "group", default_group_size=32, zero_point=True),
-    QFormat("int4_awq_asym", "W4A16_AWQ",
-            "INT4 AWQ pre-quant scale (ModelOpt) with asymmetric min/max groups and zero points "
-            "(TensorRT-LLM W4A16_AWQ with has_zero_point)",
-            "INT4_AWQ_CFG", "int4", "group", pre_quant_scale=True, default_group_size=64, zero_point=True),
     QFormat("int8_sq_static", "W8A8_SQ_PER_CHANNEL",
             "INT8 SmoothQuant with one static per-tensor activation scale (ModelOpt's own layout; "
             "loads in TensorRT-LLM's builder; less accurate on small models)",
             "INT8_SMOOTHQUANT_CFG", "int8", "channel", act_dtype="int8", act_granularity="tensor",
             pre_quant_scale=True, default_sq_alpha=0.8),
+    QFormat("int4_awq_asym", "W4A16_AWQ",
+            "INT4 AWQ pre-quant scale (ModelOpt) with asymmetric min/max groups and zero points "
+            "(TensorRT-LLM W4A16_AWQ with has_zero_point)",
+            "INT4_AWQ_CFG", "int4", "group", pre_quant_scale=True, default_group_size=64, zero_point=True),
 ]}
 
 # Defaults of `llmc quantize`, with the reason for each (README / --help take them from here).
