@@ -104,7 +104,7 @@ QFORMATS: dict[str, QFormat] = {f.name: f for f in [
     QFormat("int4_awq_asym", "W4A16_AWQ",
             "INT4 AWQ pre-quant scale (ModelOpt) with asymmetric min/max groups and zero points "
             "(TensorRT-LLM W4A16_AWQ with has_zero_point)",
-            "INT4_AWQ_CFG", "int4", "group", pre_quant_scale=True, default_group_size=64, zero_point=True),
+            "INT4_AWQ_CFG", "int4", "group", pre_quant_scale=True, default_group_size=32, zero_point=True),
 ]}
 
 # Defaults of `llmc quantize`, with the reason for each (README / --help take them from here).
