@@ -90,10 +90,19 @@ def token_windows(tokenizer, data: str | Path, seq_len: int, max_chunks: int | N
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len), desc
 
 
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log P of every predicting position of a [B, S, V] logits batch: [B, S - 1, V] (position t
+    predicts token t + 1). Computed once per artifact and batch, shared by NLL and KL."""
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def _nll_from_log_probs(logp: torch.Tensor, ids: torch.Tensor) -> float:
+    return float(-logp.gather(-1, ids[:, 1:, None]).sum())
+
+
 def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
     """Sum of -log p(ids[t+1] | ..t) over a [B, S, V] logits batch."""
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return float(-logp.gather(-1, ids[:, 1:, None]).sum())
+    return _nll_from_log_probs(_log_probs(logits), ids)
 
 
 def kl_positions(seq_len: int) -> slice:
@@ -108,10 +117,13 @@ def kl_per_position(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[tor
 
     P = softmax(logits) over the vocabulary; KL = sum_v P_ref(v) (log P_ref(v) - log P(v)).
     """
-    lp_ref = torch.log_softmax(ref_logits.float(), dim=-1)
-    lp = torch.log_softmax(logits.float(), dim=-1)
+    return kl_from_log_probs(torch.log_softmax(ref_logits.float(), dim=-1), torch.log_softmax(logits.float(), dim=-1))
+
+
+def kl_from_log_probs(lp_ref: torch.Tensor, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kl_per_position` from log-probabilities (argmax of log-softmax = argmax of logits)."""
     kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp_min(0.0)
-    same = ref_logits.argmax(-1) == logits.argmax(-1)
+    same = lp_ref.argmax(-1) == lp.argmax(-1)
     return kl.reshape(-1), same.reshape(-1)
 
 
@@ -139,6 +151,13 @@ class _DivergenceAcc:
     def add(self, ref_logits: torch.Tensor, logits: torch.Tensor) -> None:
         cut = kl_positions(logits.shape[1])
         kl, same = kl_per_position(ref_logits[:, cut], logits[:, cut])
+        self.kl.append(kl.double())
+        self.same.append(same)
+
+    def add_log_probs(self, lp_ref: torch.Tensor, lp: torch.Tensor) -> None:
+        """As `add`, from `_log_probs` of both ([B, S - 1, V]: logit positions 0 .. S - 2)."""
+        cut = kl_positions(lp.shape[1] + 1)
+        kl, same = kl_from_log_probs(lp_ref[:, cut], lp[:, cut])
         self.kl.append(kl.double())
         self.same.append(same)
 
@@ -274,9 +293,9 @@ def _score(paths: list[Path], windows: torch.Tensor, reference: Path | None,
     step = EVAL_BATCH
     with stage_progress(progress, len(windows), label, unit="chunks") as advance:
         for batch in windows.split(step):
-            ref_logits = ref_fn(batch) if ref_fn is not None else None
-            if ref_logits is not None:
-                ref_total += _nll_sum(ref_logits, batch)
+            ref_lp = _log_probs(ref_fn(batch)) if ref_fn is not None else None
+            if ref_lp is not None:
+                ref_total += _nll_from_log_probs(ref_lp, batch)
             order = list(range(len(fns)))
             if ref_index is not None:  # the reference first, so every other is compared and dropped at once
                 order.insert(0, order.pop(ref_index))
@@ -284,12 +303,14 @@ def _score(paths: list[Path], windows: torch.Tensor, reference: Path | None,
                 t0 = time.perf_counter()
                 logits = fns[i](batch)
                 seconds[i] += time.perf_counter() - t0
-                totals[i] += _nll_sum(logits, batch)
-                if i == ref_index:
-                    ref_logits = logits
-                if accs is not None:
-                    accs[i].add(ref_logits, logits)
+                lp = _log_probs(logits)  # once per artifact and batch: NLL and KL share it
                 del logits
+                totals[i] += _nll_from_log_probs(lp, batch)
+                if i == ref_index:
+                    ref_lp = lp
+                if accs is not None:
+                    accs[i].add_log_probs(ref_lp, lp)
+                del lp
             advance(len(batch))
     if ref_index is not None:
         ref_total = totals[ref_index]

@@ -68,6 +68,7 @@ def _logits(engine_dir, ids, level):
 
 def test_engine_equals_fp32_engine_at_a_fifth_of_the_bytes(kept, tmp_path):
     from llmc.build import BuildOptions, build_engine
+    from llmc.fsutil import dir_size
 
     _, q, f = kept
     opts = dict(max_batch_size=2, max_seq_len=256, max_num_tokens=256)
@@ -80,6 +81,11 @@ def test_engine_equals_fp32_engine_at_a_fifth_of_the_bytes(kept, tmp_path):
     gf = json.loads((ef / "config.json").read_text())["engine"]["graph"]
     # bytes a decode step reads (the gathered-only embedding excluded): <= 35% of fp32's
     assert gq["decode_read_bytes"] <= 0.35 * gf["decode_read_bytes"], (gq["decode_read_bytes"], gf["decode_read_bytes"])
+    # the whole engine too: the Q8_0 embedding table is looked up from its int8 blocks
+    # (GatherBlockQuantized), not kept in float32 beside the int8 lm_head
+    assert gq["op_counts"].get("GatherBlockQuantized") == 1
+    assert gq["weight_bytes"] <= 0.35 * gf["weight_bytes"], (gq["weight_bytes"], gf["weight_bytes"])
+    assert dir_size(eq) <= 0.35 * dir_size(ef), (dir_size(eq), dir_size(ef))
 
 
 def test_keep_quantization_refuses_non_gguf(tiny_hf_dirs, tmp_path, capsys):

@@ -68,9 +68,13 @@ def test_auto_stores_an_exact_lm_head_as_int8_blocks(q8_head_int4):
     assert graph["int8"]["lm_head"] == "int8-blocks"
     assert graph["float"]["lm_head"] == "float"
     assert graph["float_ckpt"]["lm_head"] == "float"  # auto leaves float engines float
-    assert graph["int8"]["weight_bytes"] > graph["float"]["weight_bytes"]  # + a quarter-size copy, tied
-    # what a decode step reads (MBU): the fp32 table is only gathered from once the logits use int8
-    emb = 320 * 128 * 4
+    # the lookup reads the same int8 blocks (GatherBlockQuantized: uint8 table + per-32 scales)
+    # instead of the fp32 table, so int8 blocks for logits AND lookup are smaller than one fp32 table
+    assert graph["int8"]["op_counts"].get("GatherBlockQuantized") == 1
+    assert "GatherBlockQuantized" not in graph["float"]["op_counts"]
+    assert graph["int8"]["weight_bytes"] < graph["float"]["weight_bytes"]
+    # what a decode step reads (MBU): the lookup table is only gathered from
+    emb = 320 * 128 + 320 * (128 // 32) * 4
     assert graph["int8"]["decode_read_bytes"] == graph["int8"]["weight_bytes"] - emb
     assert graph["float"]["decode_read_bytes"] == graph["float"]["weight_bytes"]  # tied: Gemm reads it
 

@@ -109,13 +109,14 @@ def test_float_and_bad_inputs():
 
 def test_registry():
     assert list(QFORMATS) == ["fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "w4a8_awq", "int8_wo", "int4_wo",
-                              "int4_asym", "int8_sq_static"]
-    with pytest.raises(LlmcError, match="fp8, fp8_pc_pt, int8_sq, int4_awq, w4a8_awq, int8_wo, int4_wo, int4_asym, int8_sq_static"):
+                              "int4_asym", "int8_sq_static", "int4_awq_asym"]
+    with pytest.raises(LlmcError, match="fp8, fp8_pc_pt, int8_sq, int4_awq, w4a8_awq, int8_wo, int4_wo, int4_asym, int8_sq_static, int4_awq_asym"):
         get_qformat("int3")
     assert not get_qformat("int4_wo").needs_activations and get_qformat("int4_awq").needs_activations
     # dynamic per-token activations need no calibration data; per-tensor static ones do
     assert not get_qformat("fp8_pc_pt").needs_activations and get_qformat("fp8").needs_activations
     assert not get_qformat("int4_asym").uses_modelopt and get_qformat("int4_wo").uses_modelopt
+    assert get_qformat("int4_awq_asym").uses_modelopt and get_qformat("int4_awq_asym").needs_activations
 
 
 def test_zero_point_layout_reads_back():

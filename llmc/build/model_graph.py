@@ -38,6 +38,7 @@ from llmc.errors import UnsupportedError
 from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_paged_attention, emit_step_masks,
                                     emit_write_index, step_inputs)
 from llmc.plugins.base import Target
+from llmc.plugins.embedding import emit_embedding
 from llmc.plugins.gated_mlp import emit_gated_mlp
 from llmc.plugins.linear import emit_linear, exact_int8_blocks
 from llmc.plugins.rmsnorm import emit_rmsnorm
@@ -123,10 +124,11 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     scatter_index = emit_write_index(g, d, write_index)
 
     emb_t = tensors["transformer.vocab_embedding.weight"]
+    lm_lin, tied, lm_kind = _choose_lm_head(tensors, reader, emb_t, lm_head)
     before_emb = g.weight_bytes
-    emb = g.weight("transformer.vocab_embedding.weight", np32(emb_t), target.dtype)
+    # Integer lm_head: the float table is not needed, look rows up from int8 blocks if exact.
+    x, emb = emit_embedding(g, target, np32(emb_t), input_ids, allow_blocks=lm_kind != "float")
     emb_bytes = g.weight_bytes - before_emb
-    x = g.op("Gather", [emb, input_ids], name="embed", axis=0)
 
     for i in range(cfg.num_hidden_layers):
         x, pool = _emit_layer(g, target, d, cfg, reader.layer(i), i, x, kvq, cos, sin, scatter_index, buckets, out_index)
@@ -134,7 +136,7 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     last = g.op("Gather", [x, logits_index], name="logits_rows", axis=0)
     last = emit_rmsnorm(g, target, last, np32(tensors["transformer.ln_f.weight"]), cfg.norm_epsilon,
                         "transformer.ln_f")
-    logits, tied, lm_kind = _emit_lm_head(g, target, tensors, reader, emb, emb_t, last, lm_head)
+    logits = _emit_lm_head(g, target, lm_lin, tied, lm_kind, emb, last)
     if target.dtype != TensorProto.FLOAT:
         logits = g.op("Cast", [logits], name="logits_fp32", to=TensorProto.FLOAT)
     g.op("Identity", [logits], name="logits_out", outputs=["logits"])
@@ -170,10 +172,10 @@ def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: Checkpoi
     return g.op("Add", [x, m], name=f"l{i}_residual_mlp"), pool
 
 
-def _emit_lm_head(g: GraphBuilder, target: Target, tensors, reader: WeightReader, emb: str, emb_t, last: str,
-                  lm_head: str) -> tuple[str, bool, str]:
-    """(logits, tied, lm_kind): a tied float lm_head reads the embedding table itself (Gemm with
-    transB, no second copy); a float one that is exactly int8 blocks is stored as such when asked."""
+def _choose_lm_head(tensors, reader: WeightReader, emb_t, lm_head: str) -> tuple[QLinear, bool, str]:
+    """(lm_head linear, tied, lm_kind), decided before the embedding is emitted because an integer
+    lm_head lets the token lookup read int8 blocks too. A float lm_head that is exactly int8 blocks
+    is stored as such when asked."""
     lm_t = tensors.get("lm_head.weight")
     tied = lm_t is None or (lm_t.shape == emb_t.shape and lm_t.dtype == emb_t.dtype and torch.equal(lm_t, emb_t))
     lm_lin = QLinear("lm_head", "float", emb_t) if tied else reader.linear("lm_head")
@@ -185,10 +187,15 @@ def _emit_lm_head(g: GraphBuilder, target: Target, tensors, reader: WeightReader
                                    "(only weights dequantized from such a format are); use --lm-head float")
         if packed is not None:
             lm_lin, lm_kind = packed.to_qlinear("lm_head", bias=lm_lin.bias), "int8-blocks"
-    if tied and lm_kind == "float":  # share the embedding table: Gemm with transB reads it as [V, h]
-        return g.op("Gemm", [last, emb], name="lm_head", transB=1), tied, lm_kind
-    return emit_linear(g, target, last, lm_lin, "lm_head"), tied, lm_kind
+    return lm_lin, tied, lm_kind
 
+
+def _emit_lm_head(g: GraphBuilder, target: Target, lm_lin: QLinear, tied: bool, lm_kind: str, emb: str | None,
+                  last: str) -> str:
+    """Logits: a tied float lm_head reads the embedding table itself (Gemm with transB, no second copy)."""
+    if tied and lm_kind == "float":  # share the embedding table: Gemm with transB reads it as [V, h]
+        return g.op("Gemm", [last, emb], name="lm_head", transB=1)
+    return emit_linear(g, target, last, lm_lin, "lm_head")
 
 
 def _graph_spec(model: onnx.ModelProto, cfg: CheckpointConfig, target: Target, d: AttentionDims, kvq: str | None,

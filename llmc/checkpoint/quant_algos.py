@@ -92,7 +92,7 @@ QUANT_ALGOS: dict[str, QuantAlgo] = {a.name: a for a in [
     QuantAlgo("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "int8_sq", "int8", "channel", "int8", "token",
               pre_quant_scale=True),
     QuantAlgo("W8A16", "w8a16", "int8", "channel"),
-    QuantAlgo("W4A16_AWQ", "int4_awq", "int4", "group", pre_quant_scale=True),
+    QuantAlgo("W4A16_AWQ", "int4_awq", "int4", "group", pre_quant_scale=True, zero_point=True),  # zeros: int4_awq_asym
     QuantAlgo("W4A8_AWQ", "w4a8_awq", "int4", "group", "fp8", "tensor", pre_quant_scale=True,
               weight_scale_2=True),
     QuantAlgo("W4A16_GPTQ", "w4a16", "int4", "group", zero_point=True),    # int4_asym, GGUF Q4_1

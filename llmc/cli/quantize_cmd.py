@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from llmc.cli.output import choice
-from llmc.quantize.formats import KV_CACHE_DTYPES, QFORMATS
+from llmc.quantize.formats import AWQ_METHODS, DEFAULTS, KV_CACHE_DTYPES, QFORMATS
 from llmc.quantize.options import QuantizeOptions
 
 _D = QuantizeOptions(qformat="int8_wo")  # the defaults (qformat itself has none)
@@ -29,6 +29,7 @@ def quantize(
     batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="Calibration forward batch size (memory vs speed)."),
     group_size: Optional[int] = typer.Option(_D.group_size, "--group-size", help="INT4 group size along the input dim. Default: 128 when it divides every quantized layer's input width, else 64 (or 32)."),
     sq_alpha: Optional[float] = typer.Option(_D.sq_alpha, "--sq-alpha", help="SmoothQuant migration strength in [0, 1]. Default: " + ", ".join(f"{f.default_sq_alpha} for {f.name}" for f in QFORMATS.values() if f.is_smoothquant) + " (chosen by measurement on SmolLM2)."),
+    awq_method: Optional[str] = typer.Option(_D.awq_method, "--awq-method", **choice(AWQ_METHODS), help=f"ModelOpt AWQ algorithm for AWQ formats: lite (per-channel scale search), clip (per-group clipping search), full (both). Default: {DEFAULTS['awq_method']} (chosen by measurement on SmolLM2)."),
     exclude: str = typer.Option(",".join(_D.exclude), "--exclude", help="Comma-separated fnmatch patterns of TensorRT-LLM module names to leave unquantized, e.g. 'lm_head,transformer.layers.0.*'. Replaces the default (lm_head); 'none' quantizes everything."),
     seed: int = typer.Option(_D.seed, "--seed", help="Seed for choosing calibration samples."),
     force: bool = typer.Option(_D.force, "--force", help="Replace OUT if it is a previous llmc checkpoint (or empty); any other directory is refused, and OUT may never be, contain or lie inside the input."),
@@ -41,7 +42,7 @@ def quantize(
 
     r = quantize_checkpoint(ckpt, out, qformat, kv_cache_dtype=kv_cache_dtype, calib_data=calib_data,
                             calib_size=calib_size, calib_seq_len=calib_seq_len, batch_size=batch_size,
-                            group_size=group_size, sq_alpha=sq_alpha, exclude=exclude, seed=seed, force=force)
+                            group_size=group_size, sq_alpha=sq_alpha, exclude=exclude, seed=seed, awq_method=awq_method, force=force)
     extras = [r.quant_algo]
     if r.group_size:
         extras.append(f"group {r.group_size}")

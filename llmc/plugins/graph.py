@@ -194,6 +194,8 @@ class GraphBuilder:
         self.close()
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers,
                                   doc_string=doc)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+        domains = sorted({n.domain for n in self.nodes if n.domain})  # contrib ops (com.microsoft), version 1
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]
+                                  + [helper.make_opsetid(d, 1) for d in domains],
                                   producer_name="llmc", ir_version=IR_VERSION)
         return model

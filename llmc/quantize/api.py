@@ -122,6 +122,20 @@ def resolve_group_size(fmt: QFormat, requested: int | None, cfg, quantized: list
     return max(smaller)
 
 
+def resolve_awq_method(fmt: QFormat, requested: str | None) -> str | None:
+    """The ModelOpt AWQ algorithm (formats.AWQ_METHODS key) for an AWQ format, else None."""
+    from llmc.quantize.formats import AWQ_METHODS
+
+    if "AWQ" not in fmt.modelopt_preset:
+        if requested is not None:
+            raise LlmcError(f"--awq-method applies to AWQ formats (int4_awq, int4_awq_asym, w4a8_awq), not {fmt.name}")
+        return None
+    method = DEFAULTS["awq_method"] if requested is None else requested
+    if method not in AWQ_METHODS:
+        raise LlmcError(f"unknown --awq-method {method!r}; choose from {', '.join(AWQ_METHODS)}")
+    return method
+
+
 def _peak_rss() -> int:
     """Peak resident memory of this process (VmHWM: unlike ru_maxrss, not inherited across exec
     from a parent that was already large)."""
@@ -149,7 +163,8 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
                         calib_seq_len: int | None = None, batch_size: int | None = None,
                         group_size: int | None = None, sq_alpha: float | None = None,
                         exclude: str | list[str] | None = None, seed: int | None = None,
-                        awq_search_samples: int | None = None, force: bool = False,
+                        awq_search_samples: int | None = None, awq_method: str | None = None,
+                        force: bool = False,
                         progress: bool = True) -> QuantizeResult:
     """Quantize the checkpoint at `ckpt` into `out` (None: the default of QuantizeOptions /
     formats.DEFAULTS). Every check that can fail runs before the minutes of calibration."""
@@ -159,7 +174,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
     start = time.perf_counter()
     given = dict(kv_cache_dtype=kv_cache_dtype, calib_data=calib_data, calib_size=calib_size,
                  calib_seq_len=calib_seq_len, batch_size=batch_size, group_size=group_size,
-                 sq_alpha=sq_alpha, exclude=exclude, seed=seed, force=force)
+                 sq_alpha=sq_alpha, awq_method=awq_method, exclude=exclude, seed=seed, force=force)
     opts = QuantizeOptions(qformat=qformat, **{k: v for k, v in given.items() if v is not None})
     fmt, kv_algo = _check_options(opts)
     awq_search_samples = DEFAULTS["awq_search_samples"] if awq_search_samples is None else awq_search_samples
@@ -211,6 +226,7 @@ def _check_options(opts: QuantizeOptions) -> tuple[QFormat, str | None]:
         raise LlmcError(f"--sq-alpha applies to SmoothQuant formats (int8_sq, int8_sq_static) only, not {fmt.name}")
     if opts.group_size is not None and not fmt.is_int4:
         raise LlmcError(f"--group-size applies to INT4 formats (int4_awq, w4a8_awq, int4_wo, int4_asym), not {fmt.name}")
+    opts.awq_method = resolve_awq_method(fmt, opts.awq_method)
     return fmt, kv_algo
 
 
@@ -275,7 +291,8 @@ def _modelopt_tensors(source, fmt: QFormat, kv_algo: str | None, batches, quanti
             tensors.pop(name + ".weight", None)
     model = ReferenceModel.from_checkpoint(source, dtype=torch.float32)
     stats = calibrate(model, fmt, batches, group_size=group, sq_alpha=opts.sq_alpha, kv_algo=kv_algo,
-                      excluded_modules=kept, awq_search_samples=awq_search_samples, progress=progress)
+                      excluded_modules=kept, awq_search_samples=awq_search_samples, progress=progress,
+                      awq_method=opts.awq_method)
     ckpt_dtype = next(t.dtype for n, t in tensors.items() if n.endswith("input_layernorm.weight"))
     out_tensors = export_tensors(model, tensors, fmt, quantized_modules=quantized, kv_algo=kv_algo,
                                  intermediate_size=cfg.intermediate_size,
@@ -306,7 +323,9 @@ def _quantized_config(source, fmt: QFormat, kv_algo: str | None, opts: QuantizeO
         "qformat": fmt.name, "llmc_version": __version__,
         "modelopt_version": _modelopt_version() if fmt.uses_modelopt else None,
         "algorithm": fmt.modelopt_preset if fmt.uses_modelopt else "rtn_asymmetric (llmc)", "group_size": group,
-        "sq_alpha": opts.sq_alpha, "activation_granularity": fmt.act_granularity, "exclude": opts.exclude,
+        "sq_alpha": opts.sq_alpha, "awq_method": opts.awq_method,
+        "zero_points": "min/max per group (llmc)" if fmt.zero_point else None,
+        "activation_granularity": fmt.act_granularity, "exclude": opts.exclude,
         "calibration": calibration, "source_checkpoint": str(source.path.resolve()),
     }
     return new_cfg

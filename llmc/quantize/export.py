@@ -72,6 +72,8 @@ def export_linear(module: nn.Module, fmt: QFormat, ckpt_dtype: torch.dtype) -> d
         s = (_amax(wq, INT8_MAX) / INT8_MAX).reshape(out_f)
         out["weight"] = quantize_int(w, s[:, None], 8)
         out[scale_name] = s
+    elif fmt.zero_point:  # AWQ-smoothed weight, asymmetric min/max groups (ModelOpt's amax unused)
+        out.update(rtn_asymmetric(w, in_f // (wq.amax.numel() // out_f)))
     else:  # int4, possibly with a second (FP8 per-tensor) stage
         block_q = wq[0] if fmt.weight_scale_2 else wq
         groups = block_q.amax.numel() // out_f
@@ -99,7 +101,7 @@ def _split_rows(tensors: dict[str, torch.Tensor], rows: int, algo: QuantAlgo) ->
     for k, t in tensors.items():
         if k == "weight" and algo.packed:  # packed INT4: two rows per byte
             a[k], b[k] = t[: rows // 2].contiguous(), t[rows // 2:].contiguous()
-        elif k == "weight" or (k == algo.weight_scale and t.numel() > 1):
+        elif k in ("weight", "zero") or (k == algo.weight_scale and t.numel() > 1):
             a[k], b[k] = t[:rows].contiguous(), t[rows:].contiguous()
         else:  # shared: per-tensor weight scale, activation scale, pre-quant scale, scale_2
             a[k], b[k] = t.clone(), t.clone()

@@ -26,6 +26,8 @@ Weight storage (see `llmc.quantize.layout` for the exact byte layout):
               per-(row, group) scale [out, in/group]
     int4_wo   as int4_awq, no pre-quant scale (round-to-nearest)
     int4_asym as int4_wo + zero F32 [out, in/group] (W4A16_GPTQ, has_zero_point): min/max per group
+    int4_awq_asym  as int4_awq + zero F32 [out, in/group] (W4A16_AWQ, has_zero_point): AWQ's
+              pre-quant scale from ModelOpt, then min/max zero points on the smoothed weight
     w4a8_awq  as int4_awq + weights_scaling_factor_2       FP8 activations, per-tensor static
 """
 
@@ -47,6 +49,7 @@ class QFormat:
     pre_quant_scale: bool = False    # calibration writes prequant_scaling_factor (AWQ, SmoothQuant)
     default_group_size: int | None = None
     default_sq_alpha: float | None = None  # SmoothQuant migration strength (SmoothQuant formats)
+    zero_point: bool = False         # writes asymmetric min/max groups with zero points (llmc, not ModelOpt)
 
     @property
     def algo(self) -> QuantAlgo:
@@ -59,7 +62,6 @@ class QFormat:
     act_dtype = property(lambda self: self.algo.act)
     act_granularity = property(lambda self: self.algo.act_granularity)
     weight_scale_2 = property(lambda self: self.algo.weight_scale_2)
-    zero_point = property(lambda self: self.algo.zero_point)  # computed by llmc (no ModelOpt)
 
     @property
     def is_smoothquant(self) -> bool:
@@ -72,7 +74,8 @@ class QFormat:
 
     @property
     def uses_modelopt(self) -> bool:
-        return not self.zero_point
+        """ModelOpt calibrates it (zero-point formats without a pre-quant scale need weights alone)."""
+        return not self.zero_point or self.pre_quant_scale
 
     @property
     def is_int4(self) -> bool:
@@ -101,11 +104,15 @@ QFORMATS: dict[str, QFormat] = {f.name: f for f in [
             "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", default_group_size=128),
     QFormat("int4_asym", "W4A16_GPTQ",
             "INT4 weight-only, asymmetric per-group round-to-nearest with zero points (min/max, GGUF Q4_1's rule)",
-            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", default_group_size=32),
+            "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", default_group_size=32, zero_point=True),
     QFormat("int8_sq_static", "W8A8_SQ_PER_CHANNEL",
             "INT8 SmoothQuant with one static per-tensor activation scale (ModelOpt's own layout; "
             "loads in TensorRT-LLM's builder; less accurate on small models)",
             "INT8_SMOOTHQUANT_CFG", pre_quant_scale=True, default_sq_alpha=0.8),
+    QFormat("int4_awq_asym", "W4A16_AWQ",
+            "INT4 AWQ pre-quant scale (ModelOpt) with asymmetric min/max groups and zero points "
+            "(TensorRT-LLM W4A16_AWQ with has_zero_point)",
+            "INT4_AWQ_CFG", pre_quant_scale=True, default_group_size=32, zero_point=True),
 ]}
 
 # Defaults of `llmc quantize`, with the reason for each (README / --help take them from here).
@@ -115,6 +122,7 @@ DEFAULTS: dict[str, Any] = {
     "calib_seq_len": 512,           # long enough for realistic attention/outlier statistics
     "batch_size": 4,                # forward batch; memory ~ batch x seq x vocab for logits
     "awq_search_samples": 8,        # AWQ's scale search (12x a forward) sees the first 8 samples
+    "awq_method": "lite",           # ModelOpt AWQ algorithm: lite (scale search) | clip | full (both)
     "exclude": ["lm_head"],         # TensorRT-LLM / ModelOpt default: keep the vocab projection
     "seed": 0,
 }
@@ -126,6 +134,16 @@ KV_CACHE_DTYPES: dict[str, str] = {k.dtype: k.name for k in KV_CACHE_BY_DTYPE.va
 FP8_MAX = BOUNDS["fp8"]
 INT8_MAX = BOUNDS["int8"]
 INT4_MAX = BOUNDS["int4"]
+
+
+# --awq-method -> ModelOpt's AWQ algorithm config (modelopt.torch.quantization.config AWQ*CalibConfig).
+# lite: per-input-channel scale search (alpha 0..1 step 0.1); clip: per-group clipped amax search
+# (ratios 0.5..1 step 0.05, output MSE); full: lite then clip.
+AWQ_METHODS: dict[str, dict[str, Any]] = {
+    "lite": {"method": "awq_lite", "alpha_step": 0.1},
+    "clip": {"method": "awq_clip"},
+    "full": {"method": "awq_full", "alpha_step": 0.1},
+}
 
 
 def get_qformat(name: str) -> QFormat:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from llmc.optionfields import check_values, option
-from llmc.quantize.formats import DEFAULTS, KV_CACHE_DTYPES, QFORMATS
+from llmc.quantize.formats import AWQ_METHODS, DEFAULTS, KV_CACHE_DTYPES, QFORMATS
 
 
 def parse_exclude(value: str | list[str] | None) -> list[str]:
@@ -41,6 +41,8 @@ class QuantizeOptions:
     group_size: int | None = option(None, ge=1, derived="INT4 formats: 128 when it divides every quantized "
                                     "layer's input width, else 64 or 32; others: none")
     sq_alpha: float | None = option(None, ge=0.0, le=1.0, derived=f"SmoothQuant formats: {_smoothquant_alphas()}")
+    awq_method: str | None = option(None, choices=tuple(AWQ_METHODS),
+                                    derived=f"AWQ formats: {DEFAULTS['awq_method']} (chosen by measurement on SmolLM2)")
     exclude: list[str] = option(default_factory=lambda: list(DEFAULTS["exclude"]), parse=parse_exclude)
     seed: int = option(DEFAULTS["seed"])
     force: bool = option(False, recipe=False)

@@ -92,8 +92,10 @@ def _set_block_size(cfg: Any, group_size: int | None) -> Any:
 
 
 def modelopt_config(fmt: QFormat, *, group_size: int | None, sq_alpha: float | None,
-                    kv_algo: str | None, excluded_modules: Iterable[str]) -> dict[str, Any]:
-    """The `mtq.quantize` config for a format, a KV-cache choice and the excluded module names."""
+                    kv_algo: str | None, excluded_modules: Iterable[str],
+                    awq_method: str | None = None) -> dict[str, Any]:
+    """The `mtq.quantize` config for a format, a KV-cache choice and the excluded module names.
+    `awq_method` (a key of formats.AWQ_METHODS) replaces an AWQ preset's algorithm."""
     mtq = _import_mtq()
     preset = copy.deepcopy(getattr(mtq, fmt.modelopt_preset))
     entries: list[dict[str, Any]] = [dict(_DISABLE_ALL)]
@@ -115,6 +117,12 @@ def modelopt_config(fmt: QFormat, *, group_size: int | None, sq_alpha: float | N
     algorithm = copy.deepcopy(preset.get("algorithm", "max"))
     if fmt.is_smoothquant and sq_alpha is not None:
         algorithm = {"method": "smoothquant", "alpha": float(sq_alpha)}
+    if awq_method and _is_awq(fmt):
+        from llmc.quantize.formats import AWQ_METHODS
+
+        algorithm = {**AWQ_METHODS[awq_method]}
+        if isinstance(preset.get("algorithm"), dict) and "alpha_step" in preset["algorithm"] and "alpha_step" in algorithm:
+            algorithm["alpha_step"] = preset["algorithm"]["alpha_step"]
     return {"quant_cfg": entries, "algorithm": algorithm}
 
 
@@ -147,10 +155,22 @@ class _NoLogits(nn.Module):
         return x[..., :1]
 
 
-def _pass_labels(fmt: QFormat) -> list[str]:
+def _is_awq(fmt: QFormat) -> bool:
+    return "AWQ" in fmt.modelopt_preset
+
+
+# ModelOpt's forward passes per AWQ method, in order (the scale search runs 12x a forward and
+# sees only the first `awq_search_samples`; the clip search subsamples tokens itself).
+SCALE_SEARCH = "AWQ: scale search"
+_AWQ_PASSES = {"lite": ["AWQ: activation statistics", SCALE_SEARCH],
+               "clip": ["AWQ: clip search"],
+               "full": ["AWQ: activation statistics", SCALE_SEARCH, "AWQ: clip search"]}
+
+
+def _pass_labels(fmt: QFormat, awq_method: str | None = None) -> list[str]:
     algo = fmt.modelopt_preset
     if "AWQ" in algo:
-        return ["AWQ: activation statistics", "AWQ: scale search"]
+        return list(_AWQ_PASSES[awq_method or "lite"])
     if "SMOOTHQUANT" in algo:
         return ["SmoothQuant: activation ranges"]
     return ["calibrate: ranges"]
@@ -159,7 +179,7 @@ def _pass_labels(fmt: QFormat) -> list[str]:
 def calibrate(model: nn.Module, fmt: QFormat, batches: list[torch.Tensor], *, group_size: int | None,
               sq_alpha: float | None, kv_algo: str | None, excluded_modules: list[str],
               awq_search_samples: int | None = None, progress: bool = False,
-              progress_factory: Callable | None = None) -> CalibStats:
+              progress_factory: Callable | None = None, awq_method: str | None = None) -> CalibStats:
     """Quantize `model` (a ReferenceModel, float32) in place with ModelOpt on `batches`.
 
     AWQ runs two passes: activation statistics over every batch, then the scale search, which
@@ -170,20 +190,20 @@ def calibrate(model: nn.Module, fmt: QFormat, batches: list[torch.Tensor], *, gr
     if kv_algo:
         register_kv_attention()
     cfg = modelopt_config(fmt, group_size=group_size, sq_alpha=sq_alpha, kv_algo=kv_algo,
-                          excluded_modules=excluded_modules)
+                          excluded_modules=excluded_modules, awq_method=awq_method)
     stats = CalibStats()
-    labels = _pass_labels(fmt)
+    labels = _pass_labels(fmt, awq_method)
 
     if progress_factory is None:  # on stderr, so silencing ModelOpt's prints on stdout below keeps it
         from llmc.progress import stage_progress as progress_factory
 
     search = batches
-    if awq_search_samples is not None and "AWQ" in fmt.modelopt_preset:
+    if awq_search_samples is not None and _is_awq(fmt):
         search = list(torch.cat(batches)[:awq_search_samples].split(int(batches[0].shape[0]))) if batches else []
 
     def forward_loop(m: nn.Module) -> None:
         label = labels[min(stats.passes, len(labels) - 1)]
-        data = search if stats.passes == 1 else batches
+        data = search if label == SCALE_SEARCH else batches
         stats.passes += 1
         n = sum(int(b.shape[0]) for b in data)
         with torch.no_grad(), progress_factory(progress, n, label, unit="samples") as advance:
