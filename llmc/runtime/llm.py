@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Iterable, Iterator
 
-import numpy as np
 
 from llmc.errors import LlmcError
 from llmc.runtime.kv_blocks import BlockManager, blocks_for_budget
@@ -86,7 +85,11 @@ class LLM:
     def __init__(self, engine_dir: str | Path, kv_cache_mb: float | None = None,
                  kv_fraction: float | None = None, max_batch_size: int | None = None,
                  max_num_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 num_blocks: int | None = None, num_threads: int | None = None):
+                 num_blocks: int | None = None, num_threads: int | None = None,
+                 prefill_budget: int | None = None):
+        """prefill_budget: at most this many prompt tokens per step (decodes not counted), which
+        bounds TTFT and inter-token latency under a burst of prompts (see Scheduler); None: prompts
+        take whatever max_num_tokens leaves."""
         from llmc.engine import load_engine
         from llmc.tokenizer import eos_token_ids, load_tokenizer
 
@@ -125,7 +128,7 @@ class LLM:
         self.engine.allocate_kv_pool(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_num_tokens,
-                                   self.max_seq_len)
+                                   self.max_seq_len, prefill_budget=prefill_budget)
         self.tokenizer = load_tokenizer(Path(engine_dir))
         self.eos_ids = frozenset(eos_token_ids(Path(engine_dir)))
         self.bos_token_id = self.tokenizer.bos_token_id
@@ -218,33 +221,21 @@ class LLM:
         That includes requests finished outside the model step (a stop string, `abort()`, a
         prompt rejected at admission), even when nothing was left to schedule.
         """
-        from llmc.engine.step import SeqSlice, StepBatch
-
         sched = self.scheduler.schedule()
         now = time.perf_counter()
         sampled: dict[Hashable, int] = {}
         done: list = []
         if not sched.is_empty:
-            ids, pos, slots, seqs, logit_rows, logit_rids = [], [], [], [], [], []
-            for rid, s in sched.scheduled.items():
-                start = len(ids)
-                ids += s.token_ids
-                pos += s.positions
-                slots += s.slot_mapping
-                seqs.append(SeqSlice(start, s.num_tokens, s.context_len, s.block_table))
-                if s.needs_logits:
-                    logit_rows.append(len(ids) - 1)
-                    logit_rids.append(rid)
-            batch = StepBatch(np.asarray(ids, np.int64), np.asarray(pos, np.int64),
-                              np.asarray(slots, np.int64), seqs, np.asarray(logit_rows, np.int64))
+            batch = sched.step_batch()
+            logit_rids = sched.logits_request_ids
             t0 = time.perf_counter()
             logits = self.engine.step(batch)
             now = time.perf_counter()
             if self.record_step_stats:
-                self.step_stats.append(StepStats(sched.step, len(ids), len(seqs),
+                self.step_stats.append(StepStats(sched.step, batch.num_tokens, len(batch.seqs),
                                                  sum(1 for s in sched.scheduled.values() if not s.is_prefill),
                                                  now - t0, self.block_manager.num_used_blocks,
-                                                 sum(s.context_len for s in seqs)))
+                                                 sum(s.context_len for s in batch.seqs)))
             self._count(sched)
             if logit_rids:
                 tokens = self.sampler.sample(logits, [self._params[r] for r in logit_rids], logit_rids)
