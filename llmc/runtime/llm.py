@@ -138,6 +138,10 @@ class LLM:
         self._params: dict[Hashable, SamplingParams] = {}
         self._stops: dict[Hashable, StopChecker] = {}
         self._sent: dict[Hashable, int] = {}  # characters of out.text handed to on_token so far
+        # Requests whose out.text lags their tokens: without stop strings and without a token
+        # callback nothing reads the text mid-request, so decoding it every step (O(length) each)
+        # is deferred to get_output() / the finish.
+        self._stale_text: set[Hashable] = set()
         self.step_stats: list[StepStats] = []
         # One StepStats per step for benchmarks; a long-running server turns it off (the list would
         # grow without bound) and reads `counters` instead.
@@ -203,6 +207,8 @@ class LLM:
 
     def get_output(self, request_id: Hashable) -> RequestOutput | None:
         """The live output of a request not yet handed back by `step()` (None otherwise)."""
+        if request_id in self._stale_text:
+            self._detokenize(request_id)
         return self._outputs.get(request_id)
 
     def has_unfinished(self) -> bool:
@@ -248,7 +254,10 @@ class LLM:
                 out.output_token_ids.append(tok)
                 if out.logprobs is not None:
                     out.logprobs.append(token_logprobs(logits[row], tok, self._params[rid].logprobs))
-                self._detokenize(rid)
+                if on_token is not None or self._stops[rid].stop:
+                    self._detokenize(rid)
+                else:
+                    self._stale_text.add(rid)
             self.counters["generation_tokens"] += len(sampled)
         # Requests finished outside update(): stop strings found just now, aborts, admission errors
         # of requests that never ran.
@@ -262,6 +271,8 @@ class LLM:
             out.error = out.error or req.error
             out.num_preemptions = req.num_preemptions
             out.num_cached_tokens = req.num_cached_tokens
+            if req.request_id in self._stale_text:
+                self._detokenize(req.request_id)
             finished.append(out)
         ended = {o.request_id for o in finished}
         if on_token is not None:
@@ -287,6 +298,7 @@ class LLM:
 
     def _detokenize(self, rid: Hashable) -> None:
         """Refresh out.text from the tokens; a stop string truncates it and finishes the request."""
+        self._stale_text.discard(rid)
         out = self._outputs[rid]
         stops = self._stops[rid]
         if stops.stopped:  # a stop string already ended it; drop trailing tokens

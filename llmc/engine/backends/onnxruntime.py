@@ -139,7 +139,7 @@ class OrtSession:
         self.io = self.sess.io_binding()
         self.vocab_size = vocab_size
         self.pool: OrtKVPool | None = None
-        self._keep: list = []
+        self._inputs: dict[str, np.ndarray] = {}  # the buffer each step input is bound to
 
     def bind_pool(self, pool: OrtKVPool) -> None:
         for layer, (k, v) in enumerate(pool.ortvalues):
@@ -153,11 +153,18 @@ class OrtSession:
             raise RuntimeError("allocate_kv_pool() before step()")
         io = self.io
         for name, arr in feeds.items():
-            io.bind_cpu_input(name, arr)
+            # ORT reads a bound numpy buffer in place, so an input whose shape did not change since
+            # the last step (most of them in steady decode) is refreshed with a copy of a few int64s
+            # instead of a new binding (~10-20 us each from Python).
+            cur = self._inputs.get(name)
+            if cur is not None and cur.shape == arr.shape and cur.dtype == arr.dtype:
+                np.copyto(cur, arr)
+            else:
+                cur = self._inputs[name] = np.array(arr, copy=True, order="C")
+                io.bind_cpu_input(name, cur)
         # A fresh array per step (callers may keep it); ORT writes straight into it. glibc serves
         # repeated same-size allocations from its heap, so this costs no page faults after warm-up.
         out = np.empty((num_logits, self.vocab_size), np.float32)
         io.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-        self._keep = [feeds]  # inputs must outlive the run
         self.sess.run_with_iobinding(io)
         return out
