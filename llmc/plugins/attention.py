@@ -315,11 +315,10 @@ def _grouped_queries(g: GraphBuilder, d: AttentionDims, q: str, layer: int) -> s
 
 def _attend_decode_rows(g: GraphBuilder, t: Target, d: AttentionDims, qt: str, k: str, v: str,
                         bk: BucketInputs, name: str) -> str:
-    """The grouped MatMul/Softmax form for 1-token rows: qt [kvH, R, G, hd] -> [kvH, R, G, hd].
+    """The grouped MatMul/Softmax form for 1-token rows: qt [kvH, R, G, hd] -> [R, H*hd].
 
     With Qt = 1 the queries of a row are [kvH, G, hd] (see `_grouped_queries`), so the row
-    packing of the general form (two reshapes and a transpose each way) reduces to the gather;
-    the way back to [R, H*hd] is done once for all decode buckets (`_decode_rows_out`).
+    packing of the general form (two reshapes and a transpose each way) reduces to the gather.
     """
     hd = d.head_dim
     qs = g.op("Mul", [qt, g.const(np.float32(1.0 / np.sqrt(hd)), t.dtype)], name=f"{name}_qscale")
@@ -327,15 +326,9 @@ def _attend_decode_rows(g: GraphBuilder, t: Target, d: AttentionDims, qt: str, k
     scores = g.op("MatMul", [qs, kt], name=f"{name}_qk")                           # [kvH, R, G, S]
     scores = g.op("Where", [bk.mask, scores, g.const(np.float32(-np.inf), t.dtype)], name=f"{name}_mask")
     probs = g.op("Softmax", [scores], name=f"{name}_softmax", axis=-1)
-    return g.op("MatMul", [probs, v], name=f"{name}_pv")                           # [kvH, R, G, hd]
-
-
-def _decode_rows_out(g: GraphBuilder, d: AttentionDims, outs: list[str], layer: int) -> str:
-    """The decode buckets' grouped outputs [kvH, R_b, G, hd] -> [sum R_b, H*hd] in bucket order:
-    one Concat along the rows, one Transpose and one Reshape per layer, not per bucket."""
-    cat = outs[0] if len(outs) == 1 else g.op("Concat", outs, name=f"l{layer}_decode_rows", axis=1)
-    ot = g.op("Transpose", [cat], name=f"l{layer}_decode_ot", perm=[1, 0, 2, 3])   # [R, kvH, G, hd]
-    return g.op("Reshape", [ot, g.const([0, d.q_size])], name=f"l{layer}_decode_out")
+    out = g.op("MatMul", [probs, v], name=f"{name}_pv")                            # [kvH, R, G, hd]
+    ot = g.op("Transpose", [out], name=f"{name}_ot", perm=[1, 0, 2, 3])            # [R, kvH, G, hd]
+    return g.op("Reshape", [ot, g.const([0, d.q_size])], name=f"{name}_rows")
 
 
 def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVPool, q: str, k_new: str,
@@ -347,11 +340,8 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
     layer = pool.layer
     k_pool = pool.write("key", k_new, write_index)
     v_pool = pool.write("value", v_new, write_index)
-    outs, grouped_outs = [], []
+    outs = []
     grouped = [bk.impl == "decomposed" and bk.kind == "decode" for bk in buckets]
-    # Decode buckets come first and are never guarded (bucket_kinds, bucket_guarded), so their
-    # grouped outputs form the leading rows of the step's attention output.
-    assert grouped == sorted(grouped, reverse=True) and not any(g_ and bk.guarded for g_, bk in zip(grouped, buckets))
     q_grouped = _grouped_queries(g, d, q, layer) if any(grouped) else None
     for b, bk in enumerate(buckets):
         def attend(b=b, bk=bk) -> str:
@@ -367,11 +357,6 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
                 return _attend_fused(g, d, q4, kb, vb, bk, name)
             return _attend_decomposed(g, t, d, q4, kb, vb, bk, name)
 
-        if grouped[b]:
-            grouped_outs.append(attend())
-            if not grouped[b + 1:] or not grouped[b + 1]:
-                outs.append(_decode_rows_out(g, d, grouped_outs, layer))
-            continue
         if not bk.guarded:
             outs.append(attend())
             continue
