@@ -147,7 +147,7 @@ def test_prefill_budget_chunks_a_burst_and_never_holds_back_decodes():
     first_token_step: dict = {}
 
     def check(out):
-        prompt = sum(s.num_tokens for s in out.scheduled.values() if s.num_tokens > 1)
+        prompt = sum(s.num_tokens for s in out.scheduled.values() if s.is_prefill)
         assert prompt <= 6
         for rid, s in out.scheduled.items():
             if s.needs_logits:
@@ -391,7 +391,7 @@ def test_random_workloads_match_solo(data, block_size, max_seq_len, max_batch_si
     assert_matches_solo(done, reqs, max_seq_len)
     assert bm.num_used_blocks == 0
     if budget is not None:
-        assert all(sum(s.num_tokens for s in o.scheduled.values() if s.num_tokens > 1) <= budget for o in outputs)
+        assert all(sum(s.num_tokens for s in o.scheduled.values() if s.is_prefill) <= budget for o in outputs)
     event(f"preempted={any(o.preempted_ids for o in outputs)}")
     event(f"prefix hit={bm.prefix_hit_tokens > 0}")
     event(f"chunked={any(s.is_prefill and not s.needs_logits for o in outputs for s in o.scheduled.values())}")

@@ -334,8 +334,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < self.max_batch_size:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if n > 1:  # a prompt chunk (a decode feeds one token and is never held back)
+            left = req.num_tokens - req.num_computed_tokens
+            prompt = left > 1  # a prompt chunk (a decode feeds one token and is never held back)
+            n = min(left, budget)
+            if prompt:
                 n = min(n, prefill_left)
                 if n == 0:
                     i += 1
@@ -358,7 +360,7 @@ class Scheduler:
             else:
                 scheduled[req.request_id] = self._scheduled(req, n)
                 budget -= n
-                if n > 1:
+                if prompt:
                     prefill_left -= n
                 i += 1
 
