@@ -16,6 +16,7 @@ host ms per decode step outside the graph. Peers are optional (`pip install -e "
 whose package is missing is skipped with a note. Writes benchmarks/results/bench_decode.json.
 
     python benchmarks/bench_decode.py [--runs 5] [--new-tokens 128] [--threads N] [--no-peers]
+                                      [--engine NAME=ENGINE_DIR ...]   (extra llmc rows, e.g. "before")
 """
 
 from __future__ import annotations
@@ -268,20 +269,22 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None,
-                    help="intra-op threads for every system (default: physical cores); llmc's spinning "
+                    help="intra-op threads for every system (default: llmc's, physical cores - 1); llmc's spinning "
                          "follows LLMC_ORT_SPINNING (default off), the peers keep their own defaults")
     ap.add_argument("--no-peers", action="store_true", help="llmc rows only")
     ap.add_argument("--only", default=None, help="comma-separated row-name substrings to keep")
+    ap.add_argument("--engine", action="append", default=[], metavar="NAME=DIR",
+                    help="an extra llmc row on an existing engine (e.g. one built before a change)")
     args = ap.parse_args()
     from rich.console import Console
     from rich.table import Table
 
     from llmc import bench as b
-    from llmc.engine.backends.onnxruntime import physical_cores
+    from llmc.engine.backends.onnxruntime import default_threads
     from llmc.tokenizer import load_tokenizer
 
     console = Console(width=200)
-    threads = args.threads or physical_cores()
+    threads = args.threads or default_threads()
     console.print("building llmc engines (reused when unchanged)...")
     engines = {name: engine_for(r) for name, r in LLMC_RECIPES.items()}
     tok = load_tokenizer(engines["llmc fp32"])
@@ -289,6 +292,11 @@ def main() -> None:
     prompt = corpus[1000:1000 + args.prompt_len]
     ppl_ids = corpus[5000:5256]
 
+    for spec in args.engine:
+        name, sep, path = spec.partition("=")
+        if not sep or not Path(path).is_dir():
+            ap.error(f"--engine wants NAME=ENGINE_DIR, got {spec!r}")
+        engines[name] = Path(path)
     makers: dict[str, Callable[[], Runner]] = {
         name: (lambda name=name, e=e: LlmcRunner(name, e, args.threads)) for name, e in engines.items()}
     notes: list[str] = []

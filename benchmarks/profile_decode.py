@@ -4,7 +4,11 @@ Runs one request (32-token prompt, N generated tokens) on an engine with ORT pro
 the decode steps' node events, and prints the time per step by op type (median step), the
 number of nodes run per step and the graph time vs the host time of a step.
 
-    python benchmarks/profile_decode.py ENGINE_DIR [--tokens 32] [--threads N] [--json out.json]
+    python benchmarks/profile_decode.py ENGINE_DIR [ENGINE_DIR_AFTER] [--tokens 32] [--threads N] [--json out.json]
+
+With two engines (e.g. the same checkpoint built before and after a change) both are profiled
+back to back and one table shows kernels and us per step by op type side by side. ORT profiling
+adds a few us per node, so compare the two columns, not the totals with unprofiled timings.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ def profile(engine_dir: Path, tokens: int = 32, threads: int | None = None) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("engine", type=Path)
+    ap.add_argument("after", type=Path, nargs="?", default=None, help="a second engine for a before/after table")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -90,6 +95,23 @@ def main() -> None:
     from rich.table import Table
 
     r = profile(args.engine, args.tokens, args.threads)
+    if args.after is not None:
+        a = profile(args.after, args.tokens, args.threads)
+        t = Table(title=f"decode step by op type (us per step, median step): {args.engine} -> {args.after}")
+        for c in ("op type", "before: kernels", "before: us", "after: kernels", "after: us"):
+            t.add_column(c)
+        ops = sorted(set(r["op_us_per_step"]) | set(a["op_us_per_step"]),
+                     key=lambda o: -max(r["op_us_per_step"].get(o, 0), a["op_us_per_step"].get(o, 0)))
+        for op in ops:
+            t.add_row(op, str(r["op_nodes_per_step"].get(op, 0)), f"{r['op_us_per_step'].get(op, 0):.0f}",
+                      str(a["op_nodes_per_step"].get(op, 0)), f"{a['op_us_per_step'].get(op, 0):.0f}")
+        t.add_row("all kernels (sum / model run)", str(r["nodes_per_step"]),
+                  f"{r['kernel_us_p50']:.0f} / {r['model_run_us_p50']:.0f}", str(a["nodes_per_step"]),
+                  f"{a['kernel_us_p50']:.0f} / {a['model_run_us_p50']:.0f}")
+        Console().print(t)
+        if args.json:
+            args.json.write_text(json.dumps({"before": r, "after": a}, indent=2) + "\n")
+        return
     t = Table(title=f"decode step by op type: {args.engine} ({r['nodes_per_step']} nodes/step, "
                     f"model_run p50 {r['model_run_us_p50'] / 1e3:.2f} ms)")
     for c in ("op type", "nodes", "us/step", "share"):

@@ -267,6 +267,7 @@ def test_pipeline_refuses_to_replace_a_directory_llmc_did_not_write(hf_src, tmp_
     (["--request-rate", "0"], "--request-rate must be a positive"),
     (["--request-rate", "nan"], "--request-rate must be a positive"),
     (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+    (["--prefill-budget", "0"], "--prefill-budget must be >= 1"),
     (["--kv-cache-mb", "-5"], "--kv-cache-mb must be a positive"),
     (["--sweep", "max-batch-size=2,0"], "must be >= 1"),
     (["--input-len", "600:700", "--num-requests", "2"], "max_input_len 48"),

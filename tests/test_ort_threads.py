@@ -2,14 +2,15 @@
 
 import pytest
 
-from llmc.engine.backends.onnxruntime import DEFAULT_SPINNING, physical_cores, session_options, thread_settings
+from llmc.engine.backends.onnxruntime import DEFAULT_SPINNING, default_threads, physical_cores, session_options, thread_settings
 from llmc.errors import LlmcError
 
 
 def test_defaults_and_environment(monkeypatch):
     monkeypatch.delenv("LLMC_ORT_THREADS", raising=False)
     monkeypatch.delenv("LLMC_ORT_SPINNING", raising=False)
-    assert thread_settings() == (physical_cores(), DEFAULT_SPINNING)
+    assert thread_settings() == (default_threads(), DEFAULT_SPINNING)
+    assert default_threads() == max(1, physical_cores() - 1)
     monkeypatch.setenv("LLMC_ORT_THREADS", "3")
     monkeypatch.setenv("LLMC_ORT_SPINNING", "1")
     assert thread_settings() == (3, True)

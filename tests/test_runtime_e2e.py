@@ -39,9 +39,9 @@ def _alone(engine: Path, prompts: list[list[int]], new: list[int]) -> list[list[
     return outs
 
 
-def _inflight(engine: Path, prompts: list[list[int]], new: list[int], num_blocks: int):
+def _inflight(engine: Path, prompts: list[list[int]], new: list[int], num_blocks: int, prefill_budget=None):
     """Staggered arrivals: two requests first, the rest join while those are decoding."""
-    llm = LLM(engine, num_blocks=num_blocks)
+    llm = LLM(engine, num_blocks=num_blocks, prefill_budget=prefill_budget)
     done = {}
     pending = list(range(len(prompts)))
     for i in pending[:2]:
@@ -77,6 +77,17 @@ def test_inflight_matches_alone_tiny(tiny_engine):
     assert llm.block_manager.num_used_blocks == 0
     llm.block_manager.check_invariants()
     assert llm.block_manager.prefix_hit_tokens > 0, "the shared system prompt should hit the prefix cache"
+
+
+def test_prefill_budget_keeps_greedy_outputs(tiny_engine):
+    """The prefill-budget policy only changes how prompts are chunked into steps: a float engine's
+    greedy outputs are the same token for token (and prompts still hit the prefix cache)."""
+    prompts, new = _workload(tiny_engine)
+    expected = _alone(tiny_engine, prompts, new)
+    llm, outs = _inflight(tiny_engine, prompts, new, num_blocks=64, prefill_budget=7)
+    assert [o.output_token_ids for o in outs] == expected
+    assert max(s.num_tokens - s.num_decode for s in llm.step_stats) <= 7
+    assert llm.block_manager.num_used_blocks == 0
 
 
 def test_bad_requests_fail_alone(tiny_engine):

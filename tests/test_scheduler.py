@@ -138,6 +138,32 @@ def test_chunked_prefill_mixes_with_decode():
     assert out.scheduled["b"].is_prefill and not out.scheduled["a"].is_prefill
 
 
+def test_prefill_budget_chunks_a_burst_and_never_holds_back_decodes():
+    """At most `prefill_budget` prompt tokens per step; running decodes always go on; requests
+    get their first token in arrival order, the first after one small step."""
+    bm = BlockManager(num_blocks=256, block_size=4)
+    sched = Scheduler(bm, max_batch_size=8, max_num_tokens=64, max_seq_len=64, prefill_budget=6)
+    reqs = [make(i, list(range(10 * i + 1, 10 * i + 11)), max_new=6) for i in range(5)]
+    first_token_step: dict = {}
+
+    def check(out):
+        prompt = sum(s.num_tokens for s in out.scheduled.values() if s.is_prefill)
+        assert prompt <= 6
+        for rid, s in out.scheduled.items():
+            if s.needs_logits:
+                first_token_step.setdefault(rid, out.step)
+        decoding = [r.request_id for r in sched.running if r.num_computed_tokens == r.num_tokens - 1
+                    and r.output_token_ids]
+        assert set(decoding) <= set(out.scheduled)  # no decode held back by the budget
+
+    done, outputs = run(sched, {0: reqs}, on_step=check)
+    assert_matches_solo(done, reqs, 64)
+    steps = [first_token_step[r.request_id] for r in reqs]
+    assert steps == sorted(steps) and steps[0] == 2  # 10 prompt tokens: chunks of 6 + 4
+    with pytest.raises(LlmcError):
+        Scheduler(bm, 8, 64, 64, prefill_budget=0)
+
+
 def test_fcfs_admission_order_and_batch_limit():
     bm = BlockManager(num_blocks=64, block_size=4)
     sched = Scheduler(bm, max_batch_size=2, max_num_tokens=100, max_seq_len=64)
@@ -297,7 +323,7 @@ def test_no_chunked_prefill_feeds_whole_prompt():
     assert_matches_solo(done, reqs, 32)
 
 
-def test_packed_batch_matches_per_request_view():
+def test_step_batch_matches_per_request_view():
     bm = BlockManager(num_blocks=32, block_size=4)
     sched = Scheduler(bm, max_batch_size=4, max_num_tokens=10, max_seq_len=64)
     model = FakeModel(bm)
@@ -306,14 +332,15 @@ def test_packed_batch_matches_per_request_view():
     sched.update(out, model.step(out))
     sched.add_request(make("b", list(range(20)), max_new=5))
     out = sched.schedule()  # a decodes (1 token), b prefills a 9-token chunk without logits
-    pb = out.packed()
-    assert list(pb.query_lens) == [1, 9] and list(pb.query_starts) == [0, 1]
-    assert list(pb.input_ids) == out.scheduled["a"].token_ids + out.scheduled["b"].token_ids
-    assert list(pb.slot_mapping) == out.scheduled["a"].slot_mapping + out.scheduled["b"].slot_mapping
-    assert list(pb.positions[:2]) == [3, 0] and list(pb.context_lens) == [4, 9]
-    assert list(pb.logits_indices) == [0] and pb.logits_request_ids == ["a"] == out.logits_request_ids
+    sb = out.step_batch()
+    assert [(s.query_start, s.query_len) for s in sb.seqs] == [(0, 1), (1, 9)]
+    assert list(sb.input_ids) == out.scheduled["a"].token_ids + out.scheduled["b"].token_ids
+    assert list(sb.slot_mapping) == out.scheduled["a"].slot_mapping + out.scheduled["b"].slot_mapping
+    assert list(sb.positions[:2]) == [3, 0] and [s.context_len for s in sb.seqs] == [4, 9]
+    assert [s.block_table for s in sb.seqs] == [out.scheduled["a"].block_table, out.scheduled["b"].block_table]
+    assert list(sb.logits_indices) == [0] and out.logits_request_ids == ["a"]
     sched.update(out, model.step(out))
-    empty = Scheduler(bm, 1, 1, 8).schedule().packed()
+    empty = Scheduler(bm, 1, 1, 8).schedule().step_batch()
     assert empty.input_ids.shape == (0,) and empty.logits_indices.shape == (0,)
 
 
@@ -348,7 +375,8 @@ def test_random_workloads_match_solo(data, block_size, max_seq_len, max_batch_si
     min_blocks = -(-max_seq_len // block_size)
     num_blocks = data.draw(st.integers(min_blocks, 2 * min_blocks), label="num_blocks")
     bm = BlockManager(num_blocks, block_size, enable_prefix_caching=caching)
-    sched = Scheduler(bm, max_batch_size, max_num_tokens, max_seq_len)
+    budget = data.draw(st.one_of(st.none(), st.integers(1, 8)), label="prefill_budget")
+    sched = Scheduler(bm, max_batch_size, max_num_tokens, max_seq_len, prefill_budget=budget)
     prefixes = [[], [3, 1, 4, 1, 5], [3, 1, 4, 2]]
     arrivals: dict[int, list[Request]] = {}
     reqs = []
@@ -362,6 +390,8 @@ def test_random_workloads_match_solo(data, block_size, max_seq_len, max_batch_si
     done, outputs = run(sched, arrivals)
     assert_matches_solo(done, reqs, max_seq_len)
     assert bm.num_used_blocks == 0
+    if budget is not None:
+        assert all(sum(s.num_tokens for s in o.scheduled.values() if s.is_prefill) <= budget for o in outputs)
     event(f"preempted={any(o.preempted_ids for o in outputs)}")
     event(f"prefix hit={bm.prefix_hit_tokens > 0}")
     event(f"chunked={any(s.is_prefill and not s.needs_logits for o in outputs for s in o.scheduled.values())}")

@@ -158,9 +158,10 @@ def test_client_disconnect_cancels_and_frees_kv_blocks(server):
             got = [line for _, line in zip(range(4), lines)]
             assert any(line.startswith("data:") for line in got)
     _wait_for(lambda: _abort_count(server) == before + 1)
-    # A non-streamed request whose client gives up is cancelled too.
+    # A non-streamed request whose client gives up is cancelled too. (The client gives up after
+    # 5 ms: 170 tiny-model tokens took ~50 ms, so a 50 ms read timeout could see the whole answer.)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", headers=AUTH, timeout=httpx.Timeout(30, read=0.05),
+        httpx.post(server.url + "/v1/completions", headers=AUTH, timeout=httpx.Timeout(30, read=0.005),
                    json={"prompt": "another", "max_tokens": 170, "ignore_eos": True})
     _wait_for(lambda: _abort_count(server) == before + 2)
     m = server.wait_idle()

@@ -156,15 +156,13 @@ def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: Checkpoi
     qk_heads = d.num_heads + d.num_kv_heads
     h = emit_rmsnorm(g, target, x, lw.input_layernorm, cfg.norm_epsilon, f"{p}.input_layernorm")
     qkv = emit_linear(g, target, h, lw.qkv, f"{p}.attention.qkv")
-    qk, v = g.op("Split", [qkv, g.const([d.q_size + d.kv_size, d.kv_size])], n_out=2,
-                 name=f"l{i}_qkv_split", axis=-1)
-    qk3 = g.op("Reshape", [qk, g.const([0, qk_heads, d.head_dim])], name=f"l{i}_qk_heads")
+    # Heads first, then one Split: q, k, v stay [T, heads, hd] (no per-part reshapes).
+    qkv3 = g.op("Reshape", [qkv, g.const([0, qk_heads + d.num_kv_heads, d.head_dim])], name=f"l{i}_qkv_heads")
+    qk3, v3 = g.op("Split", [qkv3, g.const([qk_heads, d.num_kv_heads])], n_out=2, name=f"l{i}_qkv_split", axis=1)
     qk3 = emit_rope(g, qk3, cos, sin, d.head_dim, f"l{i}_rope")
     q3, k3 = g.op("Split", [qk3, g.const([d.num_heads, d.num_kv_heads])], n_out=2, name=f"l{i}_qk_split", axis=1)
-    q = g.op("Reshape", [q3, g.const([0, d.q_size])], name=f"l{i}_q")
-    v3 = g.op("Reshape", [v, g.const([0, d.num_kv_heads, d.head_dim])], name=f"l{i}_v")
     pool = KVPool(g, target, d, i, kvq or "float", lw.kv_cache_scale)
-    attn = emit_paged_attention(g, target, d, pool, q, k3, v3, scatter_index, buckets, out_index)
+    attn = emit_paged_attention(g, target, d, pool, q3, k3, v3, scatter_index, buckets, out_index)
     attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
     x = g.op("Add", [x, attn], name=f"l{i}_residual_attn")
     h = emit_rmsnorm(g, target, x, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")

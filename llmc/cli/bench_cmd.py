@@ -20,6 +20,7 @@ def bench(
     seed: int = typer.Option(0, help="Workload seed."),
     kv_cache_mb: float = typer.Option(None, "--kv-cache-mb", help="KV pool size (default: enough for max_batch_size full sequences, within free memory)."),
     max_batch_size: int = typer.Option(None, "--max-batch-size", help="Runtime cap on sequences per step (<= the engine's)."),
+    prefill_budget: int = typer.Option(None, "--prefill-budget", help="At most N prompt tokens per step, decodes not counted (scheduler policy; default: prompts fill max_num_tokens)."),
     json_out: Path = typer.Option(None, "--output", help="Also write all figures as JSON to this file."),
     as_json: bool = typer.Option(False, "--json", help="Print all figures as one JSON document on stdout and nothing else (the table goes to stderr)."),
     sweep: str = typer.Option(None, "--sweep", help="e.g. max-batch-size=1,2,4,8,16: run once per value; writes CSV/JSON and a throughput-latency PNG."),
@@ -35,11 +36,12 @@ def bench(
     from llmc.cli.output import err_console, out_console, print_json
     from llmc.errors import LlmcError
 
-    _check_workload_options(num_requests, concurrency, request_rate, max_batch_size, kv_cache_mb)
+    _check_workload_options(num_requests, concurrency, request_rate, max_batch_size, kv_cache_mb, prefill_budget)
     in_range, out_range = b.parse_range(input_len, "--input-len"), b.parse_range(output_len, "--output-len")
     if url is not None:
-        if sweep or kv_cache_mb is not None or max_batch_size is not None:
-            raise LlmcError("--sweep, --kv-cache-mb and --max-batch-size apply to an in-process engine, not --url")
+        if sweep or kv_cache_mb is not None or max_batch_size is not None or prefill_budget is not None:
+            raise LlmcError("--sweep, --kv-cache-mb, --max-batch-size and --prefill-budget apply to an in-process "
+                            "engine, not --url (give --prefill-budget to `llmc serve`)")
         _bench_url(url, engine_dir, tokenizer_dir, model, prompt_format, api_key, dataset, num_requests,
                    in_range, out_range, seed, request_rate, concurrency, json_out, as_json,
                    f"{num_requests} requests, in {input_len}, out {output_len}")
@@ -49,7 +51,7 @@ def bench(
     values = _sweep_values(sweep) if sweep else [max_batch_size]
     console = err_console() if as_json else out_console()
     bandwidth = b.measure_memory_bandwidth()
-    rows = [_bench_engine(engine_dir, value, kv_cache_mb, dataset, num_requests, in_range, out_range, input_len,
+    rows = [_bench_engine(engine_dir, value, kv_cache_mb, prefill_budget, dataset, num_requests, in_range, out_range, input_len,
                           seed, request_rate, concurrency, bandwidth) for value in values]
     _print_engine_table(console, rows, f"llmc bench: {engine_dir} ({num_requests} requests, in {input_len}, "
                         f"out {output_len})", bandwidth)
@@ -62,7 +64,8 @@ def bench(
         console.print(f"sweep written to {sweep_out}/sweep.{{csv,json,png}}")
 
 
-def _check_workload_options(num_requests, concurrency, request_rate, max_batch_size, kv_cache_mb) -> None:
+def _check_workload_options(num_requests, concurrency, request_rate, max_batch_size, kv_cache_mb,
+                            prefill_budget) -> None:
     """One-line errors for workload settings that cannot run, before an engine is loaded."""
     import math
 
@@ -78,6 +81,8 @@ def _check_workload_options(num_requests, concurrency, request_rate, max_batch_s
         raise LlmcError(f"--request-rate must be a positive number of requests/s, got {request_rate}")
     if max_batch_size is not None and max_batch_size < 1:
         raise LlmcError(f"--max-batch-size must be >= 1, got {max_batch_size}")
+    if prefill_budget is not None and prefill_budget < 1:
+        raise LlmcError(f"--prefill-budget must be >= 1 prompt tokens per step, got {prefill_budget}")
     if kv_cache_mb is not None and not (math.isfinite(kv_cache_mb) and kv_cache_mb > 0):
         raise LlmcError(f"--kv-cache-mb must be a positive number, got {kv_cache_mb}")
 
@@ -98,7 +103,7 @@ def _sweep_values(sweep: str) -> list[int]:
     return values
 
 
-def _bench_engine(engine_dir, max_batch_size, kv_cache_mb, dataset, num_requests, in_range, out_range, input_len,
+def _bench_engine(engine_dir, max_batch_size, kv_cache_mb, prefill_budget, dataset, num_requests, in_range, out_range, input_len,
                   seed, request_rate, concurrency, bandwidth) -> dict:
     """One workload run on a fresh engine (after a warm-up), plus memory-bandwidth utilisation of
     its decode steps and of a batch-1 decode, the figure that says how far from the roofline it is."""
@@ -106,7 +111,7 @@ def _bench_engine(engine_dir, max_batch_size, kv_cache_mb, dataset, num_requests
     from llmc.errors import LlmcError
     from llmc.runtime.llm import LLM
 
-    llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, max_batch_size=max_batch_size)
+    llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, max_batch_size=max_batch_size, prefill_budget=prefill_budget)
     if in_range[1] > llm.max_input_len:
         raise LlmcError(f"--input-len {input_len}: prompts of up to {in_range[1]} tokens exceed the engine's "
                         f"max_input_len {llm.max_input_len}")

@@ -30,11 +30,16 @@ def serve(
     metrics_port: int = typer.Option(8002, "--metrics-port", help="triton: Prometheus metrics port (nv_* and llmc_*)."),
     instances: int = typer.Option(1, "--instances", help="triton: model instances (each its own engine loop and KV pool)."),
     max_batch_size: int = typer.Option(None, "--max-batch-size", help="triton: sequences in flight per instance (default and maximum: the engine's)."),
+    prefill_budget: int = typer.Option(None, "--prefill-budget", help="At most N prompt tokens per engine step, decodes not counted: a burst of prompts enters in chunks between the running decodes (bounds TTFT and inter-token latency; default: prompts fill the step's max_num_tokens)."),
 ) -> None:
     """Serve an engine over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
     from llmc.errors import LlmcError
 
+    if prefill_budget is not None and prefill_budget < 1:
+        raise LlmcError(f"--prefill-budget must be >= 1 prompt tokens per step, got {prefill_budget}")
     if frontend == "triton":
+        if prefill_budget is not None:
+            raise LlmcError("--prefill-budget applies to the openai frontend (the Triton backend keeps its default)")
         try:
             from llmc.serve.triton import serve_triton
         except ModuleNotFoundError as exc:
@@ -63,4 +68,4 @@ def serve(
         raise LlmcError("no such engine directory", engine_dir)
     run_server(engine_dir, host=host, port=port, model_name=model_name, max_queue=max_queue,
                kv_cache_mb=kv_cache_mb, api_key=api_key or os.environ.get("LLMC_API_KEY") or None,
-               drain_timeout=drain_timeout, log_level=log_level, access_log=access_log)
+               drain_timeout=drain_timeout, log_level=log_level, access_log=access_log, prefill_budget=prefill_budget)

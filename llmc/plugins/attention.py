@@ -141,7 +141,8 @@ def bucket_guarded(t: Target, b: int, kind: str) -> bool:
     Attention node refuses an empty batch, so without the If every decode-only step (all of
     single-stream decode) computes a dummy row in every layer; a skipped If costs ~10 us. Decode
     buckets stay flat: empty, their kernels return at once (~1 us each on one thread), and a taken
-    If costs more than that (guarding them too measured 0.8x in-flight throughput). TensorRT
+    If costs more than that (guarding them too measured 0.8x in-flight throughput, twice: the
+    second decode bucket is split off in most in-flight steps; single-stream gained 2%). TensorRT
     keeps the flat graph (no data-dependent control flow in its profiles)."""
     return not t.is_trt and kind != "decode"
 
@@ -305,16 +306,21 @@ def _attend_decomposed(g: GraphBuilder, t: Target, d: AttentionDims, q4: str, k:
     return g.op("Reshape", [ot, bk.rows_shape], name=f"{name}_rows")
 
 
-def _attend_decode_rows(g: GraphBuilder, t: Target, d: AttentionDims, qb: str, k: str, v: str,
-                        bk: BucketInputs, name: str) -> str:
-    """The grouped MatMul/Softmax form for 1-token rows: qb [R, H*hd] -> [R, H*hd].
+def _grouped_queries(g: GraphBuilder, d: AttentionDims, q: str, layer: int) -> str:
+    """q [T, H, hd] -> [kvH, T, G, hd], once per layer: every decode bucket then gathers its rows
+    along axis 1 with one Gather (instead of Gather + Reshape + Transpose per bucket)."""
+    q4 = g.op("Reshape", [q, g.const([0, d.num_kv_heads, d.groups, d.head_dim])], name=f"l{layer}_q_groups")
+    return g.op("Transpose", [q4], name=f"l{layer}_q_grouped", perm=[1, 0, 2, 3])
 
-    With Qt = 1 the queries of a row are already [kvH, G, hd] after one reshape, so the row
-    packing of the general form (two reshapes and a transpose each way) reduces to one Transpose.
+
+def _attend_decode_rows(g: GraphBuilder, t: Target, d: AttentionDims, qt: str, k: str, v: str,
+                        bk: BucketInputs, name: str) -> str:
+    """The grouped MatMul/Softmax form for 1-token rows: qt [kvH, R, G, hd] -> [R, H*hd].
+
+    With Qt = 1 the queries of a row are [kvH, G, hd] (see `_grouped_queries`), so the row
+    packing of the general form (two reshapes and a transpose each way) reduces to the gather.
     """
-    kvh, grp, hd = d.num_kv_heads, d.groups, d.head_dim
-    q4 = g.op("Reshape", [qb, g.const([0, kvh, grp, hd])], name=f"{name}_q4")     # [R, kvH, G, hd]
-    qt = g.op("Transpose", [q4], name=f"{name}_qt", perm=[1, 0, 2, 3])             # [kvH, R, G, hd]
+    hd = d.head_dim
     qs = g.op("Mul", [qt, g.const(np.float32(1.0 / np.sqrt(hd)), t.dtype)], name=f"{name}_qscale")
     kt = g.op("Transpose", [k], name=f"{name}_kt", perm=[0, 1, 3, 2])              # [kvH, R, hd, S]
     scores = g.op("MatMul", [qs, kt], name=f"{name}_qk")                           # [kvH, R, G, S]
@@ -327,7 +333,7 @@ def _attend_decode_rows(g: GraphBuilder, t: Target, d: AttentionDims, qb: str, k
 
 def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVPool, q: str, k_new: str,
                          v_new: str, write_index: str, buckets: list[BucketInputs], out_index: str) -> str:
-    """q [T, H*hd], k_new/v_new [T, kvH, hd] -> attention output [T, H*hd] (packed order).
+    """q [T, H, hd], k_new/v_new [T, kvH, hd] -> attention output [T, H*hd] (packed order).
 
     write_index: the [T, kvH, 3] ScatterND indices from `emit_write_index`.
     """
@@ -335,14 +341,17 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
     k_pool = pool.write("key", k_new, write_index)
     v_pool = pool.write("value", v_new, write_index)
     outs = []
+    grouped = [bk.impl == "decomposed" and bk.kind == "decode" for bk in buckets]
+    q_grouped = _grouped_queries(g, d, q, layer) if any(grouped) else None
     for b, bk in enumerate(buckets):
         def attend(b=b, bk=bk) -> str:
-            qb = g.op("Gather", [q, bk.q_index], name=f"l{layer}_b{b}_q_rows", axis=0)
             kb = pool.read(k_pool, "key", bk, b)
             vb = pool.read(v_pool, "value", bk, b)
             name = f"l{layer}_b{b}_attention"
-            if bk.impl == "decomposed" and bk.kind == "decode":
-                return _attend_decode_rows(g, t, d, qb, kb, vb, bk, name)
+            if grouped[b]:
+                qt = g.op("Gather", [q_grouped, bk.q_index], name=f"l{layer}_b{b}_q_rows", axis=1)  # [kvH, R, G, hd]
+                return _attend_decode_rows(g, t, d, qt, kb, vb, bk, name)
+            qb = g.op("Gather", [q, bk.q_index], name=f"l{layer}_b{b}_q_rows", axis=0)
             q4 = g.op("Reshape", [qb, bk.q_shape], name=f"l{layer}_b{b}_q")            # [R, Qt, H, hd]
             if bk.impl == "fused":
                 return _attend_fused(g, d, q4, kb, vb, bk, name)

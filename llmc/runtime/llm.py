@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Iterable, Iterator
 
-import numpy as np
 
 from llmc.errors import LlmcError
 from llmc.runtime.kv_blocks import BlockManager, blocks_for_budget
@@ -86,7 +85,11 @@ class LLM:
     def __init__(self, engine_dir: str | Path, kv_cache_mb: float | None = None,
                  kv_fraction: float | None = None, max_batch_size: int | None = None,
                  max_num_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 num_blocks: int | None = None, num_threads: int | None = None):
+                 num_blocks: int | None = None, num_threads: int | None = None,
+                 prefill_budget: int | None = None):
+        """prefill_budget: at most this many prompt tokens per step (decodes not counted), which
+        bounds TTFT and inter-token latency under a burst of prompts (see Scheduler); None: prompts
+        take whatever max_num_tokens leaves."""
         from llmc.engine import load_engine
         from llmc.tokenizer import eos_token_ids, load_tokenizer
 
@@ -125,7 +128,7 @@ class LLM:
         self.engine.allocate_kv_pool(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.max_num_tokens,
-                                   self.max_seq_len)
+                                   self.max_seq_len, prefill_budget=prefill_budget)
         self.tokenizer = load_tokenizer(Path(engine_dir))
         self.eos_ids = frozenset(eos_token_ids(Path(engine_dir)))
         self.bos_token_id = self.tokenizer.bos_token_id
@@ -135,6 +138,10 @@ class LLM:
         self._params: dict[Hashable, SamplingParams] = {}
         self._stops: dict[Hashable, StopChecker] = {}
         self._sent: dict[Hashable, int] = {}  # characters of out.text handed to on_token so far
+        # Requests whose out.text lags their tokens: without stop strings and without a token
+        # callback nothing reads the text mid-request, so decoding it every step (O(length) each)
+        # is deferred to get_output() / the finish.
+        self._stale_text: set[Hashable] = set()
         self.step_stats: list[StepStats] = []
         # One StepStats per step for benchmarks; a long-running server turns it off (the list would
         # grow without bound) and reads `counters` instead.
@@ -200,6 +207,8 @@ class LLM:
 
     def get_output(self, request_id: Hashable) -> RequestOutput | None:
         """The live output of a request not yet handed back by `step()` (None otherwise)."""
+        if request_id in self._stale_text:
+            self._detokenize(request_id)
         return self._outputs.get(request_id)
 
     def has_unfinished(self) -> bool:
@@ -218,33 +227,21 @@ class LLM:
         That includes requests finished outside the model step (a stop string, `abort()`, a
         prompt rejected at admission), even when nothing was left to schedule.
         """
-        from llmc.engine.step import SeqSlice, StepBatch
-
         sched = self.scheduler.schedule()
         now = time.perf_counter()
         sampled: dict[Hashable, int] = {}
         done: list = []
         if not sched.is_empty:
-            ids, pos, slots, seqs, logit_rows, logit_rids = [], [], [], [], [], []
-            for rid, s in sched.scheduled.items():
-                start = len(ids)
-                ids += s.token_ids
-                pos += s.positions
-                slots += s.slot_mapping
-                seqs.append(SeqSlice(start, s.num_tokens, s.context_len, s.block_table))
-                if s.needs_logits:
-                    logit_rows.append(len(ids) - 1)
-                    logit_rids.append(rid)
-            batch = StepBatch(np.asarray(ids, np.int64), np.asarray(pos, np.int64),
-                              np.asarray(slots, np.int64), seqs, np.asarray(logit_rows, np.int64))
+            batch = sched.step_batch()
+            logit_rids = sched.logits_request_ids
             t0 = time.perf_counter()
             logits = self.engine.step(batch)
             now = time.perf_counter()
             if self.record_step_stats:
-                self.step_stats.append(StepStats(sched.step, len(ids), len(seqs),
+                self.step_stats.append(StepStats(sched.step, batch.num_tokens, len(batch.seqs),
                                                  sum(1 for s in sched.scheduled.values() if not s.is_prefill),
                                                  now - t0, self.block_manager.num_used_blocks,
-                                                 sum(s.context_len for s in seqs)))
+                                                 sum(s.context_len for s in batch.seqs)))
             self._count(sched)
             if logit_rids:
                 tokens = self.sampler.sample(logits, [self._params[r] for r in logit_rids], logit_rids)
@@ -257,7 +254,10 @@ class LLM:
                 out.output_token_ids.append(tok)
                 if out.logprobs is not None:
                     out.logprobs.append(token_logprobs(logits[row], tok, self._params[rid].logprobs))
-                self._detokenize(rid)
+                if on_token is not None or self._stops[rid].stop:
+                    self._detokenize(rid)
+                else:
+                    self._stale_text.add(rid)
             self.counters["generation_tokens"] += len(sampled)
         # Requests finished outside update(): stop strings found just now, aborts, admission errors
         # of requests that never ran.
@@ -271,6 +271,8 @@ class LLM:
             out.error = out.error or req.error
             out.num_preemptions = req.num_preemptions
             out.num_cached_tokens = req.num_cached_tokens
+            if req.request_id in self._stale_text:
+                self._detokenize(req.request_id)
             finished.append(out)
         ended = {o.request_id for o in finished}
         if on_token is not None:
@@ -296,6 +298,7 @@ class LLM:
 
     def _detokenize(self, rid: Hashable) -> None:
         """Refresh out.text from the tokens; a stop string truncates it and finishes the request."""
+        self._stale_text.discard(rid)
         out = self._outputs[rid]
         stops = self._stops[rid]
         if stops.stopped:  # a stop string already ended it; drop trailing tokens

@@ -10,7 +10,13 @@ Policy, and why:
 - FCFS. Running requests (arrival order) are served first so started work finishes and frees its
   blocks; then waiting requests are admitted in arrival order, stopping at the first that does not
   fit (no overtaking, so a long prompt cannot starve).
-- Budgets: at most `max_batch_size` sequences and `max_num_tokens` fed tokens per step.
+- Budgets: at most `max_batch_size` sequences and `max_num_tokens` fed tokens per step, and
+  optionally at most `prefill_budget` prompt tokens per step (decode tokens are not counted), as
+  vLLM's chunked prefill does with max_num_batched_tokens. A burst of long prompts then enters in
+  small chunks interleaved with the running decodes instead of a few max_num_tokens-sized steps:
+  the first requests get their first token after one small step, later ones in arrival order, and
+  running streams keep a bounded inter-token latency (see README, serving; bench_runtime shows both
+  policies). Off (None): prompts fill whatever max_num_tokens leaves.
 - Out of KV blocks while serving a running request: preempt the most recently arrived running
   request (it has done the least work under FCFS), free its blocks and put it back at the front of
   the waiting queue. It later recomputes prompt + generated tokens (prefix-cache hits make that
@@ -29,12 +35,15 @@ import bisect
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Mapping
+from typing import TYPE_CHECKING, Any, Hashable, Mapping
 
 import numpy as np
 
 from llmc.errors import LlmcError
 from llmc.runtime.kv_blocks import BlockManager
+
+if TYPE_CHECKING:  # pragma: no cover
+    from llmc.engine.step import StepBatch
 
 
 class RequestStatus(enum.Enum):
@@ -141,43 +150,28 @@ class SchedulerOutput:
         """Requests that need a sampled token from this step, in `scheduled` order."""
         return [rid for rid, s in self.scheduled.items() if s.needs_logits]
 
-    def packed(self) -> PackedBatch:
-        """All scheduled tokens concatenated (no padding), as a packed engine step consumes them.
+    def step_batch(self) -> StepBatch:
+        """The engine step for this output: all scheduled tokens concatenated (no padding).
 
         Row i of the engine's logits belongs to `logits_request_ids[i]`: the last fed token of
-        each request that needs logits.
+        each request that needs logits. The only path from a schedule to the engine (LLM.step).
         """
-        seqs = list(self.scheduled.values())
-        lens = np.array([s.num_tokens for s in seqs], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if seqs else lens
-        flat = lambda attr: np.array([t for s in seqs for t in getattr(s, attr)], dtype=np.int64)  # noqa: E731
-        need = np.array([s.needs_logits for s in seqs], dtype=bool)
-        return PackedBatch(
-            input_ids=flat("token_ids"),
-            positions=flat("positions"),
-            slot_mapping=flat("slot_mapping"),
-            query_starts=starts,
-            query_lens=lens,
-            context_lens=np.array([s.context_len for s in seqs], dtype=np.int64),
-            block_tables=[s.block_table for s in seqs],
-            logits_indices=(starts + lens - 1)[need] if seqs else lens,
-            logits_request_ids=[s.request_id for s in seqs if s.needs_logits],
-        )
+        from llmc.engine.step import SeqSlice, StepBatch
 
-
-@dataclass
-class PackedBatch:
-    """Numpy view of one step for a packed (varlen) model: maps 1:1 onto the engine's StepBatch."""
-
-    input_ids: np.ndarray  # int64 [T]
-    positions: np.ndarray  # int64 [T]
-    slot_mapping: np.ndarray  # int64 [T]
-    query_starts: np.ndarray  # int64 [S] offset of each sequence's tokens in the arrays above
-    query_lens: np.ndarray  # int64 [S]
-    context_lens: np.ndarray  # int64 [S]
-    block_tables: list[list[int]]  # [S]
-    logits_indices: np.ndarray  # int64 [L] token indices whose logits are needed
-    logits_request_ids: list[Hashable]  # [L] request of each logits row
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        seqs, rows = [], []
+        for s in self.scheduled.values():
+            start = len(ids)
+            ids += s.token_ids
+            pos += s.positions
+            slots += s.slot_mapping
+            seqs.append(SeqSlice(start, s.num_tokens, s.context_len, s.block_table))
+            if s.needs_logits:
+                rows.append(len(ids) - 1)
+        i64 = np.int64
+        return StepBatch(np.array(ids, i64), np.array(pos, i64), np.array(slots, i64), seqs, np.array(rows, i64))
 
 
 class Scheduler:
@@ -195,6 +189,7 @@ class Scheduler:
         max_num_tokens: int,
         max_seq_len: int,
         chunked_prefill: bool = True,
+        prefill_budget: int | None = None,
     ):
         if min(max_batch_size, max_num_tokens, max_seq_len) <= 0:
             raise LlmcError(
@@ -207,7 +202,11 @@ class Scheduler:
                 f"max_num_tokens ({max_num_tokens}) must be >= max_seq_len ({max_seq_len}) "
                 "when chunked prefill is off"
             )
+        if prefill_budget is not None and (prefill_budget < 1 or not chunked_prefill):
+            raise LlmcError(f"prefill budget must be >= 1 prompt tokens per step and needs chunked prefill, "
+                            f"got {prefill_budget}")
         self.block_manager = block_manager
+        self.prefill_budget = prefill_budget
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
         self.max_seq_len = max_seq_len
@@ -326,6 +325,7 @@ class Scheduler:
         self._step += 1
         bm = self.block_manager
         budget = self.max_num_tokens
+        prefill_left = self.prefill_budget or budget  # prompt tokens still allowed this step
         scheduled: dict[Hashable, ScheduledRequest] = {}
         new_ids: list[Hashable] = []
         preempted: list[Hashable] = []
@@ -334,7 +334,14 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0 and len(scheduled) < self.max_batch_size:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            left = req.num_tokens - req.num_computed_tokens
+            prompt = left > 1  # a prompt chunk (a decode feeds one token and is never held back)
+            n = min(left, budget)
+            if prompt:
+                n = min(n, prefill_left)
+                if n == 0:
+                    i += 1
+                    continue
             while not bm.append_slots(req.request_id, n):
                 victim = self.running[-1]
                 if victim is req and i == 0:
@@ -353,13 +360,15 @@ class Scheduler:
             else:
                 scheduled[req.request_id] = self._scheduled(req, n)
                 budget -= n
+                if prompt:
+                    prefill_left -= n
                 i += 1
 
         # 2) Waiting requests in arrival order, unless memory was just too tight.
         while (
             not preempted
             and self.waiting
-            and budget > 0
+            and min(budget, prefill_left) > 0
             and len(scheduled) < self.max_batch_size
         ):
             req = self.waiting[0]
@@ -368,7 +377,7 @@ class Scheduler:
             n = len(tokens) - cached
             if n > budget and not self.chunked_prefill:
                 break
-            n = min(n, budget)
+            n = min(n, budget, prefill_left)
             if not bm.can_allocate(tokens, n):
                 # Defensive: with add_request's checks this is unreachable today, but a request
                 # that does not fit in an empty pool must fail rather than block the queue forever.
@@ -392,6 +401,7 @@ class Scheduler:
             scheduled[req.request_id] = self._scheduled(req, n)
             new_ids.append(req.request_id)
             budget -= n
+            prefill_left -= n
 
         finished, self._finished_for_schedule = self._finished_for_schedule, []
         self._awaiting_update = bool(scheduled)

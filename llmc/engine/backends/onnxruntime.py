@@ -6,7 +6,7 @@
   input and as the matching `.out` output, so the in-graph ScatterND writes new K/V in place.
   Bindings persist across steps: a step binds only its small index arrays and the logits buffer.
 - FP8 pools are uint8 buffers handed to ORT as float8e4m3fn tensors (same bytes).
-- Session options: intra-op threads = physical cores and no spinning (LLMC_ORT_THREADS /
+- Session options: intra-op threads = physical cores - 1 (at least 1) and no spinning (LLMC_ORT_THREADS /
   LLMC_ORT_SPINNING override them, see `thread_settings`), sequential execution, all graph
   optimisations (QDQ -> int8 GEMM and blocked-int4 DequantizeLinear -> MatMulNBits fusions).
 """
@@ -34,6 +34,18 @@ DEFAULT_INT4_ACCURACY_LEVEL = 4
 DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
 
 
+def default_threads() -> int:
+    """Intra-op threads when nothing is set: one core fewer than the machine has (at least one).
+
+    A decode step is ~1,800 small kernels plus ~0.5 ms of Python host work per step; a second
+    intra-op thread only helps the few big GEMMs while every parallel kernel pays a hand-off, and
+    the Python thread (scheduler, sampling, an HTTP frontend) needs a core of its own. Measured on
+    the 2-core development VM shared with other jobs (int4_awq, 128-token decodes, 3 interleaved
+    rounds): 1 thread 77 tok/s, 1 thread spinning 77-85, 2 threads 69, 2 threads spinning 36-41.
+    """
+    return max(1, physical_cores() - 1)
+
+
 def physical_cores() -> int:
     try:
         import psutil
@@ -44,19 +56,20 @@ def physical_cores() -> int:
     return max(1, n or os.cpu_count() or 1)
 
 
-# Intra-op thread pool: LLMC_ORT_THREADS (default: physical cores) and LLMC_ORT_SPINNING (1: idle
+# Intra-op thread pool: LLMC_ORT_THREADS (default: `default_threads`) and LLMC_ORT_SPINNING (1: idle
 # workers busy-wait for the next kernel, ORT's default; 0: they sleep). A decode step is ~1000 small
 # kernels, so spinning saves a wake-up per kernel on an idle machine, but on a host whose cores are
 # shared with other processes a spinning worker burns the core its peer needs (see README, engine).
 THREADS_ENV, SPINNING_ENV = "LLMC_ORT_THREADS", "LLMC_ORT_SPINNING"
 DEFAULT_SPINNING = False  # measured on the shared 2-core host: 2 spinning threads ran int4 decode at 0.5x
+# (with one thread there is no pool to spin: the setting only matters from two threads on)
 
 
 def thread_settings(threads: int | None = None, spinning: bool | None = None) -> tuple[int, bool]:
     """(intra-op threads, spinning) from the arguments, else the environment, else the defaults."""
     env_t, env_s = os.environ.get(THREADS_ENV), os.environ.get(SPINNING_ENV)
     try:
-        n = threads or (int(env_t) if env_t else physical_cores())
+        n = threads or (int(env_t) if env_t else default_threads())
     except ValueError:
         raise LlmcError(f"{THREADS_ENV} must be a positive integer, got {env_t!r}") from None
     if spinning is None:
@@ -138,7 +151,7 @@ class OrtSession:
         self.io = self.sess.io_binding()
         self.vocab_size = vocab_size
         self.pool: OrtKVPool | None = None
-        self._keep: list = []
+        self._inputs: dict[str, np.ndarray] = {}  # the buffer each step input is bound to
 
     def bind_pool(self, pool: OrtKVPool) -> None:
         for layer, (k, v) in enumerate(pool.ortvalues):
@@ -152,11 +165,18 @@ class OrtSession:
             raise RuntimeError("allocate_kv_pool() before step()")
         io = self.io
         for name, arr in feeds.items():
-            io.bind_cpu_input(name, arr)
+            # ORT reads a bound numpy buffer in place, so an input whose shape did not change since
+            # the last step (most of them in steady decode) is refreshed with a copy of a few int64s
+            # instead of a new binding (~10-20 us each from Python).
+            cur = self._inputs.get(name)
+            if cur is not None and cur.shape == arr.shape and cur.dtype == arr.dtype:
+                np.copyto(cur, arr)
+            else:
+                cur = self._inputs[name] = np.array(arr, copy=True, order="C")
+                io.bind_cpu_input(name, cur)
         # A fresh array per step (callers may keep it); ORT writes straight into it. glibc serves
         # repeated same-size allocations from its heap, so this costs no page faults after warm-up.
         out = np.empty((num_logits, self.vocab_size), np.float32)
         io.bind_output("logits", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-        self._keep = [feeds]  # inputs must outlive the run
         self.sess.run_with_iobinding(io)
         return out
