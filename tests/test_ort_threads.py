@@ -10,7 +10,7 @@ def test_defaults_and_environment(monkeypatch):
     monkeypatch.delenv("LLMC_ORT_THREADS", raising=False)
     monkeypatch.delenv("LLMC_ORT_SPINNING", raising=False)
     assert thread_settings() == (default_threads(), DEFAULT_SPINNING)
-    assert default_threads() == max(1, physical_cores() - 1)
+    assert default_threads() == physical_cores()
     monkeypatch.setenv("LLMC_ORT_THREADS", "3")
     monkeypatch.setenv("LLMC_ORT_SPINNING", "1")
     assert thread_settings() == (3, True)

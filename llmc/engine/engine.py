@@ -107,7 +107,7 @@ def load_engine(engine_dir: str | Path, *, threads: int | None = None, num_threa
                 int4_accuracy_level: int | None = None) -> Engine:
     """Open an engine directory; refuses unknown format versions / incompatible toolchains.
 
-    threads (alias num_threads): ONNX Runtime intra-op threads (default: physical cores - 1, at least 1; LLMC_ORT_THREADS).
+    threads (alias num_threads): ONNX Runtime intra-op threads (default: physical cores; LLMC_ORT_THREADS).
     int4_accuracy_level: ONNX Runtime MatMulNBits accuracy level for INT4/INT8 weights
     (default 4: int8 activations inside the kernel, fast; 0: float32 compute, exact).
     """

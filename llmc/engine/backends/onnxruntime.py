@@ -6,7 +6,7 @@
   input and as the matching `.out` output, so the in-graph ScatterND writes new K/V in place.
   Bindings persist across steps: a step binds only its small index arrays and the logits buffer.
 - FP8 pools are uint8 buffers handed to ORT as float8e4m3fn tensors (same bytes).
-- Session options: intra-op threads = physical cores - 1 (at least 1) and no spinning (LLMC_ORT_THREADS /
+- Session options: intra-op threads = physical cores and no spinning (LLMC_ORT_THREADS /
   LLMC_ORT_SPINNING override them, see `thread_settings`), sequential execution, all graph
   optimisations (QDQ -> int8 GEMM and blocked-int4 DequantizeLinear -> MatMulNBits fusions).
 """
@@ -35,15 +35,15 @@ DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
 
 
 def default_threads() -> int:
-    """Intra-op threads when nothing is set: one core fewer than the machine has (at least one).
+    """Intra-op threads when nothing is set: the machine's physical cores.
 
-    A decode step is ~1,800 small kernels plus ~0.5 ms of Python host work per step; a second
-    intra-op thread only helps the few big GEMMs while every parallel kernel pays a hand-off, and
-    the Python thread (scheduler, sampling, an HTTP frontend) needs a core of its own. Measured on
-    the 2-core development VM shared with other jobs (int4_awq, 128-token decodes, 3 interleaved
-    rounds): 1 thread 77 tok/s, 1 thread spinning 77-85, 2 threads 69, 2 threads spinning 36-41.
+    Measured on the 2-core VM (int4_awq SmolLM2, 128-token single-stream decodes, 3 interleaved
+    rounds): when the machine is quiet, 2 threads decode at 126 tok/s vs 108 with 1 (2 spinning:
+    143); when other jobs load both cores (load 5-11), 1 thread wins (77 vs 69; spinning 36-41).
+    llmc's measurements are for a dedicated machine, so the default uses every core; a shared
+    host sets LLMC_ORT_THREADS=1.
     """
-    return max(1, physical_cores() - 1)
+    return physical_cores()
 
 
 def physical_cores() -> int:
