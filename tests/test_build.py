@@ -100,6 +100,9 @@ def test_cli_build_prints_memory_plan_and_stamps(tiny_checkpoints, tmp_path, cap
     plan = cfg["memory_plan"]
     assert plan["kv_pool_max"] == 8 * 4 * plan["kv_bytes_per_block"]  # 8 seqs x 256/64 blocks
     assert plan["weights"] > 0 and plan["total_max"] > plan["weights"] + plan["kv_pool_max"]
+    # the recorded plan holds the bytes the graph stores (the external-data file, small constants aside)
+    data_bytes = (out / "model.onnx.data").stat().st_size
+    assert 0.99 * data_bytes <= plan["weights"] <= data_bytes + 65536
     assert cfg["build"]["max_seq_len"] == 256 and cfg["build"]["max_input_len"] == 256
     assert (out / "model.onnx").is_file() and (out / "model.onnx.data").is_file()
     assert (out / "tokenizer.json").is_file()

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import time
 from dataclasses import dataclass
@@ -135,6 +137,9 @@ def build_engine(checkpoint: str | Path, out: str | Path, options: BuildOptions 
                 spec, files, extra = _hand_to_trtllm(b, tmp, log)
             else:
                 spec, files, extra = _emit_graph(b, tmp, log)
+                # The plan's weights were estimated before lowering (float embedding / lm_head);
+                # the engine config records what the graph actually stores.
+                b.plan = dataclasses.replace(b.plan, weights=spec.weight_bytes)
         with timed(_logger, "build: tokenizer, config and integrity record"):
             data = _engine_config(b, out, spec, files, copy_tokenizer_files(b.ckpt.path, tmp), extra, t0)
             data["integrity"] = make_record(tmp)

@@ -2,6 +2,8 @@
 
 weights:      engine weights in their stored precision (tied lm_head counted once; FP8 on the
               ORT CPU backend is dequantized to the compute dtype, so it counts 4 bytes/weight).
+              Printed before lowering, it counts the embedding and lm_head as float; the engine
+              config records the bytes the graph really stores.
 kv_pool_max:  a pool holding max_batch_size sequences of max_seq_len tokens.
 kv_pool:      the default pool (kv_cache_blocks), what `allocate_kv_pool()` takes by default.
 activations:  a rough peak for one step of max_num_tokens tokens (hidden states, the widest
@@ -90,7 +92,8 @@ def render_plan(plan: MemoryPlan, opts, kv_dtype: str, console=None) -> None:
 
     console = console or err_console()
     t = table("memory plan (at the max settings)", ["item", ("bytes", {"justify": "right"}), "detail"])
-    t.add_row("weights", human(plan.weights), "as stored in the engine")
+    t.add_row("weights", human(plan.weights), "in stored precision; embedding and lm_head counted float "
+              "(an exact int8-block copy stores less)")
     t.add_row("KV pool (max)", human(plan.kv_pool_max),
               f"{opts.max_batch_size} seqs x {opts.max_seq_len} tokens, {kv_dtype}, "
               f"{human(plan.kv_bytes_per_block)}/block of {opts.tokens_per_block}")
