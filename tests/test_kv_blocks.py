@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from llmc.runtime.kv_blocks import BlockManager, blocks_for_budget, hash_block, kv_bytes_per_block
+from llmc.runtime.kv_blocks import BlockManager, blocks_for_budget, hash_block
 
 
 def compute(bm: BlockManager, kv: dict, seq, tokens, start: int) -> None:
@@ -140,8 +140,7 @@ def test_hash_is_chained():
 
 
 def test_budget_helpers():
-    per_block = kv_bytes_per_block(num_layers=2, num_kv_heads=4, head_dim=8, block_size=16, dtype_bytes=2)
-    assert per_block == 2 * 2 * 4 * 8 * 16 * 2
+    per_block = 2 * 2 * 4 * 8 * 16 * 2  # K and V x 2 layers x 4 heads x 8 dims x 16 tokens x fp16
     assert blocks_for_budget(10 * per_block + per_block - 1, per_block) == 10
     assert blocks_for_budget(0, per_block) == 0
     with pytest.raises(ValueError):

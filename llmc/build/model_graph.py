@@ -32,6 +32,7 @@ import torch
 from onnx import TensorProto
 
 from llmc.checkpoint.config import CheckpointConfig
+from llmc.checkpoint.schema import LAYER
 from llmc.plugins.graph import DATA_FILE, GraphBuilder
 from llmc.build.weights import WeightReader, kv_quant, np32
 from llmc.errors import UnsupportedError
@@ -152,7 +153,7 @@ def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: Checkpoi
                 kvq: str | None, cos: str, sin: str, scatter_index: str, buckets, out_index) -> tuple[str, KVPool]:
     """One decoder layer: pre-norm attention over the paged KV pool, then the gated MLP, each with
     its residual. Q and K share one Reshape and one RoPE (fewer, fatter nodes per layer)."""
-    p = f"transformer.layers.{i}"
+    p = LAYER.format(i=i).rstrip(".")  # node names follow the checkpoint names
     qk_heads = d.num_heads + d.num_kv_heads
     h = emit_rmsnorm(g, target, x, lw.input_layernorm, cfg.norm_epsilon, f"{p}.input_layernorm")
     qkv = emit_linear(g, target, h, lw.qkv, f"{p}.attention.qkv")

@@ -46,13 +46,6 @@ def blocks_for_budget(budget_bytes: int, bytes_per_block: int) -> int:
     return max(0, int(budget_bytes) // int(bytes_per_block))
 
 
-def kv_bytes_per_block(
-    num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype_bytes: int = 2
-) -> int:
-    """Bytes of one block across all layers: K and V, each [block_size, kv_heads, head_dim]."""
-    return 2 * num_layers * num_kv_heads * head_dim * block_size * dtype_bytes
-
-
 class BlockManager:
     """Allocates KV blocks to sequences; shares full prefix blocks between them.
 
