@@ -107,5 +107,10 @@ def describe(path: str | Path, verify: bool = False) -> dict[str, Any]:
         if isinstance(data, dict) and "engine" in data:
             from llmc.engine import describe_engine  # provided by the engine package
 
-            return describe_engine(path, verify=verify)
+            facts = describe_engine(path, verify=verify)
+            # the short --qformat name users type, algo beside it (the engine stores its kernel kind)
+            qformat, algo = facts.pop("qformat"), facts.pop("quant_algo")
+            if algo:
+                facts["quantization"] = qformat_label(qformat, algo)
+            return facts
     return describe_checkpoint(path)

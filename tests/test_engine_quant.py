@@ -207,3 +207,13 @@ def test_fp8_per_token_is_refused_on_tensorrt(quantized, tmp_path):
     with pytest.raises(UnsupportedError, match="per-token"):
         build_engine(quantized["fp8_pc_pt"], tmp_path / "trt", BuildOptions(backend="tensorrt", graph_only=True,
                                                                              max_seq_len=128))
+
+
+def test_inspect_names_the_engine_by_its_qformat(engines):
+    """`llmc inspect ENGINE` shows the --qformat name users typed, algo beside it (not the kernel kind)."""
+    from llmc.inspect import describe
+
+    for name, engine_dir in engines.items():
+        d = describe(engine_dir)
+        assert d["quantization"].startswith(f"{name.split('-kv')[0]} ("), d["quantization"]
+        assert "qformat" not in d and "quant_algo" not in d

@@ -142,6 +142,8 @@ def describe_engine(path: str | Path, verify: bool = False) -> dict[str, Any]:
         "architecture": data.get("architecture"),
         "compute_dtype": e.get("compute_dtype"),
         "quantization": e.get("quantization"),
+        "quant_algo": (m.get("quantization") or {}).get("quant_algo"),
+        "qformat": ((m.get("llmc") or {}).get("quantization") or {}).get("qformat"),
         "kv_cache_dtype": e.get("kv_cache_dtype"),
         "attention": graph.get("attention"),
         "layers": m.get("num_hidden_layers"),
