@@ -79,6 +79,22 @@ def read_json(path: str | Path):
         raise LlmcError(f"{path.name} is not UTF-8 text", path) from None
 
 
+def write_file_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write one file through a temporary sibling renamed into place, so a reader (or a rerun after
+    a kill) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.llmc-tmp-{os.getpid()}")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def artifact_kind(path: Path) -> str | None:
     """"checkpoint" | "engine" when `path/config.json` carries llmc's stamp, "triton-model" when
     `path/config.pbtxt` starts with llmc's mark, else None."""

@@ -522,6 +522,11 @@ def test_build_damaged_int8_checkpoint(edit_t, fragment, qckpt, tmp_path, capsys
     refused(["build", src, "-o", tmp_path / "e"], capsys, src, tmp_path / "e", fragment)
 
 
+def test_build_zero_points_on_an_algo_without_them(qckpt, tmp_path, capsys):
+    src = rewrite_checkpoint(qckpt, tmp_path / "q", None, lambda c: c["quantization"].update(has_zero_point=True))
+    refused(["build", src, "-o", tmp_path / "e"], capsys, src, tmp_path / "e", "W8A16 carries no zero points")
+
+
 W4P = "transformer.layers.0.mlp.proj"  # input width 256: two groups of 128
 
 
@@ -530,6 +535,7 @@ W4P = "transformer.layers.0.mlp.proj"  # input width 256: two groups of 128
     (_set(W4P + ".weights_scaling_factor", lambda s: s[:, :1]), None, "group size"),
     (None, lambda c: c["quantization"].update(group_size=0), "group size"),
     (_set(W8 + ".weights_scaling_factor", lambda s: torch.where(s > s.median(), -s, s)), None, "negative"),
+    (None, lambda c: c["quantization"].update(has_zero_point=True), ".zero is missing"),
 ])
 def test_build_damaged_int4_checkpoint(edit_t, edit_c, fragment, q4ckpt, tmp_path, capsys):
     src = rewrite_checkpoint(q4ckpt, tmp_path / "q", edit_t, edit_c)

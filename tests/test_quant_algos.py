@@ -23,9 +23,11 @@ P = "transformer.layers.0.mlp.proj"
 OUT, IN, GROUP = 8, 64, 16
 
 
-def stored_linear(name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors of one linear of quant_algo `name`, built from its table row."""
+def stored_linear(name: str, zeros: bool | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of one linear of quant_algo `name`, built from its table row (zeros: whether an
+    algo that may carry zero points does; default: it does)."""
     a = QUANT_ALGOS[name]
+    zeros = a.zero_point if zeros is None else zeros
     g = torch.Generator().manual_seed(len(name))
     w = torch.randn(OUT, IN, generator=g)
     shape = {"tensor": (1,), "channel": (OUT,), "group": (OUT, IN // GROUP)}[a.weight_granularity]
@@ -44,9 +46,9 @@ def stored_linear(name: str) -> tuple[dict[str, torch.Tensor], dict]:
         t[f"{P}.prequant_scaling_factor"] = torch.rand(IN, generator=g) + 0.5
     if a.weight_scale_2:
         t[f"{P}.weights_scaling_factor_2"] = torch.tensor([0.01])
-    if a.zero_point:
+    if zeros:
         t[f"{P}.zero"] = torch.randn(shape, generator=g) * 0.01
-    return t, {"quant_algo": name, "group_size": GROUP, "has_zero_point": a.zero_point}
+    return t, {"quant_algo": name, "group_size": GROUP, "has_zero_point": zeros}
 
 
 def reference(t: dict[str, torch.Tensor], a, x: np.ndarray) -> np.ndarray:
@@ -70,7 +72,7 @@ def reference(t: dict[str, torch.Tensor], a, x: np.ndarray) -> np.ndarray:
     s = t[f"{P}.{a.weight_scale}"].double()
     full = s.repeat_interleave(IN // s.shape[1], 1) if s.dim() == 2 else s.reshape(-1, 1)
     w = q * full
-    if a.zero_point:
+    if f"{P}.zero" in t:
         w = w + t[f"{P}.zero"].double().repeat_interleave(GROUP, 1)
     if a.weight_scale_2:  # TensorRT-LLM's W4A8: FP8 per group, then the per-tensor FP8 scale
         s2 = float(t[f"{P}.weights_scaling_factor_2"])
@@ -93,14 +95,18 @@ def run_linear(lin, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"x": x})[0]
 
 
-@pytest.mark.parametrize("name", list(QUANT_ALGOS))
-def test_every_algo_is_readable_validated_and_buildable(name):
+# every row as written by default, plus algos that MAY carry zero points written without them
+CASES = [(n, None) for n in QUANT_ALGOS] + [(n, False) for n, a in QUANT_ALGOS.items() if a.zero_point]
+
+
+@pytest.mark.parametrize("name,zeros", CASES, ids=[f"{n}{'-no-zeros' if z is False else ''}" for n, z in CASES])
+def test_every_algo_is_readable_validated_and_buildable(name, zeros):
     from llmc.checkpoint.validate import _check_linear
     from llmc.quantize.simulate import SimLinear
 
     a = QUANT_ALGOS[name]
-    t, qcfg = stored_linear(name)
-    _check_linear(P, (OUT, IN), t, name, GROUP, None)      # the validator accepts it
+    t, qcfg = stored_linear(name, zeros)
+    _check_linear(P, (OUT, IN), t, name, GROUP, None, qcfg["has_zero_point"])  # the validator accepts it
     lin = read_quantized_linear(t, P, qcfg)                  # the layout reader reads it
     assert lin.kind == a.kind and weight_format(lin.kind) == a.weight
     assert (lin.act_dtype, lin.act_granularity) == (a.act, a.act_granularity)

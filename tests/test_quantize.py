@@ -218,6 +218,9 @@ def test_cli_bad_input(tiny_checkpoints, calib_file, tmp_path, capsys):
     _user_error(*_cli(base + ["--qformat", "fp8", "--exclude", "*.mlp.fc"], capsys), "mlp.gate")
     _user_error(*_cli(base + ["--qformat", "fp8", "--exclude", "decoder.*"], capsys), "matches no linear")
     _user_error(*_cli(base + ["--qformat", "fp8", "--sq-alpha", "0.5"], capsys), "SmoothQuant formats")
+    _user_error(*_cli(base + ["--qformat", "int8_wo", "--group-size", "32"], capsys), "int4_awq_asym")
+    # zero-point groups are min/max of the AWQ-scaled weight: ModelOpt's clip search would change nothing
+    _user_error(*_cli(base + ["--qformat", "int4_awq_asym", "--awq-method", "clip"], capsys), "has no effect", "lite")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".llmc-tmp")]
     # an already quantized checkpoint is refused

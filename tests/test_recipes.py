@@ -34,6 +34,9 @@ def test_llama3_recipe_targets_tensorrt_fp8():
     (lambda d: d["build"].update(max_batchsize=8), "build.max_batchsize: Extra inputs are not permitted"),
     (lambda d: d.pop("model"), "model: Field required"),
     (lambda d: d["build"].update(backend="vulkan"), "build.backend"),
+    (lambda d: d["convert"].update(keep_quantization=True), "drop the quantize stage"),
+    (lambda d: (d["convert"].update(keep_quantization=True, tp_size=2), d.update(quantize=None)),
+     "convert.tp_size to 1"),
 ])
 def test_invalid_recipe_names_field_and_reason(mutate, fragment):
     data = load_recipe("smollm2-int4_awq").model_dump()
@@ -103,16 +106,22 @@ def test_a_recipe_can_set_every_cli_option(stage):
     cls = _option_classes()[stage]
     data = load_recipe("smollm2-int4_awq").model_dump()
     settable = [f for f in dataclasses.fields(cls) if spec_of(f).recipe]
+    # keep_quantization excludes a quantize stage and tp_size != 1: set on its own below
+    alone = {"keep_quantization"}
     for f in settable:
-        if f.name != "qformat":
+        if f.name != "qformat" and f.name not in alone:
             data[stage][f.name] = _another_value(f)
     r = parse_recipe(data, "all.yaml")
     got = getattr(r, stage).model_dump()
     assert set(got) == {f.name for f in settable}
     opts = cls(**got)  # the pipeline hands the stage to the options object as is
     for f in settable:
-        if f.name != "qformat":
+        if f.name != "qformat" and f.name not in alone:
             assert getattr(opts, f.name) == _another_value(f), f.name
+    if stage == "convert":
+        keep = load_recipe("smollm2-int4_awq").model_dump() | {"quantize": None}
+        keep["convert"]["keep_quantization"] = True
+        assert parse_recipe(keep, "keep.yaml").convert.keep_quantization is True
     assert {f.name for f in dataclasses.fields(cls)} - set(got) <= {"force"}  # per-invocation only
 
 

@@ -121,7 +121,9 @@ def build_trt_engine(onnx_path: Path, engine_path: Path, opts: Any, spec: Any, q
         raise LlmcError("TensorRT failed to build the engine (see the TensorRT log above)", onnx_path)
     engine_path.write_bytes(bytes(serialized))
     if cache is not None:
-        Path(opts.timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
+        from llmc.fsutil import write_file_atomic
+
+        write_file_atomic(opts.timing_cache, bytes(config.get_timing_cache().serialize()))
     import torch
 
     props = torch.cuda.get_device_properties(0)

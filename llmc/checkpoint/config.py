@@ -205,6 +205,8 @@ class CheckpointConfig:
             data = read_json(path)
         except FileNotFoundError:
             raise LlmcError("missing config.json: not a checkpoint directory", path.parent) from None
+        except OSError as exc:
+            raise LlmcError(f"cannot read config.json ({exc.strerror or exc})", path) from None
         if not isinstance(data, dict) or "architecture" not in data:
             raise LlmcError("not an llmc/TensorRT-LLM checkpoint config (no 'architecture' key)", path)
         return cls.from_dict(data, path)

@@ -41,7 +41,7 @@ def _check_scale(name: str, t: torch.Tensor, source) -> None:
 
 
 def _check_linear(prefix: str, out_in: tuple[int, int], tensors: dict[str, torch.Tensor], algo: str | None,
-                  group_size: int | None, source) -> None:
+                  group_size: int | None, source, has_zero_point: bool = False) -> None:
     out_f, in_f = out_in
     name = prefix + ".weight"
     if name not in tensors:
@@ -76,6 +76,13 @@ def _check_linear(prefix: str, out_in: tuple[int, int], tensors: dict[str, torch
     for key, t in tensors.items():
         if key.startswith(prefix + ".") and (SCALE_MARK in key or key == wsf_name):
             _check_scale(key, t, source)
+    if has_zero_point:  # additive zero points, one per (row, group) like the weight scale
+        zero = tensors.get(prefix + ".zero")
+        if zero is None or tuple(zero.shape) != tuple(wsf.shape):
+            raise LlmcError(f"has_zero_point is set but {prefix}.zero is "
+                            f"{'missing' if zero is None else f'of shape {tuple(zero.shape)}'}; "
+                            f"it must match {wsf_name} {tuple(wsf.shape)}", source)
+        _finite(prefix + ".zero", zero, source)
 
 
 def validate_tensors(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, source=None) -> None:
@@ -84,6 +91,9 @@ def validate_tensors(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, so
     algo = q.quant_algo
     if algo is not None and algo not in QUANT_ALGOS:
         raise LlmcError(f"quant_algo {algo!r} is not supported (llmc reads {', '.join(QUANT_ALGOS)})", source)
+    if q.has_zero_point and algo is not None and not QUANT_ALGOS[algo].zero_point:
+        raise LlmcError(f"has_zero_point is set but {algo} carries no zero points "
+                        f"(those that do: {', '.join(a for a, s in QUANT_ALGOS.items() if s.zero_point)})", source)
     for name, shape in float_shapes(cfg).items():
         if name not in tensors:
             raise LlmcError(f"missing tensor {name}", source)
@@ -98,7 +108,7 @@ def validate_tensors(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, so
     if "lm_head.weight" not in tensors and cfg.tie_word_embeddings:
         shapes.pop("lm_head")
     for prefix, out_in in shapes.items():
-        _check_linear(prefix, out_in, tensors, algo, q.group_size, source)
+        _check_linear(prefix, out_in, tensors, algo, q.group_size, source, bool(q.has_zero_point))
         bias = tensors.get(prefix + ".bias")
         if bias is not None:
             if bias.dtype not in FLOAT_DTYPES or tuple(bias.shape) != (out_in[0],):

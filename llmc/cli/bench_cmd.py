@@ -122,6 +122,7 @@ def _bench_engine(engine_dir, max_batch_size, kv_cache_mb, prefill_budget, datas
     kv_tok = llm.engine.kv_bytes_per_block // llm.block_size
     weights = b.engine_weight_bytes(llm.engine)
     m["max_batch_size"] = llm.max_batch_size
+    m["prefill_budget"] = prefill_budget
     m["mbu_decode"] = b.mbu(m, weights, kv_tok, bandwidth)
     single = b.run_workload(llm, b.make_workload(tokens, 1, (64, 64), (32, 32), seed, None))
     m["mbu_batch1_decode"] = b.mbu(single, weights, kv_tok, bandwidth, batch_size=1)

@@ -9,7 +9,7 @@ import typer
 
 from llmc.cli.output import choice
 from llmc.quantize.formats import AWQ_METHODS, DEFAULTS, KV_CACHE_DTYPES, QFORMATS
-from llmc.quantize.options import QuantizeOptions
+from llmc.quantize.options import QuantizeOptions, group_defaults
 
 _D = QuantizeOptions(qformat="int8_wo")  # the defaults (qformat itself has none)
 
@@ -27,7 +27,7 @@ def quantize(
     calib_size: int = typer.Option(_D.calib_size, "--calib-size", help="Calibration samples (windows of --calib-seq-len tokens)."),
     calib_seq_len: int = typer.Option(_D.calib_seq_len, "--calib-seq-len", help="Tokens per calibration sample."),
     batch_size: int = typer.Option(_D.batch_size, "--batch-size", help="Calibration forward batch size (memory vs speed)."),
-    group_size: Optional[int] = typer.Option(_D.group_size, "--group-size", help="INT4 group size along the input dim. Default: 128 when it divides every quantized layer's input width, else 64 (or 32)."),
+    group_size: Optional[int] = typer.Option(_D.group_size, "--group-size", help="INT4 group size along the input dim. Default: " + group_defaults() + ", or the largest of 64 / 32 that divides every quantized layer's input width."),
     sq_alpha: Optional[float] = typer.Option(_D.sq_alpha, "--sq-alpha", help="SmoothQuant migration strength in [0, 1]. Default: " + ", ".join(f"{f.default_sq_alpha} for {f.name}" for f in QFORMATS.values() if f.is_smoothquant) + " (chosen by measurement on SmolLM2)."),
     awq_method: Optional[str] = typer.Option(_D.awq_method, "--awq-method", **choice(AWQ_METHODS), help=f"ModelOpt AWQ algorithm for AWQ formats: lite (per-channel scale search), clip (per-group clipping search), full (both). Default: {DEFAULTS['awq_method']} (chosen by measurement on SmolLM2)."),
     exclude: str = typer.Option(",".join(_D.exclude), "--exclude", help="Comma-separated fnmatch patterns of TensorRT-LLM module names to leave unquantized, e.g. 'lm_head,transformer.layers.0.*'. Replaces the default (lm_head); 'none' quantizes everything."),

@@ -26,7 +26,7 @@ from llmc.checkpoint.schema import LAYER_LINEARS, LM_HEAD, linear_shapes
 from llmc.errors import LlmcError
 from llmc.measure import timed
 from llmc.quantize.export import checkpoint_names, module_name
-from llmc.quantize.formats import DEFAULTS, QFormat, get_qformat, kv_cache_algo
+from llmc.quantize.formats import DEFAULTS, QFORMATS, QFormat, get_qformat, kv_cache_algo
 from llmc.quantize.options import QuantizeOptions, parse_exclude
 
 _logger = logging.getLogger(__name__)
@@ -133,6 +133,10 @@ def resolve_awq_method(fmt: QFormat, requested: str | None) -> str | None:
     method = DEFAULTS["awq_method"] if requested is None else requested
     if method not in AWQ_METHODS:
         raise LlmcError(f"unknown --awq-method {method!r}; choose from {', '.join(AWQ_METHODS)}")
+    if fmt.zero_point and method != "lite":
+        # its groups are llmc's min/max on the AWQ-scaled weight: ModelOpt's clipped ranges are unused
+        raise LlmcError(f"--awq-method {method} has no effect on {fmt.name} (its zero-point groups are min/max "
+                        "of the AWQ-scaled weight, not ModelOpt's clipped ranges); use lite")
     return method
 
 
@@ -200,7 +204,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
             out_tensors, stats = _rtn_asymmetric_tensors(source, fmt, kv_algo, quantized, group)
     calibration = ({**calib_facts, "batch_size": opts.batch_size, "passes": stats.passes,
                     "awq_search_samples": (min(awq_search_samples, opts.calib_size)
-                                           if "AWQ" in fmt.modelopt_preset else None),
+                                           if opts.awq_method in ("lite", "full") else None),
                     "seconds": round(stats.seconds, 2)} if batches else None)
     new_cfg = _quantized_config(source, fmt, kv_algo, opts, quantized, group, calibration)
     with timed(_logger, "quantize: write checkpoint"), atomic_output_dir(
@@ -225,7 +229,8 @@ def _check_options(opts: QuantizeOptions) -> tuple[QFormat, str | None]:
     elif opts.sq_alpha is not None:
         raise LlmcError(f"--sq-alpha applies to SmoothQuant formats (int8_sq, int8_sq_static) only, not {fmt.name}")
     if opts.group_size is not None and not fmt.is_int4:
-        raise LlmcError(f"--group-size applies to INT4 formats (int4_awq, w4a8_awq, int4_wo, int4_asym), not {fmt.name}")
+        int4 = ", ".join(f.name for f in QFORMATS.values() if f.is_int4)
+        raise LlmcError(f"--group-size applies to INT4 formats ({int4}), not {fmt.name}")
     opts.awq_method = resolve_awq_method(fmt, opts.awq_method)
     return fmt, kv_algo
 

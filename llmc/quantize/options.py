@@ -23,6 +23,15 @@ def parse_exclude(value: str | list[str] | None) -> list[str]:
     return [] if items in (["none"], ["-"]) else items
 
 
+def group_defaults() -> str:
+    """'128 for int4_awq, ...; 32 for int4_asym, ...': each INT4 format's preferred group."""
+    by_size: dict[int, list[str]] = {}
+    for f in QFORMATS.values():
+        if f.is_int4:
+            by_size.setdefault(f.default_group_size, []).append(f.name)
+    return "; ".join(f"{g} for {', '.join(names)}" for g, names in by_size.items())
+
+
 def _smoothquant_alphas() -> str:
     return ", ".join(f"{f.default_sq_alpha} for {f.name}" for f in QFORMATS.values() if f.is_smoothquant)
 
@@ -38,8 +47,8 @@ class QuantizeOptions:
     calib_size: int = option(DEFAULTS["calib_size"], ge=1)
     calib_seq_len: int = option(DEFAULTS["calib_seq_len"], ge=8)
     batch_size: int = option(DEFAULTS["batch_size"], ge=1)
-    group_size: int | None = option(None, ge=1, derived="INT4 formats: 128 when it divides every quantized "
-                                    "layer's input width, else 64 or 32; others: none")
+    group_size: int | None = option(None, ge=1, derived=f"INT4 formats: {group_defaults()}, or the largest of "
+                                    "64 / 32 that divides every quantized layer's input width; others: none")
     sq_alpha: float | None = option(None, ge=0.0, le=1.0, derived=f"SmoothQuant formats: {_smoothquant_alphas()}")
     awq_method: str | None = option(None, choices=tuple(AWQ_METHODS),
                                     derived=f"AWQ formats: {DEFAULTS['awq_method']} (chosen by measurement on SmolLM2)")

@@ -156,7 +156,9 @@ class Pipeline:
         results["run"] = self._run(built.key).result
         report = {"recipe": self.recipe.name, "workdir": str(wd), "stages": [rec.__dict__ for rec in self.records],
                   "results": results}
-        output_under(wd, "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        from llmc.fsutil import write_file_atomic
+
+        write_file_atomic(output_under(wd, "report.json"), json.dumps(report, indent=2, default=str) + "\n")
         return report
 
     def _convert(self) -> StageRecord:

@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from llmc.errors import LlmcError, did_you_mean, first_line
 
@@ -109,6 +109,17 @@ class Recipe(_Stage):
     build: BuildStage = Field(default_factory=BuildStage)
     eval: EvalStage | None = Field(default_factory=EvalStage)
     run: RunStage
+
+    @model_validator(mode="after")
+    def _keep_quantization_alone(self) -> "Recipe":
+        """A kept-quantization checkpoint is already quantized and written as one rank, as
+        `llmc convert --keep-quantization` refuses too: say so before any stage runs."""
+        if self.convert.keep_quantization:
+            if self.quantize is not None:
+                raise ValueError("convert.keep_quantization writes a quantized checkpoint: drop the quantize stage")
+            if self.convert.tp_size != 1:
+                raise ValueError("convert.keep_quantization writes one rank: set convert.tp_size to 1")
+        return self
 
 
 def _model_of(model: Any, key: Any) -> type[BaseModel] | None:
