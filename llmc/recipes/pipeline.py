@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from llmc import __version__
 from llmc.errors import LlmcError
-from llmc.fsutil import dir_size
+from llmc.fsutil import dir_size, write_file_atomic
 from llmc.measure import PeakRSS
 from llmc.recipes.schema import Recipe
 
@@ -98,9 +98,7 @@ class Pipeline:
 
     def _save(self, rec: StageRecord) -> None:
         self.records_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.records_dir / f".{rec.stage}.json.tmp"
-        tmp.write_text(json.dumps(rec.__dict__, indent=2, default=str) + "\n")
-        tmp.replace(self.records_dir / f"{rec.stage}.json")
+        write_file_atomic(self.records_dir / f"{rec.stage}.json", json.dumps(rec.__dict__, indent=2, default=str) + "\n")
 
     def _log(self, msg: str) -> None:
         if self.console is not None:
@@ -156,8 +154,6 @@ class Pipeline:
         results["run"] = self._run(built.key).result
         report = {"recipe": self.recipe.name, "workdir": str(wd), "stages": [rec.__dict__ for rec in self.records],
                   "results": results}
-        from llmc.fsutil import write_file_atomic
-
         write_file_atomic(output_under(wd, "report.json"), json.dumps(report, indent=2, default=str) + "\n")
         return report
 
