@@ -28,6 +28,7 @@ from llmc.measure import timed
 from llmc.quantize.export import checkpoint_names, module_name
 from llmc.quantize.formats import DEFAULTS, QFORMATS, QFormat, get_qformat, kv_cache_algo
 from llmc.quantize.options import QuantizeOptions, parse_exclude
+from llmc.quantize.ptq import runs_scale_search
 
 _logger = logging.getLogger(__name__)
 GROUP_SIZE_CANDIDATES = (32, 64, 128, 256)
@@ -123,16 +124,14 @@ def resolve_group_size(fmt: QFormat, requested: int | None, cfg, quantized: list
 
 
 def resolve_awq_method(fmt: QFormat, requested: str | None) -> str | None:
-    """The ModelOpt AWQ algorithm (formats.AWQ_METHODS key) for an AWQ format, else None."""
-    from llmc.quantize.formats import AWQ_METHODS
-
-    if "AWQ" not in fmt.modelopt_preset:
+    """The ModelOpt AWQ algorithm (formats.AWQ_METHODS key) for an AWQ format, else None
+    (`requested` was already checked against the choices by QuantizeOptions.check)."""
+    if not fmt.is_awq:
         if requested is not None:
-            raise LlmcError(f"--awq-method applies to AWQ formats (int4_awq, int4_awq_asym, w4a8_awq), not {fmt.name}")
+            awq = ", ".join(f.name for f in QFORMATS.values() if f.is_awq)
+            raise LlmcError(f"--awq-method applies to AWQ formats ({awq}), not {fmt.name}")
         return None
     method = DEFAULTS["awq_method"] if requested is None else requested
-    if method not in AWQ_METHODS:
-        raise LlmcError(f"unknown --awq-method {method!r}; choose from {', '.join(AWQ_METHODS)}")
     if fmt.zero_point and method != "lite":
         # its groups are llmc's min/max on the AWQ-scaled weight: ModelOpt's clipped ranges are unused
         raise LlmcError(f"--awq-method {method} has no effect on {fmt.name} (its zero-point groups are min/max "
@@ -204,7 +203,7 @@ def quantize_checkpoint(ckpt: str | Path, out: str | Path, qformat: str, *, kv_c
             out_tensors, stats = _rtn_asymmetric_tensors(source, fmt, kv_algo, quantized, group)
     calibration = ({**calib_facts, "batch_size": opts.batch_size, "passes": stats.passes,
                     "awq_search_samples": (min(awq_search_samples, opts.calib_size)
-                                           if opts.awq_method in ("lite", "full") else None),
+                                           if runs_scale_search(opts.awq_method) else None),
                     "seconds": round(stats.seconds, 2)} if batches else None)
     new_cfg = _quantized_config(source, fmt, kv_algo, opts, quantized, group, calibration)
     with timed(_logger, "quantize: write checkpoint"), atomic_output_dir(

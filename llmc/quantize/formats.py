@@ -68,6 +68,11 @@ class QFormat:
         return self.default_sq_alpha is not None
 
     @property
+    def is_awq(self) -> bool:
+        """Calibrated by one of ModelOpt's AWQ algorithms (`--awq-method`)."""
+        return "AWQ" in self.modelopt_preset
+
+    @property
     def needs_activations(self) -> bool:
         """Calibration must see real activations (False: round-to-nearest from weights alone)."""
         return self.algo.static_activations or self.pre_quant_scale

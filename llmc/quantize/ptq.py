@@ -117,7 +117,7 @@ def modelopt_config(fmt: QFormat, *, group_size: int | None, sq_alpha: float | N
     algorithm = copy.deepcopy(preset.get("algorithm", "max"))
     if fmt.is_smoothquant and sq_alpha is not None:
         algorithm = {"method": "smoothquant", "alpha": float(sq_alpha)}
-    if awq_method and _is_awq(fmt):
+    if awq_method and fmt.is_awq:
         from llmc.quantize.formats import AWQ_METHODS
 
         algorithm = {**AWQ_METHODS[awq_method]}
@@ -155,10 +155,6 @@ class _NoLogits(nn.Module):
         return x[..., :1]
 
 
-def _is_awq(fmt: QFormat) -> bool:
-    return "AWQ" in fmt.modelopt_preset
-
-
 # ModelOpt's forward passes per AWQ method, in order (the scale search runs 12x a forward and
 # sees only the first `awq_search_samples`; the clip search subsamples tokens itself).
 SCALE_SEARCH = "AWQ: scale search"
@@ -167,11 +163,15 @@ _AWQ_PASSES = {"lite": ["AWQ: activation statistics", SCALE_SEARCH],
                "full": ["AWQ: activation statistics", SCALE_SEARCH, "AWQ: clip search"]}
 
 
+def runs_scale_search(awq_method: str | None) -> bool:
+    """Whether this AWQ method runs the scale search (the pass `awq_search_samples` limits)."""
+    return awq_method is not None and SCALE_SEARCH in _AWQ_PASSES[awq_method]
+
+
 def _pass_labels(fmt: QFormat, awq_method: str | None = None) -> list[str]:
-    algo = fmt.modelopt_preset
-    if "AWQ" in algo:
+    if fmt.is_awq:
         return list(_AWQ_PASSES[awq_method or "lite"])
-    if "SMOOTHQUANT" in algo:
+    if fmt.is_smoothquant:
         return ["SmoothQuant: activation ranges"]
     return ["calibrate: ranges"]
 
@@ -198,7 +198,7 @@ def calibrate(model: nn.Module, fmt: QFormat, batches: list[torch.Tensor], *, gr
         from llmc.progress import stage_progress as progress_factory
 
     search = batches
-    if awq_search_samples is not None and _is_awq(fmt):
+    if awq_search_samples is not None and fmt.is_awq:
         search = list(torch.cat(batches)[:awq_search_samples].split(int(batches[0].shape[0]))) if batches else []
 
     def forward_loop(m: nn.Module) -> None:
