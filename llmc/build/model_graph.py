@@ -41,7 +41,7 @@ from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_pa
 from llmc.plugins.base import Target
 from llmc.plugins.embedding import emit_embedding
 from llmc.plugins.gated_mlp import emit_gated_mlp
-from llmc.plugins.linear import emit_linear, exact_int8_blocks
+from llmc.plugins.linear import Int8Blocks, emit_linear, exact_int8_blocks
 from llmc.plugins.rmsnorm import emit_rmsnorm
 from llmc.plugins.rope import emit_rope, emit_rope_tables
 from llmc.quantize.layout import QLinear
@@ -125,10 +125,11 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     scatter_index = emit_write_index(g, d, write_index)
 
     emb_t = tensors["transformer.vocab_embedding.weight"]
-    lm_lin, tied, lm_kind = _choose_lm_head(tensors, reader, emb_t, lm_head)
+    lm_lin, tied, lm_kind, tied_blocks = _choose_lm_head(tensors, reader, emb_t, lm_head)
     before_emb = g.weight_bytes
     # Integer lm_head: the float table is not needed, look rows up from int8 blocks if exact.
-    x, emb = emit_embedding(g, target, np32(emb_t), input_ids, allow_blocks=lm_kind != "float")
+    x, emb = emit_embedding(g, target, np32(emb_t), input_ids, allow_blocks=lm_kind != "float",
+                            known_blocks=tied_blocks)
     emb_bytes = g.weight_bytes - before_emb
 
     for i in range(cfg.num_hidden_layers):
@@ -171,14 +172,16 @@ def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: Checkpoi
     return g.op("Add", [x, m], name=f"l{i}_residual_mlp"), pool
 
 
-def _choose_lm_head(tensors, reader: WeightReader, emb_t, lm_head: str) -> tuple[QLinear, bool, str]:
-    """(lm_head linear, tied, lm_kind), decided before the embedding is emitted because an integer
-    lm_head lets the token lookup read int8 blocks too. A float lm_head that is exactly int8 blocks
-    is stored as such when asked."""
+def _choose_lm_head(tensors, reader: WeightReader, emb_t,
+                    lm_head: str) -> tuple[QLinear, bool, str, Int8Blocks | None]:
+    """(lm_head linear, tied, lm_kind, the tied table's int8 blocks if found), decided before the
+    embedding is emitted because an integer lm_head lets the token lookup read int8 blocks too. A
+    float lm_head that is exactly int8 blocks is stored as such when asked."""
     lm_t = tensors.get("lm_head.weight")
     tied = lm_t is None or (lm_t.shape == emb_t.shape and lm_t.dtype == emb_t.dtype and torch.equal(lm_t, emb_t))
     lm_lin = QLinear("lm_head", "float", emb_t) if tied else reader.linear("lm_head")
     lm_kind = "float" if lm_lin.kind == "float" else "quantized"
+    packed = None
     if lm_head != "float" and lm_lin.kind == "float":
         packed = exact_int8_blocks(np32(lm_lin.weight))
         if packed is None and lm_head == "int8":
@@ -186,7 +189,7 @@ def _choose_lm_head(tensors, reader: WeightReader, emb_t, lm_head: str) -> tuple
                                    "(only weights dequantized from such a format are); use --lm-head float")
         if packed is not None:
             lm_lin, lm_kind = packed.to_qlinear("lm_head", bias=lm_lin.bias), "int8-blocks"
-    return lm_lin, tied, lm_kind
+    return lm_lin, tied, lm_kind, (packed if tied else None)
 
 
 def _emit_lm_head(g: GraphBuilder, target: Target, lm_lin: QLinear, tied: bool, lm_kind: str, emb: str | None,

@@ -21,17 +21,19 @@ from onnx import TensorProto
 
 from llmc.plugins.graph import GraphBuilder
 from llmc.plugins.base import Target
-from llmc.plugins.linear import exact_int8_blocks
+from llmc.plugins.linear import Int8Blocks, exact_int8_blocks
 
 CONTRIB_DOMAIN = "com.microsoft"
 
 
 def emit_embedding(g: GraphBuilder, t: Target, table: np.ndarray, input_ids: str, *,
-                   allow_blocks: bool) -> tuple[str, str | None]:
+                   allow_blocks: bool, known_blocks: Int8Blocks | None = None) -> tuple[str, str | None]:
     """[num_tokens] ids -> [num_tokens, hidden]. Returns (rows, float table initializer or None
-    when the table is stored as int8 blocks)."""
-    blocks = (exact_int8_blocks(table) if allow_blocks and not t.is_trt and t.dtype == TensorProto.FLOAT
-              else None)
+    when the table is stored as int8 blocks). `known_blocks`: the table's int8 blocks when the
+    caller already found them (a tied lm_head), so the element-wise check is not run twice."""
+    blocks = None
+    if allow_blocks and not t.is_trt and t.dtype == TensorProto.FLOAT:
+        blocks = known_blocks if known_blocks is not None else exact_int8_blocks(table)
     if blocks is None:
         emb = g.weight("transformer.vocab_embedding.weight", table, t.dtype)
         return g.op("Gather", [emb, input_ids], name="embed", axis=0), emb
