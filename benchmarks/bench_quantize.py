@@ -21,7 +21,8 @@ What it does, all offline:
    greedy answers to 32 fixed chat prompts (benchmarks/prompts.py, 48 new tokens) checked token by
    token against the float32 checkpoint (`llmc.evaluate.greedy_agreement`), and single-stream
    decode speed (median time per token of one 64-token request; all engines measured in
-   interleaved rounds so load on the shared host hits them alike);
+   interleaved rounds so load on the shared host hits them alike); the "exact" rows build the
+   same checkpoint with `--matmul-accuracy fp32` (float-accurate weight-only matmuls);
 7. with --engine-accuracy (default on): perplexity, KL divergence (mean, p99) and same-top-1 % of
    each ENGINE against the float32 checkpoint on the same windows (KL on the second half of each
    window, llama.cpp's protocol; see llmc.evaluate), i.e. what a user of the engine gets,
@@ -49,7 +50,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 KEEP = "gguf-keep"
-# (row name, qformat, extra quantize options)
+EXACT = {"matmul_accuracy": "fp32"}  # llmc build --matmul-accuracy fp32: float-accurate weight-only matmuls
+# (row name, qformat, extra quantize options[, build options]); rows with the same qformat and
+# quantize options share one quantized checkpoint.
 RUNS = [
     ("fp8", "fp8", {}),
     ("fp8 + kv fp8", "fp8", {"kv_cache_dtype": "fp8"}),
@@ -68,6 +71,11 @@ RUNS = [
     ("int4_awq_asym g64", "int4_awq_asym", {"group_size": 64}),
     ("int4_awq_asym g32", "int4_awq_asym", {"group_size": 32}),
     ("gguf keep (Q4_1)", KEEP, {}),   # llmc convert SmolLM2.gguf --keep-quantization
+    ("int8_wo exact", "int8_wo", {}, EXACT),
+    ("int4_awq g32 exact", "int4_awq", {"group_size": 32}, EXACT),
+    ("int4_asym g32 exact", "int4_asym", {"group_size": 32}, EXACT),   # the default recipe
+    ("int4_awq_asym g32 exact", "int4_awq_asym", {"group_size": 32}, EXACT),
+    ("gguf keep (Q4_1) exact", KEEP, {}, EXACT),
 ]
 FLOORS = {"fp8": 3.0, "int8_sq": 5.0}
 INT4_RATIO, INT4_KL = 0.40, 0.12
@@ -108,11 +116,11 @@ def run_quantize(ckpt: Path, out: Path, qformat: str, opts: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 
-def build(ckpt: Path, out: Path) -> Path:
+def build(ckpt: Path, out: Path, options: dict | None = None) -> Path:
     from llmc.build.builder import build_engine
     from llmc.build.options import BuildOptions
 
-    return Path(build_engine(ckpt, out, BuildOptions.from_dict({**BUILD, "force": True})).out)
+    return Path(build_engine(ckpt, out, BuildOptions.from_dict({**BUILD, **(options or {}), "force": True})).out)
 
 
 def engine_figures(engine: Path, ckpt: Path) -> dict:
@@ -175,17 +183,23 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     wanted = None if a.formats == "all" else {s.strip() for s in a.formats.split(",")}
     rows = [{"name": "float32", "qformat": None, "checkpoint": str(ckpt), "size_bytes": dir_size(ckpt)}]
-    for name, qformat, opts in RUNS:
+    quantized: dict[str, tuple[Path, list]] = {}  # (qformat, options) -> checkpoint and its quantize runs
+    for name, qformat, opts, *build_opts in RUNS:
         if wanted and name not in wanted:
             continue
-        out = work / name.replace(" ", "_").replace("+", "")
+        key = json.dumps([qformat, opts], sort_keys=True)
+        out = quantized[key][0] if key in quantized else work / name.replace(" ", "_").replace("+", "")
         saved = out.with_name(out.name + ".quantize.json")
-        if a.reuse and saved.is_file() and (out / "config.json").is_file():
+        if key in quantized:
+            runs = quantized[key][1]
+        elif a.reuse and saved.is_file() and (out / "config.json").is_file():
             runs = json.loads(saved.read_text())
         else:
             runs = [run_quantize(ckpt, out, qformat, {**opts, **quick}) for _ in range(max(1, a.repeats))]
             saved.write_text(json.dumps(runs))
+        quantized[key] = (out, runs)
         rows.append({"name": name, "qformat": qformat, "options": opts, "checkpoint": str(out),
+                     "build_options": build_opts[0] if build_opts else {},
                      "quant_algo": runs[0]["quant_algo"], "group_size": runs[0]["group_size"],
                      "sq_alpha": runs[0]["sq_alpha"],
                      "quantize_seconds": statistics.median(x["seconds"] for x in runs),
@@ -194,7 +208,8 @@ def main() -> None:
                      "quantize_seconds_all": [round(x["seconds"], 2) for x in runs], "size_bytes": dir_size(out)})
         console.print(f"{name}: quantized in {rows[-1]['quantize_seconds']:.0f}s")
     for r in rows:  # engines, greedy answers
-        eng = build(Path(r["checkpoint"]), work / ("engine_" + r["name"].replace(" ", "_").replace("+", "")))
+        eng = build(Path(r["checkpoint"]), work / ("engine_" + r["name"].replace(" ", "_").replace("+", "")),
+                    r.get("build_options"))
         r["engine"] = str(eng)
         r.update(engine_figures(eng, ckpt))
         g = r["greedy"]

@@ -60,6 +60,7 @@ def q8_head_int4(tiny_checkpoints, tmp_path_factory):
     opts = dict(tokens_per_block=4, max_batch_size=4, max_seq_len=128)
     return {"int8": build_engine(q, root / "e_int8", BuildOptions(**opts)).out,
             "float": build_engine(q, root / "e_float", BuildOptions(lm_head="float", **opts)).out,
+            "exact": build_engine(q, root / "e_exact", BuildOptions(matmul_accuracy="fp32", **opts)).out,
             "float_ckpt": build_engine(root / "float", root / "e_fp32", BuildOptions(**opts)).out}
 
 
@@ -91,6 +92,21 @@ def test_int8_lm_head_logits_equal_the_float_ones(q8_head_int4):
     fast = run_schedule(load_engine(q8_head_int4["int8"]), seqs, MIXED_PLAN, seed=3)
     scale = max(float(np.abs(r).max()) for s in got["float"] for r in s.values())
     assert max(float(np.abs(fast[i][p] - got["float"][i][p]).max()) for i in range(3) for p in fast[i]) < 0.05 * scale
+
+
+def test_fp32_matmul_accuracy_engine_equals_float_kernels(q8_head_int4):
+    """--matmul-accuracy fp32: int4 linears at ORT accuracy level 1 (stamped in config.json) and the
+    int8-block lm_head on compensated activations give the float lm_head engine's exact-kernel
+    logits (the default build's int8 rounding does not)."""
+    cfg = json.loads((q8_head_int4["exact"] / "config.json").read_text())
+    assert cfg["engine"]["matmul_accuracy"] == "fp32" and cfg["engine"]["graph"]["lm_head"] == "int8-blocks"
+    assert "--matmul-accuracy fp32" in cfg["build_command"]
+    seqs = mixed_seqs(320)
+    exact = run_schedule(load_engine(q8_head_int4["exact"]), seqs, MIXED_PLAN, seed=3)
+    ref = run_schedule(load_engine(q8_head_int4["float"], int4_accuracy_level=0), seqs, MIXED_PLAN, seed=3)
+    for a, b in zip(exact, ref):
+        for p in a:
+            np.testing.assert_allclose(a[p], b[p], atol=1e-4)
 
 
 def test_lm_head_int8_refuses_weights_off_the_grid(tiny_checkpoints, tmp_path, capsys):

@@ -169,7 +169,8 @@ def _prepare(checkpoint: str | Path, out: Path, options: BuildOptions, log, cons
     backend = resolve_backend(opts.backend, opts.graph_only)
     dtype = compute_dtype(backend, opts.dtype, cfg.dtype)
     graph_backend = "tensorrt" if backend == "tensorrt" else "onnxruntime"
-    target = Target.for_backend(graph_backend, ONNX_DTYPES[dtype], attention_impl(backend, opts.attention))
+    target = Target.for_backend(graph_backend, ONNX_DTYPES[dtype], attention_impl(backend, opts.attention),
+                                opts.matmul_accuracy)
     kvq = kv_quant(cfg) if opts.kv_cache_dtype == "auto" else (None if opts.kv_cache_dtype == "float" else opts.kv_cache_dtype)
     kv_dtype = kvq if (kvq and target.kv_storage == "native") else dtype
     if backend == "tensorrt" and kvq:
@@ -258,6 +259,7 @@ def _engine_config(b: _Build, out: Path, spec, files: list[str], tokenizer_files
             "compute_dtype": b.dtype,
             "kv_cache_dtype": b.kv_dtype,
             "quantization": b.qkind,
+            "matmul_accuracy": b.target.matmul_accuracy,
             "graph": spec.to_dict() if spec is not None else None,
             **extra,
         },

@@ -17,6 +17,10 @@ Defaults (None means "derived from the model"):
     lm_head            auto      int8 = store a float lm_head as int8 blocks when that is exact (GGUF Q8_0
                                  sources), run by ONNX Runtime's 8-bit MatMulNBits; auto = int8 when exact,
                                  on ONNX Runtime, for integer-quantized checkpoints; float = never
+    matmul_accuracy    int8      ONNX Runtime weight-only matmuls (MatMulNBits): int8 = activations rounded
+                                 to int8 per block in the kernel (fastest); fp32 = float compute for 4-bit
+                                 weights, error-compensated int8 for 8-bit ones (the engine reproduces its
+                                 checkpoint to float rounding; see llmc.plugins.linear)
     graph_only         False     TensorRT: write and check model.onnx, skip the engine build
     timing_cache       None      TensorRT timing cache file (read if present, updated after the build)
     trt_opt_level      3         TensorRT builder optimisation level (0-5)
@@ -36,6 +40,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 KV_DTYPES = ("auto", "float", "int8", "fp8")
 ATTENTION = ("auto", "fused", "decomposed")
 LM_HEAD = ("auto", "float", "int8")
+MATMUL_ACCURACY = ("int8", "fp32")
 
 
 @dataclass
@@ -57,6 +62,7 @@ class BuildOptions:
     attention: str = option("auto", choices=ATTENTION)
     attention_buckets: int = option(3, ge=1)
     lm_head: str = option("auto", choices=LM_HEAD)
+    matmul_accuracy: str = option("int8", choices=MATMUL_ACCURACY)
     graph_only: bool = option(False)
     timing_cache: str | None = option(None, derived="no timing cache")
     trt_opt_level: int = option(3, ge=0, le=5)

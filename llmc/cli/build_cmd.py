@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from llmc.cli.output import DTYPE_ALIASES, choice
-from llmc.build.options import ATTENTION, BACKENDS, DTYPES, KV_DTYPES, LM_HEAD, BuildOptions
+from llmc.build.options import ATTENTION, BACKENDS, DTYPES, KV_DTYPES, LM_HEAD, MATMUL_ACCURACY, BuildOptions
 
 _D = BuildOptions()
 
@@ -47,6 +47,11 @@ def build(
                                 "ONNX Runtime's 8-bit kernel (4x fewer bytes per token; int8 activations "
                                 "inside the kernel). auto: int8 when exact for integer-quantized "
                                 "checkpoints on onnxruntime."),
+    matmul_accuracy: str = typer.Option(_D.matmul_accuracy, **choice(MATMUL_ACCURACY), help="onnxruntime "
+                                        "weight-only (INT4/INT8) matmuls: int8 = activations rounded to int8 "
+                                        "per block inside the kernel (fastest); fp32 = float compute for 4-bit "
+                                        "weights and error-compensated int8 for 8-bit ones, so the engine "
+                                        "keeps its checkpoint's answers (~10-20% slower decode)."),
     graph_only: bool = typer.Option(_D.graph_only, "--graph-only", help="tensorrt / tensorrt-llm: write and check "
                                     "the graph and config only (works without a GPU)."),
     timing_cache: Optional[Path] = typer.Option(_D.timing_cache, help="TensorRT timing cache file (read if present, "
@@ -67,6 +72,7 @@ def build(
                         max_input_len=max_input_len, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
                         kv_cache_blocks=kv_cache_blocks, dtype=dtype, kv_cache_dtype=kv_cache_dtype,
                         attention=attention, attention_buckets=attention_buckets, lm_head=lm_head,
+                        matmul_accuracy=matmul_accuracy,
                         graph_only=graph_only,
                         timing_cache=str(timing_cache) if timing_cache else None, trt_opt_level=trt_opt_level,
                         force=force)

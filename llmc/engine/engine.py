@@ -45,8 +45,10 @@ class Engine:
         self._empty_buckets = [empty and (g or impl == "decomposed") for g, impl in zip(guarded, self.graph["attention"])]
         rebuild = data.get("build_command", "")
         if cfg.backend == "onnxruntime":
-            from llmc.engine.backends.onnxruntime import OrtSession
+            from llmc.engine.backends.onnxruntime import ACCURACY_LEVELS, OrtSession
 
+            if int4_accuracy_level is None:
+                int4_accuracy_level = ACCURACY_LEVELS[data["engine"].get("matmul_accuracy", "int8")]
             self._session = OrtSession(self.path / "model.onnx", cfg.vocab_size, threads, int4_accuracy_level)
         elif cfg.backend == "tensorrt":
             if data["engine"].get("graph_only") or not (self.path / "rank0.engine").is_file():
@@ -109,7 +111,8 @@ def load_engine(engine_dir: str | Path, *, threads: int | None = None, num_threa
 
     threads (alias num_threads): ONNX Runtime intra-op threads (default: physical cores; LLMC_ORT_THREADS).
     int4_accuracy_level: ONNX Runtime MatMulNBits accuracy level for INT4/INT8 weights
-    (default 4: int8 activations inside the kernel, fast; 0: float32 compute, exact).
+    (default: the engine's --matmul-accuracy, int8 -> 4: int8 activations inside the kernel, fast;
+    fp32 -> 1: float32 compute, exact).
     """
     threads = threads or num_threads
     data = read_engine_config(engine_dir)

@@ -73,7 +73,8 @@ def build_command(checkpoint: str | Path, engine_dir: str | Path, options: dict[
     """The CLI line that rebuilds this engine with the same options."""
     args = ["llmc", "build", str(checkpoint), "-o", str(engine_dir), "--force"]
     defaults = {"backend": "auto", "paged_kv_cache": True, "inflight_batching": True, "dtype": "auto",
-                "kv_cache_dtype": "auto", "attention": "auto", "attention_buckets": 3, "trt_opt_level": 3}
+                "kv_cache_dtype": "auto", "attention": "auto", "attention_buckets": 3, "trt_opt_level": 3,
+                "lm_head": "auto", "matmul_accuracy": "int8"}
     if options.get("backend") and options["backend"] != "auto":
         args += ["--backend", options["backend"]]
     if not options.get("paged_kv_cache", True):
@@ -82,7 +83,7 @@ def build_command(checkpoint: str | Path, engine_dir: str | Path, options: dict[
         args.append("--no-inflight-batching")
     for key in ("tokens_per_block", "max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens",
                 "kv_cache_blocks", "dtype", "kv_cache_dtype", "attention", "attention_buckets",
-                "trt_opt_level", "timing_cache"):
+                "lm_head", "matmul_accuracy", "trt_opt_level", "timing_cache"):
         val = options.get(key)
         if val is None or defaults.get(key) == val:
             continue
@@ -161,6 +162,7 @@ ENGINE_SCHEMA = {
     ("build", "paged_kv_cache"): _BOOL, ("build", "inflight_batching"): _BOOL,
 }
 KV_CACHE_DTYPES = ("float32", "float16", "bfloat16", "int8", "fp8")
+MATMUL_ACCURACIES = ("int8", "fp32")  # engine.matmul_accuracy (absent in engines built before it: int8)
 GRAPH_SCHEMA = {"num_buckets": _POS_INT, "block_size": _POS_INT, "num_kv_heads": _POS_INT, "head_dim": _POS_INT,
                 "bucket_kinds": _LIST, "attention": _LIST, "kv_pool_onnx_type": _INT}
 
@@ -229,6 +231,8 @@ def validate_engine_config(data: dict[str, Any], engine_dir: str | Path) -> Engi
                       f"{data['build']['tokens_per_block']}")
     if data["engine"]["kv_cache_dtype"] not in KV_CACHE_DTYPES:
         raise bad(f"engine.kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}")
+    if data["engine"].get("matmul_accuracy", "int8") not in MATMUL_ACCURACIES:
+        raise bad(f"engine.matmul_accuracy must be one of {', '.join(MATMUL_ACCURACIES)}")
     b = data["build"]
     if b["max_input_len"] > b["max_seq_len"]:
         raise bad(f"build.max_input_len {b['max_input_len']} exceeds build.max_seq_len {b['max_seq_len']}")

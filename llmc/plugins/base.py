@@ -25,6 +25,11 @@ class Target:
     kv_storage: "native" (the pool holds int8 / float8e4m3fn) or "fake" (TensorRT's Gather and
                ScatterND take no INT8/FP8 tensors: the pool keeps the compute dtype and stores
                exactly the dequantized values, so numerics match but memory does not shrink).
+    matmul_accuracy: ONNX Runtime's weight-only MatMulNBits compute: "int8" (activations rounded
+               to int8 per block inside the kernel, accuracy level 4: fastest) or "fp32" (float
+               compute for 4-bit weights, accuracy level 1; 8-bit weights, which have no fast
+               float kernel, run level 4 on error-compensated activations: `llmc.plugins.linear`).
+               TensorRT computes weight-only GEMMs in its float dtype either way.
     """
 
     backend: str = "onnxruntime"
@@ -32,13 +37,21 @@ class Target:
     attention: str = "auto"
     fp8: str = "emulate"
     kv_storage: str = "native"
+    matmul_accuracy: str = "int8"
 
     @property
     def is_trt(self) -> bool:
         return self.backend == "tensorrt"
 
     @classmethod
-    def for_backend(cls, backend: str, dtype: int | None = None, attention: str = "auto") -> "Target":
+    def for_backend(cls, backend: str, dtype: int | None = None, attention: str = "auto",
+                    matmul_accuracy: str = "int8") -> "Target":
         if backend == "tensorrt":
             return cls(backend, TensorProto.FLOAT16 if dtype is None else dtype, attention, "qdq", "fake")
-        return cls(backend, TensorProto.FLOAT if dtype is None else dtype, attention, "emulate", "native")
+        return cls(backend, TensorProto.FLOAT if dtype is None else dtype, attention, "emulate", "native",
+                   matmul_accuracy)
+
+    @property
+    def exact_nbits(self) -> bool:
+        """ONNX Runtime with float-accurate weight-only matmuls (--matmul-accuracy fp32)."""
+        return not self.is_trt and self.matmul_accuracy == "fp32"

@@ -19,11 +19,10 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto
 
-from llmc.plugins.graph import GraphBuilder
+from llmc.plugins.graph import CONTRIB_DOMAIN, GraphBuilder
 from llmc.plugins.base import Target
 from llmc.plugins.linear import Int8Blocks, exact_int8_blocks
 
-CONTRIB_DOMAIN = "com.microsoft"
 
 
 def emit_embedding(g: GraphBuilder, t: Target, table: np.ndarray, input_ids: str, *,

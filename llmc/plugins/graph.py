@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+CONTRIB_DOMAIN = "com.microsoft"  # ONNX Runtime contrib ops (ORT targets only)
 OPSET = 23          # Attention, RMSNormalization and blocked DequantizeLinear are all standard here
 IR_VERSION = 10     # the lowest IR that carries opset 23 models ONNX Runtime >= 1.22 and TensorRT 10.x read
 DATA_FILE = "model.onnx.data"

@@ -17,6 +17,10 @@ Weights
 - int4:  DequantizeLinear(W int4 [in, out], block scales [in/g, out], axis 0, block_size g, no
          zero point): opset-21 blocked DQ; ONNX Runtime fuses DQ+MatMul into MatMulNBits,
          TensorRT into its INT4 weight-only GEMM.
+- int8 with --matmul-accuracy fp32 (ONNX Runtime): an explicit 8-bit MatMulNBits at accuracy
+  level 4 on error-compensated activations (`_emit_nbits8_compensated`): ORT has no fast float
+  kernel for 8-bit weights (its fallback is 30-50x slower), so the activation is split into its
+  int8 grid part and the remainder and both go through the int8 kernel in one call.
 - zero points (groupwise int4/int8 with real = q * s + z, e.g. GGUF Q4_1): the symmetric part as
   above plus a small float MatMul of per-group activation sums with z (`_zero_term`); exact in
   real arithmetic, and keeps the fused kernels.
@@ -49,7 +53,7 @@ import numpy as np
 from onnx import TensorProto
 
 from llmc.checkpoint.quant_algos import QUANT_ALGOS, weight_format
-from llmc.plugins.graph import GraphBuilder, pack_int4_onnx
+from llmc.plugins.graph import CONTRIB_DOMAIN, GraphBuilder, pack_int4_onnx
 from llmc.plugins.base import Target
 
 if TYPE_CHECKING:  # pragma: no cover - torch-side type, only read here
@@ -280,10 +284,70 @@ def emit_linear(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> 
         if act not in _ACTIVATIONS:
             raise ValueError(f"unknown activation treatment {act!r}")
         x = _ACTIVATIONS[act](g, t, x, lin, name)
-    y = g.op("MatMul", [x, _weight(g, t, lin, name)], name=name)
+    blocks = _int8_blocks(lin) if t.exact_nbits and act is None else None
+    if blocks is not None:
+        y = _emit_nbits8_compensated(g, t, x, *blocks, lin.in_features, name)
+    else:
+        y = g.op("MatMul", [x, _weight(g, t, lin, name)], name=name)
     if lin.zero is not None:
         y = g.op("Add", [y, _zero_term(g, t, x, lin, name)], name=f"{name}_zero_add")
     return _add_bias(g, t, y, lin, name)
+
+
+def _int8_blocks(lin: QLinear) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """(int8 [out, in], block scales [out, in/g], g) of an int8 weight ONNX Runtime runs as 8-bit
+    MatMulNBits (block scales, or a weight-only per-channel scale restated per block); else None."""
+    if weight_format(lin.kind) != "int8":
+        return None
+    scale = _np(lin.weight_scale)
+    if scale.ndim == 2:
+        return _int8_t(lin.weight).T, scale, int(lin.group_size)
+    blocked = blocked_int8_scale(_scale_per_row(lin), lin.in_features)
+    if blocked is None:
+        return None
+    return _int8_t(lin.weight).T, blocked[0], blocked[1]
+
+
+COMPENSATION_TERMS = 3  # rows through the int8 kernel: error ~ (1/254)^terms of max|x| per block
+
+
+def _int8_grid(g: GraphBuilder, t: Target, x: str, blocks: int, block: int, k: int, name: str) -> str:
+    """x [tokens, in] rounded onto the grid the int8 kernel uses: per block of `block` inputs,
+    round(x / s) * s with s = max|x_block| / 127 (so the kernel re-quantizes it losslessly)."""
+    xb = g.op("Reshape", [x, g.const([-1, blocks, block])], name=f"{name}_blocks")
+    amax = g.op("ReduceMax", [g.op("Abs", [xb], name=f"{name}_abs"), g.const([-1])], name=f"{name}_amax",
+                keepdims=1)
+    s = g.op("Div", [amax, g.const(np.float32(127.0), t.dtype)], name=f"{name}_scale")
+    s = g.op("Max", [s, g.const(np.float32(np.finfo(np.float32).tiny), t.dtype)], name=f"{name}_scale_nz")
+    xq = g.op("Mul", [g.op("Round", [g.op("Div", [xb, s], name=f"{name}_div")], name=f"{name}_round"), s],
+              name=f"{name}_grid")
+    return g.op("Reshape", [xq, g.const([-1, k])], name=f"{name}_flat")
+
+
+def _emit_nbits8_compensated(g: GraphBuilder, t: Target, x: str, q8: np.ndarray, scale: np.ndarray, block: int,
+                             k: int, name: str) -> str:
+    """x [tokens, in] @ (q8 * scale)^T through ONE 8-bit MatMulNBits at accuracy level 4, accurate
+    to float rounding instead of the ~1e-2 of rounding x to int8.
+
+    The kernel rounds each block of `block` activations to int8 with scale max|x_block| / 127.
+    Here x = xq_1 + xq_2 + r: xq_1 is x on exactly that grid (the kernel's rounding of it is
+    lossless), xq_2 the remainder on its own 127x finer grid, r what is left (|r| <= 1/254^2 of the
+    block's max, which the kernel rounds once more). The COMPENSATION_TERMS rows go through the
+    kernel in one call (decode stays bound by the weight bytes, read once) and are summed.
+    """
+    n = q8.shape[0]
+    blocks = k // block
+    rows, rest = [], x
+    for i in range(COMPENSATION_TERMS - 1):
+        rows.append(_int8_grid(g, t, rest, blocks, block, k, f"{name}_c{i}"))
+        rest = g.op("Sub", [rest, rows[-1]], name=f"{name}_c{i}_rest")
+    both = g.op("Concat", rows + [rest], name=f"{name}_crows", axis=0)
+    data = g.weight(f"{name}.weight_u8", (q8.astype(np.int16) + 128).astype(np.uint8).reshape(n, blocks, block))
+    scales = g.weight(f"{name}.weight_scale", np.ascontiguousarray(scale, np.float32).reshape(-1), t.dtype)
+    y = g.op("MatMulNBits", [both, data, scales], name=name, domain=CONTRIB_DOMAIN, K=k, N=n, bits=8,
+             block_size=block, accuracy_level=4)
+    parts = g.op("Reshape", [y, g.const([COMPENSATION_TERMS, -1, n])], name=f"{name}_cparts")
+    return g.op("ReduceSum", [parts, g.const([0])], name=f"{name}_csum", keepdims=0)
 
 
 def _zero_term(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> str:

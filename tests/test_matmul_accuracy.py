@@ -1,0 +1,84 @@
+"""`llmc build --matmul-accuracy fp32`: weight-only matmuls that keep the checkpoint's numbers.
+
+ONNX Runtime's MatMulNBits at accuracy level 4 rounds activations to int8 per block, which is
+enough to flip SmolLM2's greedy answers (tests/test_pipeline.py runs the default recipe). The
+fp32 build computes 4-bit weights in float (level 1) and sends 8-bit weights, which have no fast
+float kernel, through the int8 kernel on error-compensated activations. The reference here is
+numpy in float64 on the same int8 values, not llmc's code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto
+
+from llmc.checkpoint.quant_algos import QUANT_ALGOS
+from llmc.plugins.base import Target
+from llmc.plugins.graph import GraphBuilder
+from llmc.plugins.linear import emit_linear
+from llmc.quantize.layout import QLinear
+
+
+def _session(lin: QLinear, target: Target):
+    import onnxruntime as ort
+
+    g = GraphBuilder()
+    x = g.input("x", TensorProto.FLOAT, ["t", lin.in_features])
+    g.op("Identity", [emit_linear(g, target, x, lin, "lin")], outputs=["y"])
+    g.output("y", TensorProto.FLOAT, ["t", lin.out_features])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    level = 1 if target.matmul_accuracy == "fp32" else 4  # what the engine's session sets
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+    return ort.InferenceSession(g.model().SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _int8_linear(out: int, k: int, group: int | None, rng) -> tuple[QLinear, np.ndarray]:
+    """An int8 weight-only linear (block scales, or W8A16's per-channel scale) and its float64 value."""
+    q = rng.integers(-127, 128, (out, k)).astype(np.int8)
+    if group is None:
+        s = (rng.random(out) * 0.01 + 1e-3).astype(np.float32)
+        lin = QLinear("lin", QUANT_ALGOS["W8A16"].kind, torch.from_numpy(q), torch.from_numpy(s))
+        return lin, q.astype(np.float64) * s[:, None].astype(np.float64)
+    s = (rng.random((out, k // group)) * 0.01 + 1e-3).astype(np.float32)
+    lin = QLinear("lin", QUANT_ALGOS["W8A16_GPTQ"].kind, torch.from_numpy(q), torch.from_numpy(s), group_size=group)
+    w = q.astype(np.float64).reshape(out, -1, group) * s[:, :, None]
+    return lin, w.reshape(out, k)
+
+
+@pytest.mark.parametrize("group", [32, 64, None])
+def test_compensated_int8_matmul_is_float_accurate(group):
+    rng = np.random.default_rng(group or 0)
+    lin, w = _int8_linear(384, 256, group, rng)
+    # activations with outliers along the input (what RMSNorm'd hidden states look like)
+    x = (rng.standard_normal((5, 256)) * np.exp(rng.standard_normal(256))).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T
+    scale = np.abs(ref).max()
+    errs = {}
+    for acc in ("fp32", "int8"):
+        sess = _session(lin, Target(matmul_accuracy=acc))
+        errs[acc] = float(np.abs(sess.run(None, {"x": x})[0] - ref).max() / scale)
+    # float32 rounding (numpy's own float32 matmul of the same values is ~3e-7 off float64)
+    assert errs["fp32"] < 2e-6, errs
+    assert errs["int8"] > 1e-3, errs  # the kernel's own int8 rounding, which fp32 compensates away
+
+
+def test_fp32_accuracy_emits_one_explicit_level4_node_per_int8_linear():
+    rng = np.random.default_rng(1)
+    lin, _ = _int8_linear(128, 128, 32, rng)
+    for acc, explicit in (("fp32", True), ("int8", False)):
+        g = GraphBuilder()
+        x = g.input("x", TensorProto.FLOAT, ["t", 128])
+        emit_linear(g, Target(matmul_accuracy=acc), x, lin, "lin")
+        nbits = [n for n in g.nodes if n.op_type == "MatMulNBits"]
+        assert len(nbits) == int(explicit)
+        if explicit:
+            attrs = {a.name: a.i for a in nbits[0].attribute}
+            assert attrs["accuracy_level"] == 4 and attrs["bits"] == 8 and attrs["block_size"] == 32
+    # TensorRT keeps standard ops whatever the option (its GEMMs compute in float)
+    g = GraphBuilder()
+    x = g.input("x", TensorProto.FLOAT, ["t", 128])
+    emit_linear(g, Target.for_backend("tensorrt", matmul_accuracy="fp32"), x, lin, "lin")
+    assert all(n.domain == "" for n in g.nodes)
