@@ -20,7 +20,8 @@ Weights
 - int8 with --matmul-accuracy fp32 (ONNX Runtime): an explicit 8-bit MatMulNBits at accuracy
   level 4 on error-compensated activations (`_emit_nbits8_compensated`): ORT has no fast float
   kernel for 8-bit weights (its fallback is 30-50x slower), so the activation is split into its
-  int8 grid part and the remainder and both go through the int8 kernel in one call.
+  int8-grid part, the remainder's grid part and the rest, and the three rows go through the int8
+  kernel in one call: float32-accurate (tests/test_matmul_accuracy.py, against numpy).
 - zero points (groupwise int4/int8 with real = q * s + z, e.g. GGUF Q4_1): the symmetric part as
   above plus a small float MatMul of per-group activation sums with z (`_zero_term`); exact in
   real arithmetic, and keeps the fused kernels.
@@ -341,10 +342,10 @@ def _emit_nbits8_compensated(g: GraphBuilder, t: Target, x: str, q8: np.ndarray,
     for i in range(COMPENSATION_TERMS - 1):
         rows.append(_int8_grid(g, t, rest, blocks, block, k, f"{name}_c{i}"))
         rest = g.op("Sub", [rest, rows[-1]], name=f"{name}_c{i}_rest")
-    both = g.op("Concat", rows + [rest], name=f"{name}_crows", axis=0)
+    stacked = g.op("Concat", rows + [rest], name=f"{name}_crows", axis=0)
     data = g.weight(f"{name}.weight_u8", (q8.astype(np.int16) + 128).astype(np.uint8).reshape(n, blocks, block))
     scales = g.weight(f"{name}.weight_scale", np.ascontiguousarray(scale, np.float32).reshape(-1), t.dtype)
-    y = g.op("MatMulNBits", [both, data, scales], name=name, domain=CONTRIB_DOMAIN, K=k, N=n, bits=8,
+    y = g.op("MatMulNBits", [stacked, data, scales], name=name, domain=CONTRIB_DOMAIN, K=k, N=n, bits=8,
              block_size=block, accuracy_level=4)
     parts = g.op("Reshape", [y, g.const([COMPENSATION_TERMS, -1, n])], name=f"{name}_cparts")
     return g.op("ReduceSum", [parts, g.const([0])], name=f"{name}_csum", keepdims=0)
