@@ -618,6 +618,7 @@ ENGINE_DAMAGE = [
     (lambda c: c["engine"]["graph"].update(num_buckets=10**9), "bucket kinds"),
     (lambda c: c.update(num_hidden_layers=10**9), "num_layers"),
     (lambda c: c["engine"].update(kv_cache_dtype="int3"), "kv_cache_dtype"),
+    (lambda c: c["engine"].update(matmul_accuracy="fp16"), "matmul_accuracy"),
     (lambda c: c.update(integrity=[1, 2]), "integrity record is not valid"),
 ]
 
@@ -635,6 +636,7 @@ def test_damaged_engine_config(edit, fragment, engine, tmp_path, capsys):
 
 
 ENGINE_FIELDS = [("engine", "backend"), ("engine", "format_version"), ("engine", "compute_dtype"),
+                 ("engine", "matmul_accuracy"),
                  ("engine", "kv_cache_dtype"), ("engine", "graph"), ("build", "max_batch_size"),
                  ("build", "max_input_len"), ("build", "max_seq_len"), ("build", "max_num_tokens"),
                  ("build", "tokens_per_block"), ("build", "kv_cache_blocks"), ("build", "paged_kv_cache"),
