@@ -272,7 +272,7 @@ def _weight(g: GraphBuilder, t: Target, lin: QLinear, name: str) -> str:
 
 
 def emit_linear(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> str:
-    """x [..., in] -> [..., out] (+ bias). The MatMul node is named `{name}`."""
+    """x [tokens, in] -> [tokens, out] (+ bias). The MatMul node is named `{name}`."""
     if lin.weight_scale_2 is not None:  # W4A8: lowered to FP8 x FP8 (module doc)
         lin = lin.as_fp8()
     if lin.pre_quant_scale is not None:
@@ -361,9 +361,8 @@ def _zero_term(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> s
     """
     gsize = int(lin.group_size)
     groups = lin.in_features // gsize
-    lead = g.op("Shape", [x], name=f"{name}_zshape", end=-1)
-    shape = g.op("Concat", [lead, g.const([groups, gsize])], name=f"{name}_zgshape", axis=0)
-    xb = g.op("Reshape", [x, shape], name=f"{name}_zgroups")
+    # x is [tokens, in] (llmc's activations are packed 2-D), so the group view has a constant shape
+    xb = g.op("Reshape", [x, g.const([-1, groups, gsize])], name=f"{name}_zgroups")
     sums = g.op("ReduceSum", [xb, g.const([-1])], name=f"{name}_zsum", keepdims=0)
     z = g.weight(f"{name}.zero", np.ascontiguousarray(_np(lin.zero).T), t.dtype)  # [in/g, out]
     return g.op("MatMul", [sums, z], name=f"{name}_zmm")
