@@ -14,6 +14,7 @@ import torch
 
 from llmc.build import BuildOptions, build_engine
 from llmc.engine import SeqSlice, StepBatch, load_engine
+from llmc.errors import LlmcError
 
 TOL = 1e-4
 
@@ -159,6 +160,53 @@ def test_graph_has_one_qkv_and_one_gated_mlp_matmul_per_layer(built):
     assert cfg["engine"]["graph"]["guarded_buckets"] == [False, False, True]
     assert all(n.domain in ("", "ai.onnx") for n in nodes)
     assert {imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")} == {23}
+
+
+def test_ort_graph_keeps_k_and_v_of_a_layer_in_one_pool_tensor(built):
+    """One pool input per layer ([2 x kv_heads, blocks, block, head_dim]: K heads, then V heads),
+    written by one ScatterND and read by one Gather per bucket; q, k and v split once after RoPE;
+    the decode buckets' outputs turned back into rows once per layer."""
+    import onnx
+
+    model = onnx.load(str(built["llama"] / "model.onnx"), load_external_data=False)
+    cfg = json.loads((built["llama"] / "config.json").read_text())
+    graph, layers = cfg["engine"]["graph"], cfg["num_hidden_layers"]
+    assert graph["kv_pool_layout"] == "merged"
+    pools = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
+             for i in model.graph.input if i.name.startswith("kv_pool.")}
+    assert pools == {f"kv_pool.{i}": [2 * graph["num_kv_heads"], "num_blocks", 4, graph["head_dim"]]
+                     for i in range(layers)}
+    assert sorted(o.name for o in model.graph.output if o.name.startswith("kv_pool.")) == \
+        sorted(f"{name}.out" for name in pools)
+    top = model.graph.node
+    count = lambda op, part="": sum(1 for n in top if n.op_type == op and part in n.name)  # noqa: E731
+    assert count("ScatterND") == layers
+    assert count("Gather", "_kv_gather") == 2 * layers  # the two decode buckets (the third is in the If)
+    assert count("Split", "_q_kv_split") == layers and count("Split", "_qk_split") == 0
+    # queries grouped and output rows once per layer; per bucket only K^T (ORT fuses it into its MatMul)
+    assert count("Transpose") - count("Transpose", "_kt") == 2 * layers
+
+
+def test_ort_pool_views_alias_one_buffer():
+    """Both layouts wrap slices of the one pool buffer (no copies): merged per layer, or K and V."""
+    from onnx import TensorProto
+
+    from llmc.engine.backends.onnxruntime import OrtKVPool
+
+    for layout in ("merged", "split"):
+        pool = OrtKVPool(3, 5, 4, 2, 8, TensorProto.FLOAT, layout)
+        base = pool.buffer.ctypes.data
+        for layer in range(3):
+            if layout == "merged":
+                ov = pool.ortvalues[f"kv_pool.{layer}"]
+                assert ov.shape() == [4, 5, 4, 8] and ov.data_ptr() == pool.buffer[layer].ctypes.data
+            else:
+                for kind, name in enumerate(("key", "value")):
+                    ov = pool.ortvalues[f"kv_pool.{layer}.{name}"]
+                    assert ov.shape() == [2, 5, 4, 8] and ov.data_ptr() == pool.buffer[layer, kind].ctypes.data
+        assert len(pool.ortvalues) == (3 if layout == "merged" else 6) and base == pool.buffer.ctypes.data
+    with pytest.raises(LlmcError, match="unknown KV pool layout"):
+        OrtKVPool(1, 1, 4, 2, 8, TensorProto.FLOAT, "interleaved")
 
 
 def test_sliding_window_matches_transformers(tmp_path):
