@@ -7,9 +7,10 @@ Inputs (T = packed tokens of all sequences in the step, no padding):
                                                       int64, per attention bucket b
     attn_out_index [T]                                int64, row slot of each packed token
     logits_index [S]                                  int64, tokens whose logits are wanted
-    kv_pool.{l} [2*kvH, num_blocks, bs, hd]           KV dtype (float / int8 / fp8 as uint8 bits),
-                                                      the runtime's pool: K heads then V heads (ORT)
-    kv_pool.{l}.{key,value} [kvH, num_blocks, bs, hd] the same as two tensors (TensorRT)
+    kv_pool.{l} [kvH, 2*num_blocks, bs, hd]           KV dtype (float / int8 / fp8 as uint8 bits),
+                                                      the runtime's pool: keys of block b at 2b,
+                                                      values at 2b+1 (ORT)
+    kv_pool.{l}.{key,value} [kvH, num_blocks, bs, hd] two tensors per layer (TensorRT)
 Outputs:
     logits [S, vocab] float32
     kv_pool.{l}[.key|.value].out                      bound to the same buffers as the inputs
@@ -38,7 +39,7 @@ from llmc.plugins.graph import DATA_FILE, GraphBuilder
 from llmc.build.weights import WeightReader, kv_quant, np32
 from llmc.errors import UnsupportedError
 from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_paged_attention, emit_step_masks,
-                                    emit_write_index, kv_pool_merged, step_inputs)
+                                    emit_write_index, kv_pool_paired, step_inputs)
 from llmc.plugins.base import Target
 from llmc.plugins.embedding import emit_embedding
 from llmc.plugins.gated_mlp import emit_gated_mlp
@@ -69,7 +70,7 @@ class GraphSpec:
     lm_head: str = "float"      # how the logits GEMM is stored: "float" | "int8-blocks" | "quantized"
     empty_buckets: bool = True  # explicit reshape targets: an unused bucket may have zero rows
     guarded_buckets: list = field(default_factory=list)  # per bucket: attention inside If(rows > 0)
-    kv_pool_layout: str = "split"  # "merged": one pool tensor per layer (K heads, then V heads) | "split"
+    kv_pool_layout: str = "split"  # "paired": one pool tensor per layer (block b's K at 2b, V at 2b+1) | "split"
     node_count: int = 0
     op_counts: dict = field(default_factory=dict)
 
@@ -125,8 +126,7 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     cos, sin = emit_rope_tables(g, target, cfg, positions, max_positions)
     cos, sin = emit_head_tables(g, target, cos, sin, d.num_heads + d.num_kv_heads, d.num_heads + 2 * d.num_kv_heads)
     emit_step_masks(g, target, d, buckets)
-    merged = kv_pool_merged(target)
-    scatter_index = emit_write_index(g, d, write_index, d.num_kv_heads * (2 if merged else 1))
+    scatter_index = emit_write_index(g, d, write_index, kv_pool_paired(target))
 
     emb_t = tensors["transformer.vocab_embedding.weight"]
     lm_lin, tied, lm_kind, tied_blocks = _choose_lm_head(tensors, reader, emb_t, lm_head)
@@ -217,4 +217,4 @@ def _graph_spec(model: onnx.ModelProto, cfg: CheckpointConfig, target: Target, d
                      int(pool.pool_type), DTYPE_OF[target.dtype], max_positions,
                      [bk.impl for bk in buckets], bucket_kinds(num_buckets), target.backend,
                      weight_bytes, read_bytes, lm_kind, True, [bk.guarded for bk in buckets],
-                     "merged" if pool.merged else "split", len(model.graph.node), counts)
+                     "paired" if pool.paired else "split", len(model.graph.node), counts)

@@ -1,8 +1,8 @@
 """Paged attention over packed tokens of many sequences, from standard ONNX ops.
 
 KV pool (owned by the runtime, bound once), head-major (see KVPool): on ONNX Runtime one tensor
-per layer, [2 * kv_heads, num_blocks, block_size, head_dim] (the K heads, then the V heads: K and
-V are written by one ScatterND and read by one Gather); on TensorRT two, key and value, each
+per layer, [kv_heads, 2 * num_blocks, block_size, head_dim], block b's keys at 2b and its values
+at 2b + 1 (K and V are written by one ScatterND); on TensorRT two, key and value, each
 [kv_heads, num_blocks, block_size, head_dim]. Position p of a sequence lives at block
 block_table[p // block_size], offset p % block_size.
 
@@ -113,7 +113,9 @@ class BucketInputs:
     q_pos: str       # int64 [R, Qt]: position of each row slot (padding: 0)
     impl: str = "fused"  # "fused" | "decomposed"
     q_shape: str = ""    # int64 [4] = (R, Qt, H, hd), computed once per step
-    kv_shape: str = ""   # (heads, R, MB*bs, hd): a gathered pool tensor (heads: kvH, 2*kvH merged)
+    kv_shape: str = ""   # (kvH, R, MB*bs, hd): gathered K/V
+    k_blocks: str = ""   # paired pool: 2 * kv_blocks, the rows' key blocks (computed once per step)
+    v_blocks: str = ""   # paired pool: 2 * kv_blocks + 1, the value blocks
     qg_shape: str = ""   # (kvH, R, G*Qt, hd): grouped queries (decomposed form)
     o5_shape: str = ""   # (kvH, R, G, Qt, hd): grouped output (decomposed form)
     rows_shape: str = "" # output rows: (R*Qt, H*hd), or (kvH, R*Qt, G, hd) in the grouped output layout
@@ -197,8 +199,10 @@ def emit_step_masks(g: GraphBuilder, t: Target, d: AttentionDims, buckets: list[
         mb = g.op("Gather", [g.op("Shape", [bk.kv_blocks], name=f"bucket{b}_kv_shape"), g.const([1])],
                   name=f"bucket{b}_mb", axis=0)
         keys1 = g.op("Mul", [mb, g.const(d.block_size)], name=f"bucket{b}_num_keys1")
-        pool_heads = g.const([d.num_kv_heads * (2 if kv_pool_merged(t) else 1)])
-        bk.kv_shape = g.op("Concat", [pool_heads, rows, keys1, hd], name=f"bucket{b}_kv_gathered_shape", axis=0)
+        bk.kv_shape = g.op("Concat", [kvh, rows, keys1, hd], name=f"bucket{b}_kv_gathered_shape", axis=0)
+        if kv_pool_paired(t):
+            bk.k_blocks = g.op("Mul", [bk.kv_blocks, g.const(2)], name=f"bucket{b}_k_blocks")
+            bk.v_blocks = g.op("Add", [bk.k_blocks, g.const(1)], name=f"bucket{b}_v_blocks")
         gqt = g.op("Mul", [qt, g.const(d.groups)], name=f"bucket{b}_g_qt")
         bk.qg_shape = g.op("Concat", [kvh, rows, gqt, hd], name=f"bucket{b}_qg_shape", axis=0)
         bk.o5_shape = g.op("Concat", [kvh, rows, g.const([d.groups]), qt, hd], name=f"bucket{b}_o5_shape", axis=0)
@@ -225,41 +229,51 @@ def emit_step_masks(g: GraphBuilder, t: Target, d: AttentionDims, buckets: list[
         bk.mask = g.op("Unsqueeze", [mask, g.const([axis])], name=f"bucket{b}_mask")
 
 
-def kv_pool_merged(t: Target) -> bool:
-    """K and V of a layer in one pool tensor (ONNX Runtime): one ScatterND and one Gather (+ a Split)
-    per layer and bucket instead of two each. TensorRT keeps two tensors per layer: its runtime
-    ping-pongs every pool tensor between two buffers and its profiles name each one."""
+def kv_pool_paired(t: Target) -> bool:
+    """K and V of a layer in one pool tensor (ONNX Runtime), a block's keys and values side by side
+    along the block axis: one ScatterND per layer writes both, and each of the two Gathers per
+    bucket still yields K or V alone (no copy to split them). TensorRT keeps two tensors per layer:
+    its runtime ping-pongs every pool tensor between two buffers and its profiles name each one."""
     return not t.is_trt
 
 
-def emit_write_index(g: GraphBuilder, d: AttentionDims, write_index: str, heads: int) -> str:
-    """[T, 2] (block, offset) -> ScatterND indices [T, heads, 3] (head, block, offset), once per step
-    (heads: the pool tensor's leading dim, kvH or 2 * kvH for a merged K/V pool)."""
-    wi = g.op("Unsqueeze", [write_index, g.const([1])], name="kv_write_bo")                  # [T, 1, 2]
+def emit_write_index(g: GraphBuilder, d: AttentionDims, write_index: str, paired: bool) -> str:
+    """[T, 2] (block, offset) -> ScatterND indices (head, block, offset), once per step:
+    [T, kvH, 3] for a key or value pool tensor; [T, 2 * kvH, 3] for a paired pool, whose updates
+    are the K heads then the V heads (K of block b at pool block 2b, V at 2b + 1)."""
+    kvh = d.num_kv_heads
+    heads = 2 * kvh if paired else kvh
     t_len = g.op("Gather", [g.op("Shape", [write_index], name="kv_write_shape"), g.const([0])],
                  name="kv_write_T", axis=0)
-    shape_bo = g.op("Concat", [t_len, g.const([heads, 2])], name="kv_write_bo_shape", axis=0)
-    bo = g.op("Expand", [wi, shape_bo], name="kv_write_bo_heads")                            # [T, heads, 2]
-    head_ids = g.const(np.arange(heads, dtype=np.int64).reshape(1, -1, 1))
-    shape_h = g.op("Concat", [t_len, g.const([heads, 1])], name="kv_write_h_shape", axis=0)
-    hcol = g.op("Expand", [head_ids, shape_h], name="kv_write_heads")                        # [T, heads, 1]
-    return g.op("Concat", [hcol, bo], name="kv_write_index_hbo", axis=-1)                    # [T, heads, 3]
+    shape = g.op("Concat", [t_len, g.const([heads, 1])], name="kv_write_col_shape", axis=0)
+    head_ids = g.const(np.arange(heads, dtype=np.int64).reshape(1, -1, 1) % kvh)
+    hcol = g.op("Expand", [head_ids, shape], name="kv_write_heads")                         # [T, heads, 1]
+    wi = g.op("Unsqueeze", [write_index, g.const([1])], name="kv_write_bo")                 # [T, 1, 2]
+    if not paired:
+        shape_bo = g.op("Concat", [t_len, g.const([heads, 2])], name="kv_write_bo_shape", axis=0)
+        bo = g.op("Expand", [wi, shape_bo], name="kv_write_bo_heads")                       # [T, heads, 2]
+        return g.op("Concat", [hcol, bo], name="kv_write_index_hbo", axis=-1)               # [T, heads, 3]
+    blk, off = g.op("Split", [wi, g.const([1, 1])], n_out=2, name="kv_write_b_o", axis=-1)  # [T, 1, 1] each
+    kind = g.const(np.repeat(np.arange(2, dtype=np.int64), kvh).reshape(1, -1, 1))          # 0 = K, 1 = V
+    bcol = g.op("Add", [g.op("Mul", [blk, g.const(2)], name="kv_write_2b"), kind], name="kv_write_blocks")
+    ocol = g.op("Expand", [off, shape], name="kv_write_offsets")
+    return g.op("Concat", [hcol, bcol, ocol], name="kv_write_index_hbo", axis=-1)           # [T, 2kvH, 3]
 
 
 class KVPool:
     """Declares one layer's pool tensor(s) and emits the quantize-on-write / dequantize-on-read.
 
-    Layout: [heads, num_blocks, block_size, head_dim] (head-major): gathering a row's blocks along
-    axis 1 yields [heads, R, MB*bs, hd] directly, the operand layout of the grouped-query MatMuls,
-    so a K/V element is copied once per step by the Gather (and once more by the K/V Split of a
-    merged pool). Merged (`kv_pool_merged`): one tensor `kv_pool.{l}` of 2 * kvH heads, K's then
-    V's; else `kv_pool.{l}.key` and `kv_pool.{l}.value` of kvH heads each.
+    Layout: [kv_heads, blocks, block_size, head_dim] (head-major): gathering a row's blocks along
+    axis 1 yields [kvH, R, MB*bs, hd] directly, the operand layout of the grouped-query MatMuls,
+    so a K/V element is copied exactly once per step (by the Gather). Paired (`kv_pool_paired`): one
+    tensor `kv_pool.{l}` of 2 * num_blocks blocks (keys of block b at 2b, values at 2b + 1); else
+    `kv_pool.{l}.key` and `kv_pool.{l}.value` of num_blocks each.
     """
 
     def __init__(self, g: GraphBuilder, t: Target, d: AttentionDims, layer: int, kv_dtype: str,
                  kv_scale: float | None):
         self.g, self.t, self.d, self.layer = g, t, d, layer
-        self.merged = kv_pool_merged(t)
+        self.paired = kv_pool_paired(t)
         self.quant = kv_dtype if kv_dtype in KV_ONNX_TYPES else None
         if self.quant and kv_scale is None:
             raise ValueError(f"layer {layer}: quantized KV cache without kv_cache_scaling_factor")
@@ -273,12 +287,11 @@ class KVPool:
             self.scale = g.const(np.float32(kv_scale), t.dtype, hint=f"kv_scale_{layer}")
             self.zp = g.const(np.zeros((), np.float32) if self.quant == "fp8" else np.int8(0),
                               KV_ONNX_TYPES[self.quant], hint=f"kv_zp_{self.quant}")
-        self.kinds = ("kv",) if self.merged else ("key", "value")
-        heads = d.num_kv_heads * (2 if self.merged else 1)
-        shape = [heads, "num_blocks", d.block_size, d.head_dim]
+        self.kinds = ("kv",) if self.paired else ("key", "value")
+        shape = [d.num_kv_heads, "pool_blocks" if self.paired else "num_blocks", d.block_size, d.head_dim]
         self.names = {}
         for kind in self.kinds:
-            src = g.input(f"kv_pool.{layer}" if self.merged else f"kv_pool.{layer}.{kind}", self.pool_type, shape)
+            src = g.input(f"kv_pool.{layer}" if self.paired else f"kv_pool.{layer}.{kind}", self.pool_type, shape)
             dst = f"{src}.out"
             g.output(dst, self.pool_type, shape)
             self.names[kind] = (src, dst)
@@ -287,7 +300,7 @@ class KVPool:
         """Store the new rows kv_new [T, 2 * kvH, hd] (K heads, then V heads); returns the updated
         pool tensor per kind (ScatterND outputs, bound to the input buffers: written in place)."""
         g, layer = self.g, self.layer
-        parts = {"kv": kv_new} if self.merged else dict(zip(self.kinds, g.op(
+        parts = {"kv": kv_new} if self.paired else dict(zip(self.kinds, g.op(
             "Split", [kv_new, g.const([self.d.num_kv_heads] * 2)], n_out=2, name=f"l{layer}_kv_split", axis=1)))
         out = {}
         for kind, new in parts.items():
@@ -303,17 +316,15 @@ class KVPool:
 
     def read(self, pools: dict[str, str], bk: BucketInputs, b: int) -> tuple[str, str]:
         """Gather a bucket's blocks: (K, V), each [kvH, R, MB*bs, hd] in the compute dtype."""
-        g = self.g
-        flats = [self._read_one(pool, kind, bk, b) for kind, pool in pools.items()]
-        if not self.merged:
-            return flats[0], flats[1]
-        k, v = g.op("Split", [flats[0], g.const([self.d.num_kv_heads] * 2)], n_out=2,
-                    name=f"l{self.layer}_b{b}_kv_split", axis=0)
-        return k, v
+        if self.paired:
+            return (self._read_one(pools["kv"], bk.k_blocks, "key", bk, b),
+                    self._read_one(pools["kv"], bk.v_blocks, "value", bk, b))
+        return (self._read_one(pools["key"], bk.kv_blocks, "key", bk, b),
+                self._read_one(pools["value"], bk.kv_blocks, "value", bk, b))
 
-    def _read_one(self, pool: str, kind: str, bk: BucketInputs, b: int) -> str:
+    def _read_one(self, pool: str, block_ids: str, kind: str, bk: BucketInputs, b: int) -> str:
         g = self.g
-        blocks = g.op("Gather", [pool, bk.kv_blocks], name=f"l{self.layer}_b{b}_{kind}_gather", axis=1)
+        blocks = g.op("Gather", [pool, block_ids], name=f"l{self.layer}_b{b}_{kind}_gather", axis=1)
         flat = g.op("Reshape", [blocks, bk.kv_shape],
                     name=f"l{self.layer}_b{b}_{kind}")
         if self.fp8_bits:

@@ -1,10 +1,12 @@
 """ONNX Runtime (CPU) execution of an engine graph, with the KV pool bound once.
 
-- The pool is one numpy allocation ([layers, 2, kv_heads, num_blocks, block_size, head_dim]),
-  zero-filled and pre-faulted at allocation (first-touch page faults cost more than the writes);
-  each layer's slice ([2 * kv_heads, ...] for a "merged" graph, else its key and value slices) is
-  wrapped as an OrtValue without copying and bound both as the graph's pool input and as the
-  matching `.out` output, so the in-graph ScatterND writes new K/V in place.
+- The pool is one numpy allocation, zero-filled and pre-faulted at allocation (first-touch page
+  faults cost more than the writes). "paired" graphs (ONNX Runtime builds): [layers, kv_heads,
+  num_blocks, 2 (K/V), block_size, head_dim], one OrtValue per layer viewed as [kv_heads,
+  2 * num_blocks, block_size, head_dim]; "split" graphs (older builds): [layers, 2, kv_heads,
+  num_blocks, block_size, head_dim], one OrtValue per layer's keys and one per its values. Each
+  is wrapped without copying and bound both as the graph's pool input and as the matching `.out`
+  output, so the in-graph ScatterND writes new K/V in place.
   Bindings persist across steps: a step binds only its small index arrays and the logits buffer.
 - FP8 pools are uint8 buffers handed to ORT as float8e4m3fn tensors (same bytes).
 - Session options: intra-op threads = physical cores and no spinning (LLMC_ORT_THREADS /
@@ -108,15 +110,18 @@ class OrtKVPool:
                  onnx_type: int, layout: str = "split"):
         import onnxruntime as ort
 
-        if layout not in ("split", "merged"):
-            raise LlmcError(f"unknown KV pool layout {layout!r} (this llmc knows split and merged); rebuild the engine")
+        if layout not in ("split", "paired"):
+            raise LlmcError(f"unknown KV pool layout {layout!r} (this llmc knows split and paired); rebuild the engine")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.onnx_type = onnx_type
+        self.layout = layout
         np_dtype = POOL_NP[onnx_type]
-        self.buffer = np.empty((num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim), np_dtype)
+        shape = ((num_layers, num_kv_heads, num_blocks, 2, block_size, head_dim) if layout == "paired" else
+                 (num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim))
+        self.buffer = np.empty(shape, np_dtype)
         self.buffer.fill(0)  # commit and zero every page now, not on the first steps
-        merged_shape = (2 * num_kv_heads, num_blocks, block_size, head_dim)
+        paired_shape = (num_kv_heads, 2 * num_blocks, block_size, head_dim)
 
         def wrap(view: np.ndarray):
             if onnx_type in (TensorProto.FLOAT8E4M3FN, TensorProto.BFLOAT16):
@@ -126,8 +131,8 @@ class OrtKVPool:
         # graph input name -> OrtValue over its slice of the buffer
         self.ortvalues: dict[str, object] = {}
         for layer in range(num_layers):
-            if layout == "merged":
-                self.ortvalues[f"kv_pool.{layer}"] = wrap(self.buffer[layer].reshape(merged_shape))
+            if layout == "paired":
+                self.ortvalues[f"kv_pool.{layer}"] = wrap(self.buffer[layer].reshape(paired_shape))
             else:
                 for kind, name in enumerate(("key", "value")):
                     self.ortvalues[f"kv_pool.{layer}.{name}"] = wrap(self.buffer[layer, kind])
@@ -138,10 +143,10 @@ class OrtKVPool:
 
     def key(self, layer: int) -> np.ndarray:
         """[kv_heads, num_blocks, block_size, head_dim] view of a layer's keys (storage dtype)."""
-        return self.buffer[layer, 0]
+        return self.buffer[layer, :, :, 0] if self.layout == "paired" else self.buffer[layer, 0]
 
     def value(self, layer: int) -> np.ndarray:
-        return self.buffer[layer, 1]
+        return self.buffer[layer, :, :, 1] if self.layout == "paired" else self.buffer[layer, 1]
 
 
 class OrtSession:
