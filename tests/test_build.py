@@ -212,6 +212,13 @@ def test_graph_only_tensorrt_engine(tiny_checkpoints, tmp_path):
     out = build_engine(tiny_checkpoints["llama"], tmp_path / "t",
                        BuildOptions(backend="tensorrt", graph_only=True, max_seq_len=128)).out
     assert (out / "model.onnx").is_file() and not (out / "rank0.engine").exists()
+    # TensorRT keeps a key and a value pool tensor per layer (its runtime ping-pongs each one)
+    import onnx
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["engine"]["graph"]["kv_pool_layout"] == "split"
+    names = {i.name for i in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.input}
+    assert {f"kv_pool.{i}.{k}" for i in range(cfg["num_hidden_layers"]) for k in ("key", "value")} <= names
     from llmc.engine.backends.tensorrt import tensorrt_status
 
     if not tensorrt_status()[0]:

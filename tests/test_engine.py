@@ -14,6 +14,7 @@ import torch
 
 from llmc.build import BuildOptions, build_engine
 from llmc.engine import SeqSlice, StepBatch, load_engine
+from llmc.errors import LlmcError
 
 TOL = 1e-4
 
@@ -159,6 +160,61 @@ def test_graph_has_one_qkv_and_one_gated_mlp_matmul_per_layer(built):
     assert cfg["engine"]["graph"]["guarded_buckets"] == [False, False, True]
     assert all(n.domain in ("", "ai.onnx") for n in nodes)
     assert {imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")} == {23}
+
+
+def test_ort_graph_keeps_k_and_v_of_a_layer_in_one_pool_tensor(built):
+    """One pool input per layer ([kv_heads, 2 x blocks, block, head_dim]: a block's keys, then its
+    values), written by one ScatterND; q, k and v split once after RoPE; the decode buckets'
+    outputs turned back into rows once per layer."""
+    import onnx
+
+    model = onnx.load(str(built["llama"] / "model.onnx"), load_external_data=False)
+    cfg = json.loads((built["llama"] / "config.json").read_text())
+    graph, layers = cfg["engine"]["graph"], cfg["num_hidden_layers"]
+    assert graph["kv_pool_layout"] == "paired"
+    pools = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
+             for i in model.graph.input if i.name.startswith("kv_pool.")}
+    assert pools == {f"kv_pool.{i}": [graph["num_kv_heads"], "pool_blocks", 4, graph["head_dim"]]
+                     for i in range(layers)}
+    assert sorted(o.name for o in model.graph.output if o.name.startswith("kv_pool.")) == \
+        sorted(f"{name}.out" for name in pools)
+    top = model.graph.node
+    count = lambda op, part="": sum(1 for n in top if n.op_type == op and part in n.name)  # noqa: E731
+    assert count("ScatterND") == layers
+    # key and value gathers of the two decode buckets (the third bucket is inside the If)
+    assert count("Gather", "_key_gather") == count("Gather", "_value_gather") == 2 * layers
+    assert count("Split", "_q_kv_split") == layers and count("Split", "_qk_split") == 0
+    # queries grouped and output rows once per layer; per bucket only K^T (ORT fuses it into its MatMul)
+    assert count("Transpose") - count("Transpose", "_kt") == 2 * layers
+
+
+def test_ort_pool_views_alias_one_buffer():
+    """Both layouts wrap slices of the one pool buffer (no copies): paired per layer, or K and V;
+    key()/value() see the same elements either way."""
+    from onnx import TensorProto
+
+    from llmc.engine.backends.onnxruntime import OrtKVPool
+
+    for layout in ("paired", "split"):
+        pool = OrtKVPool(3, 5, 4, 2, 8, TensorProto.FLOAT, layout)
+        base = pool.buffer.ctypes.data
+        for layer in range(3):
+            assert pool.key(layer).shape == pool.value(layer).shape == (2, 5, 4, 8)
+            if layout == "paired":
+                ov = pool.ortvalues[f"kv_pool.{layer}"]
+                assert ov.shape() == [2, 10, 4, 8] and ov.data_ptr() == pool.buffer[layer].ctypes.data
+                # pool block 2b holds block b's keys, 2b + 1 its values
+                pool.key(layer)[1, 3] = 1.0
+                pool.value(layer)[1, 3] = 2.0
+                flat = pool.buffer[layer].reshape(2, 10, 4, 8)
+                assert (flat[1, 6] == 1.0).all() and (flat[1, 7] == 2.0).all() and flat.sum() == 3 * 4 * 8
+            else:
+                for kind, name in enumerate(("key", "value")):
+                    ov = pool.ortvalues[f"kv_pool.{layer}.{name}"]
+                    assert ov.shape() == [2, 5, 4, 8] and ov.data_ptr() == pool.buffer[layer, kind].ctypes.data
+        assert len(pool.ortvalues) == (3 if layout == "paired" else 6) and base == pool.buffer.ctypes.data
+    with pytest.raises(LlmcError, match="unknown KV pool layout"):
+        OrtKVPool(1, 1, 4, 2, 8, TensorProto.FLOAT, "interleaved")
 
 
 def test_sliding_window_matches_transformers(tmp_path):

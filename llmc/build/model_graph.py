@@ -7,14 +7,16 @@ Inputs (T = packed tokens of all sequences in the step, no padding):
                                                       int64, per attention bucket b
     attn_out_index [T]                                int64, row slot of each packed token
     logits_index [S]                                  int64, tokens whose logits are wanted
-    kv_pool.{l}.{key,value} [kvH, num_blocks, bs, hd] KV dtype (float / int8 / fp8 as uint8
-                                                      bits on ORT), the runtime's pool
+    kv_pool.{l} [kvH, 2*num_blocks, bs, hd]           KV dtype (float / int8 / fp8 as uint8 bits),
+                                                      the runtime's pool: keys of block b at 2b,
+                                                      values at 2b+1 (ORT)
+    kv_pool.{l}.{key,value} [kvH, num_blocks, bs, hd] two tensors per layer (TensorRT)
 Outputs:
     logits [S, vocab] float32
-    kv_pool.{l}.{key,value}.out                       bound to the same buffers as the inputs
+    kv_pool.{l}[.key|.value].out                      bound to the same buffers as the inputs
 
-Per layer: RMSNorm -> ONE qkv MatMul (+bias) -> RoPE on q and k together -> paged attention
-(KV write + fused Attention) -> dense -> residual -> RMSNorm -> ONE gate+up MatMul -> SiLU*up ->
+Per layer: RMSNorm -> ONE qkv MatMul (+bias) -> RoPE on q, k and v together (identity on v) ->
+paged attention (one KV write per pool tensor + grouped MatMul/Softmax or fused Attention) -> dense -> residual -> RMSNorm -> ONE gate+up MatMul -> SiLU*up ->
 proj -> residual. Logits are computed only for `logits_index` rows. On ONNX Runtime the
 prefill bucket's attention runs inside If(rows > 0), so decode-only steps skip it.
 (ORT's SkipSimplifiedLayerNormalization and RotaryEmbedding contrib ops were measured and not
@@ -37,13 +39,13 @@ from llmc.plugins.graph import DATA_FILE, GraphBuilder
 from llmc.build.weights import WeightReader, kv_quant, np32
 from llmc.errors import UnsupportedError
 from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_paged_attention, emit_step_masks,
-                                    emit_write_index, step_inputs)
+                                    emit_write_index, kv_pool_paired, step_inputs)
 from llmc.plugins.base import Target
 from llmc.plugins.embedding import emit_embedding
 from llmc.plugins.gated_mlp import emit_gated_mlp
 from llmc.plugins.linear import Int8Blocks, emit_linear, exact_int8_blocks
 from llmc.plugins.rmsnorm import emit_rmsnorm
-from llmc.plugins.rope import emit_rope, emit_rope_tables
+from llmc.plugins.rope import emit_head_tables, emit_rope, emit_rope_tables
 from llmc.quantize.layout import QLinear
 
 
@@ -68,6 +70,7 @@ class GraphSpec:
     lm_head: str = "float"      # how the logits GEMM is stored: "float" | "int8-blocks" | "quantized"
     empty_buckets: bool = True  # explicit reshape targets: an unused bucket may have zero rows
     guarded_buckets: list = field(default_factory=list)  # per bucket: attention inside If(rows > 0)
+    kv_pool_layout: str = "split"  # "paired": one pool tensor per layer (block b's K at 2b, V at 2b+1) | "split"
     node_count: int = 0
     op_counts: dict = field(default_factory=dict)
 
@@ -121,8 +124,9 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
 
     # Step-level values shared by every layer.
     cos, sin = emit_rope_tables(g, target, cfg, positions, max_positions)
+    cos, sin = emit_head_tables(g, target, cos, sin, d.num_heads + d.num_kv_heads, d.num_heads + 2 * d.num_kv_heads)
     emit_step_masks(g, target, d, buckets)
-    scatter_index = emit_write_index(g, d, write_index)
+    scatter_index = emit_write_index(g, d, write_index, kv_pool_paired(target))
 
     emb_t = tensors["transformer.vocab_embedding.weight"]
     lm_lin, tied, lm_kind, tied_blocks = _choose_lm_head(tensors, reader, emb_t, lm_head)
@@ -153,18 +157,18 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
 def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: CheckpointConfig, lw, i: int, x: str,
                 kvq: str | None, cos: str, sin: str, scatter_index: str, buckets, out_index) -> tuple[str, KVPool]:
     """One decoder layer: pre-norm attention over the paged KV pool, then the gated MLP, each with
-    its residual. Q and K share one Reshape and one RoPE (fewer, fatter nodes per layer)."""
+    its residual. Q, K and V share one Reshape, one RoPE (the identity on V) and one Split (fewer,
+    fatter nodes per layer)."""
     p = LAYER.format(i=i).rstrip(".")  # node names follow the checkpoint names
-    qk_heads = d.num_heads + d.num_kv_heads
+    kv_heads = 2 * d.num_kv_heads
     h = emit_rmsnorm(g, target, x, lw.input_layernorm, cfg.norm_epsilon, f"{p}.input_layernorm")
     qkv = emit_linear(g, target, h, lw.qkv, f"{p}.attention.qkv")
-    # Heads first, then one Split: q, k, v stay [T, heads, hd] (no per-part reshapes).
-    qkv3 = g.op("Reshape", [qkv, g.const([0, qk_heads + d.num_kv_heads, d.head_dim])], name=f"l{i}_qkv_heads")
-    qk3, v3 = g.op("Split", [qkv3, g.const([qk_heads, d.num_kv_heads])], n_out=2, name=f"l{i}_qkv_split", axis=1)
-    qk3 = emit_rope(g, qk3, cos, sin, d.head_dim, f"l{i}_rope")
-    q3, k3 = g.op("Split", [qk3, g.const([d.num_heads, d.num_kv_heads])], n_out=2, name=f"l{i}_qk_split", axis=1)
+    # Heads first: q, k, v stay [T, heads, hd] (no per-part reshapes); K and V stay adjacent.
+    qkv3 = g.op("Reshape", [qkv, g.const([0, d.num_heads + kv_heads, d.head_dim])], name=f"l{i}_qkv_heads")
+    qkv3 = emit_rope(g, qkv3, cos, sin, d.head_dim, f"l{i}_rope")
+    q3, kv3 = g.op("Split", [qkv3, g.const([d.num_heads, kv_heads])], n_out=2, name=f"l{i}_q_kv_split", axis=1)
     pool = KVPool(g, target, d, i, kvq or "float", lw.kv_cache_scale)
-    attn = emit_paged_attention(g, target, d, pool, q3, k3, v3, scatter_index, buckets, out_index)
+    attn = emit_paged_attention(g, target, d, pool, q3, kv3, scatter_index, buckets, out_index)
     attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
     x = g.op("Add", [x, attn], name=f"l{i}_residual_attn")
     h = emit_rmsnorm(g, target, x, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")
@@ -213,4 +217,4 @@ def _graph_spec(model: onnx.ModelProto, cfg: CheckpointConfig, target: Target, d
                      int(pool.pool_type), DTYPE_OF[target.dtype], max_positions,
                      [bk.impl for bk in buckets], bucket_kinds(num_buckets), target.backend,
                      weight_bytes, read_bytes, lm_kind, True, [bk.guarded for bk in buckets],
-                     len(model.graph.node), counts)
+                     "paired" if pool.paired else "split", len(model.graph.node), counts)

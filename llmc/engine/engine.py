@@ -90,7 +90,7 @@ class Engine:
             from llmc.engine.backends.onnxruntime import OrtKVPool
 
             pool = OrtKVPool(cfg.num_layers, n, self.block_size, self.num_kv_heads, self.head_dim,
-                             int(self.graph["kv_pool_onnx_type"]))
+                             int(self.graph["kv_pool_onnx_type"]), self.graph.get("kv_pool_layout", "split"))
         self._session.bind_pool(pool)
         self.pool = pool
         return pool

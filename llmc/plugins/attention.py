@@ -1,12 +1,14 @@
 """Paged attention over packed tokens of many sequences, from standard ONNX ops.
 
-KV pool (owned by the runtime, bound once): per layer two tensors, key and value, each
-[kv_heads, num_blocks, block_size, head_dim] in the KV dtype (head-major, see KVPool). Position p
-of a sequence lives at block block_table[p // block_size], offset p % block_size.
+KV pool (owned by the runtime, bound once), head-major (see KVPool): on ONNX Runtime one tensor
+per layer, [kv_heads, 2 * num_blocks, block_size, head_dim], block b's keys at 2b and its values
+at 2b + 1 (K and V are written by one ScatterND); on TensorRT two, key and value, each
+[kv_heads, num_blocks, block_size, head_dim]. Position p of a sequence lives at block
+block_table[p // block_size], offset p % block_size.
 
 Per step and per layer:
 1. Write: the new K (after RoPE) and V of every packed token go to their slots with one ScatterND
-   per pool tensor (indices [T, kvH, 3] = (head, block, offset), built once per step). The
+   per pool tensor (indices [T, heads, 3] = (head, block, offset), built once per step). The
    ScatterND output is a graph output that the runtime binds to the same buffer as the input
    pool, so ONNX Runtime updates it in place (its ScatterND skips the copy when input and output
    alias): ~10-30 us, independent of the pool size (measured up to 100 MB per tensor).
@@ -112,9 +114,12 @@ class BucketInputs:
     impl: str = "fused"  # "fused" | "decomposed"
     q_shape: str = ""    # int64 [4] = (R, Qt, H, hd), computed once per step
     kv_shape: str = ""   # (kvH, R, MB*bs, hd): gathered K/V
+    k_blocks: str = ""   # paired pool: 2 * kv_blocks, the rows' key blocks (computed once per step)
+    v_blocks: str = ""   # paired pool: 2 * kv_blocks + 1, the value blocks
     qg_shape: str = ""   # (kvH, R, G*Qt, hd): grouped queries (decomposed form)
     o5_shape: str = ""   # (kvH, R, G, Qt, hd): grouped output (decomposed form)
-    rows_shape: str = "" # (R*Qt, H*hd): output rows
+    rows_shape: str = "" # output rows: (R*Qt, H*hd), or (kvH, R*Qt, G, hd) in the grouped output layout
+    y5_shape: str = ""   # (R, kvH, G, Qt, hd): fused Attention output split by groups (grouped layout)
     mask: str = ""       # bool mask for this bucket, computed once per step
     kind: str = "any"      # "decode": every row is one token (Qt = 1) | "any"
     guarded: bool = False  # attention wrapped in If(rows > 0): an unused bucket runs no kernels
@@ -145,6 +150,14 @@ def bucket_guarded(t: Target, b: int, kind: str) -> bool:
     second decode bucket is split off in most in-flight steps; single-stream gained 2%). TensorRT
     keeps the flat graph (no data-dependent control flow in its profiles)."""
     return not t.is_trt and kind != "decode"
+
+
+def grouped_output(buckets: list[BucketInputs]) -> bool:
+    """Buckets hand their outputs over as [kvH, rows, G, hd] (the grouped decode form's own layout)
+    when any bucket is a grouped decode bucket: the buckets are concatenated and put back in packed
+    order in that layout, and one Transpose + Reshape per layer makes the [T, H*hd] rows (instead of
+    one pair per bucket). Otherwise (TensorRT, forced fused) they hand over [rows, H*hd]."""
+    return any(bk.impl == "decomposed" and bk.kind == "decode" for bk in buckets)
 
 
 def step_inputs(g: GraphBuilder, t: Target, num_buckets: int) -> tuple[str, list[BucketInputs], str]:
@@ -187,11 +200,20 @@ def emit_step_masks(g: GraphBuilder, t: Target, d: AttentionDims, buckets: list[
                   name=f"bucket{b}_mb", axis=0)
         keys1 = g.op("Mul", [mb, g.const(d.block_size)], name=f"bucket{b}_num_keys1")
         bk.kv_shape = g.op("Concat", [kvh, rows, keys1, hd], name=f"bucket{b}_kv_gathered_shape", axis=0)
+        if kv_pool_paired(t):
+            bk.k_blocks = g.op("Mul", [bk.kv_blocks, g.const(2)], name=f"bucket{b}_k_blocks")
+            bk.v_blocks = g.op("Add", [bk.k_blocks, g.const(1)], name=f"bucket{b}_v_blocks")
         gqt = g.op("Mul", [qt, g.const(d.groups)], name=f"bucket{b}_g_qt")
         bk.qg_shape = g.op("Concat", [kvh, rows, gqt, hd], name=f"bucket{b}_qg_shape", axis=0)
         bk.o5_shape = g.op("Concat", [kvh, rows, g.const([d.groups]), qt, hd], name=f"bucket{b}_o5_shape", axis=0)
         rq = g.op("Mul", [rows, qt], name=f"bucket{b}_row_slots")
-        bk.rows_shape = g.op("Concat", [rq, g.const([d.q_size])], name=f"bucket{b}_rows_shape", axis=0)
+        if grouped_output(buckets):
+            bk.rows_shape = g.op("Concat", [kvh, rq, g.const([d.groups]), hd], name=f"bucket{b}_rows_shape", axis=0)
+            if bk.impl == "fused":
+                bk.y5_shape = g.op("Concat", [rows, kvh, g.const([d.groups]), qt, hd], name=f"bucket{b}_y5_shape",
+                                   axis=0)
+        else:
+            bk.rows_shape = g.op("Concat", [rq, g.const([d.q_size])], name=f"bucket{b}_rows_shape", axis=0)
         keys = g.op("Squeeze", [keys1, g.const([0])], name=f"bucket{b}_num_keys")
         kpos = g.op("Range", [g.const(0), keys, g.const(1)], name=f"bucket{b}_key_pos")
         qpos = bk.q_pos
@@ -207,30 +229,51 @@ def emit_step_masks(g: GraphBuilder, t: Target, d: AttentionDims, buckets: list[
         bk.mask = g.op("Unsqueeze", [mask, g.const([axis])], name=f"bucket{b}_mask")
 
 
-def emit_write_index(g: GraphBuilder, d: AttentionDims, write_index: str) -> str:
-    """[T, 2] (block, offset) -> ScatterND indices [T, kvH, 3] (head, block, offset), once per step."""
-    wi = g.op("Unsqueeze", [write_index, g.const([1])], name="kv_write_bo")                  # [T, 1, 2]
+def kv_pool_paired(t: Target) -> bool:
+    """K and V of a layer in one pool tensor (ONNX Runtime), a block's keys and values side by side
+    along the block axis: one ScatterND per layer writes both, and each of the two Gathers per
+    bucket still yields K or V alone (no copy to split them). TensorRT keeps two tensors per layer:
+    its runtime ping-pongs every pool tensor between two buffers and its profiles name each one."""
+    return not t.is_trt
+
+
+def emit_write_index(g: GraphBuilder, d: AttentionDims, write_index: str, paired: bool) -> str:
+    """[T, 2] (block, offset) -> ScatterND indices (head, block, offset), once per step:
+    [T, kvH, 3] for a key or value pool tensor; [T, 2 * kvH, 3] for a paired pool, whose updates
+    are the K heads then the V heads (K of block b at pool block 2b, V at 2b + 1)."""
+    kvh = d.num_kv_heads
+    heads = 2 * kvh if paired else kvh
     t_len = g.op("Gather", [g.op("Shape", [write_index], name="kv_write_shape"), g.const([0])],
                  name="kv_write_T", axis=0)
-    shape_bo = g.op("Concat", [t_len, g.const([d.num_kv_heads, 2])], name="kv_write_bo_shape", axis=0)
-    bo = g.op("Expand", [wi, shape_bo], name="kv_write_bo_heads")                            # [T, kvH, 2]
-    heads = g.const(np.arange(d.num_kv_heads, dtype=np.int64).reshape(1, -1, 1))
-    shape_h = g.op("Concat", [t_len, g.const([d.num_kv_heads, 1])], name="kv_write_h_shape", axis=0)
-    hcol = g.op("Expand", [heads, shape_h], name="kv_write_heads")                           # [T, kvH, 1]
-    return g.op("Concat", [hcol, bo], name="kv_write_index_hbo", axis=-1)                    # [T, kvH, 3]
+    shape = g.op("Concat", [t_len, g.const([heads, 1])], name="kv_write_col_shape", axis=0)
+    head_ids = g.const(np.arange(heads, dtype=np.int64).reshape(1, -1, 1) % kvh)
+    hcol = g.op("Expand", [head_ids, shape], name="kv_write_heads")                         # [T, heads, 1]
+    wi = g.op("Unsqueeze", [write_index, g.const([1])], name="kv_write_bo")                 # [T, 1, 2]
+    if not paired:
+        shape_bo = g.op("Concat", [t_len, g.const([heads, 2])], name="kv_write_bo_shape", axis=0)
+        bo = g.op("Expand", [wi, shape_bo], name="kv_write_bo_heads")                       # [T, heads, 2]
+        return g.op("Concat", [hcol, bo], name="kv_write_index_hbo", axis=-1)               # [T, heads, 3]
+    blk, off = g.op("Split", [wi, g.const([1, 1])], n_out=2, name="kv_write_b_o", axis=-1)  # [T, 1, 1] each
+    kind = g.const(np.repeat(np.arange(2, dtype=np.int64), kvh).reshape(1, -1, 1))          # 0 = K, 1 = V
+    bcol = g.op("Add", [g.op("Mul", [blk, g.const(2)], name="kv_write_2b"), kind], name="kv_write_blocks")
+    ocol = g.op("Expand", [off, shape], name="kv_write_offsets")
+    return g.op("Concat", [hcol, bcol, ocol], name="kv_write_index_hbo", axis=-1)           # [T, 2kvH, 3]
 
 
 class KVPool:
-    """Declares one layer's pool tensors and emits the quantize-on-write / dequantize-on-read.
+    """Declares one layer's pool tensor(s) and emits the quantize-on-write / dequantize-on-read.
 
-    Layout per tensor: [kv_heads, num_blocks, block_size, head_dim] (head-major): gathering a
-    row's blocks along axis 1 yields [kvH, R, MB*bs, hd] directly, the operand layout of the
-    grouped-query MatMuls, so a K/V element is copied exactly once per step (by the Gather).
+    Layout: [kv_heads, blocks, block_size, head_dim] (head-major): gathering a row's blocks along
+    axis 1 yields [kvH, R, MB*bs, hd] directly, the operand layout of the grouped-query MatMuls,
+    so a K/V element is copied exactly once per step (by the Gather). Paired (`kv_pool_paired`): one
+    tensor `kv_pool.{l}` of 2 * num_blocks blocks (keys of block b at 2b, values at 2b + 1); else
+    `kv_pool.{l}.key` and `kv_pool.{l}.value` of num_blocks each.
     """
 
     def __init__(self, g: GraphBuilder, t: Target, d: AttentionDims, layer: int, kv_dtype: str,
                  kv_scale: float | None):
         self.g, self.t, self.d, self.layer = g, t, d, layer
+        self.paired = kv_pool_paired(t)
         self.quant = kv_dtype if kv_dtype in KV_ONNX_TYPES else None
         if self.quant and kv_scale is None:
             raise ValueError(f"layer {layer}: quantized KV cache without kv_cache_scaling_factor")
@@ -244,31 +287,46 @@ class KVPool:
             self.scale = g.const(np.float32(kv_scale), t.dtype, hint=f"kv_scale_{layer}")
             self.zp = g.const(np.zeros((), np.float32) if self.quant == "fp8" else np.int8(0),
                               KV_ONNX_TYPES[self.quant], hint=f"kv_zp_{self.quant}")
-        shape = [d.num_kv_heads, "num_blocks", d.block_size, d.head_dim]
+        self.kinds = ("kv",) if self.paired else ("key", "value")
+        shape = [d.num_kv_heads, "pool_blocks" if self.paired else "num_blocks", d.block_size, d.head_dim]
         self.names = {}
-        for kind in ("key", "value"):
-            src = g.input(f"kv_pool.{layer}.{kind}", self.pool_type, shape)
-            dst = f"kv_pool.{layer}.{kind}.out"
+        for kind in self.kinds:
+            src = g.input(f"kv_pool.{layer}" if self.paired else f"kv_pool.{layer}.{kind}", self.pool_type, shape)
+            dst = f"{src}.out"
             g.output(dst, self.pool_type, shape)
             self.names[kind] = (src, dst)
 
-    def write(self, kind: str, new: str, write_index: str) -> str:
-        """ScatterND the new rows [T, kvH, hd]; returns the updated pool (bound to the input buffer)."""
-        g = self.g
-        if self.fp8_bits:
-            new = emit_fp8_bits(g, self.t, new, self.scale, f"l{self.layer}_{kind}_kvq")
-        elif self.quant:
-            q = g.op("QuantizeLinear", [new, self.scale, self.zp], name=f"l{self.layer}_{kind}_kvq")
-            new = q if self.native else g.op("DequantizeLinear", [q, self.scale, self.zp],
-                                              name=f"l{self.layer}_{kind}_kvfq")
-        src, dst = self.names[kind]
-        return g.op("ScatterND", [src, write_index, new], name=f"l{self.layer}_{kind}_write", outputs=[dst])
+    def write(self, kv_new: str, write_index: str) -> dict[str, str]:
+        """Store the new rows kv_new [T, 2 * kvH, hd] (K heads, then V heads); returns the updated
+        pool tensor per kind (ScatterND outputs, bound to the input buffers: written in place)."""
+        g, layer = self.g, self.layer
+        parts = {"kv": kv_new} if self.paired else dict(zip(self.kinds, g.op(
+            "Split", [kv_new, g.const([self.d.num_kv_heads] * 2)], n_out=2, name=f"l{layer}_kv_split", axis=1)))
+        out = {}
+        for kind, new in parts.items():
+            if self.fp8_bits:
+                new = emit_fp8_bits(g, self.t, new, self.scale, f"l{layer}_{kind}_kvq")
+            elif self.quant:
+                q = g.op("QuantizeLinear", [new, self.scale, self.zp], name=f"l{layer}_{kind}_kvq")
+                new = q if self.native else g.op("DequantizeLinear", [q, self.scale, self.zp],
+                                                  name=f"l{layer}_{kind}_kvfq")
+            src, dst = self.names[kind]
+            out[kind] = g.op("ScatterND", [src, write_index, new], name=f"l{layer}_{kind}_write", outputs=[dst])
+        return out
 
-    def read(self, pool: str, kind: str, bk: BucketInputs, b: int) -> str:
-        """Gather a bucket's blocks: [kvH, R, MB*bs, hd] in the compute dtype."""
+    def read(self, pools: dict[str, str], bk: BucketInputs, b: int) -> tuple[str, str]:
+        """Gather a bucket's blocks: (K, V), each [kvH, R, MB*bs, hd] in the compute dtype."""
+        if self.paired:
+            return (self._read_one(pools["kv"], bk.k_blocks, "key", bk, b),
+                    self._read_one(pools["kv"], bk.v_blocks, "value", bk, b))
+        return (self._read_one(pools["key"], bk.kv_blocks, "key", bk, b),
+                self._read_one(pools["value"], bk.kv_blocks, "value", bk, b))
+
+    def _read_one(self, pool: str, block_ids: str, kind: str, bk: BucketInputs, b: int) -> str:
         g = self.g
-        blocks = g.op("Gather", [pool, bk.kv_blocks], name=f"l{self.layer}_b{b}_{kind}_gather", axis=1)
-        flat = g.op("Reshape", [blocks, bk.kv_shape], name=f"l{self.layer}_b{b}_{kind}")
+        blocks = g.op("Gather", [pool, block_ids], name=f"l{self.layer}_b{b}_{kind}_gather", axis=1)
+        flat = g.op("Reshape", [blocks, bk.kv_shape],
+                    name=f"l{self.layer}_b{b}_{kind}")
         if self.fp8_bits:
             flat = emit_fp8_decode(g, self.t, flat, self.scale, f"l{self.layer}_b{b}_{kind}_dq")
         elif self.native:  # int8: Cast * scale is DequantizeLinear's arithmetic; a DQ here would be
@@ -279,17 +337,21 @@ class KVPool:
 
 
 def _attend_fused(g: GraphBuilder, d: AttentionDims, q4: str, k: str, v: str, bk: BucketInputs, name: str) -> str:
-    """One standard Attention node on 4-D operands; returns [R*Qt, H*hd]."""
+    """One standard Attention node on 4-D operands; returns the bucket's rows (see `grouped_output`)."""
     qh = g.op("Transpose", [q4], name=f"{name}_q", perm=[0, 2, 1, 3])           # [R, H, Qt, hd]
     kh = g.op("Transpose", [k], name=f"{name}_k", perm=[1, 0, 2, 3])            # [R, kvH, S, hd]
     vh = g.op("Transpose", [v], name=f"{name}_v", perm=[1, 0, 2, 3])
     y = g.op("Attention", [qh, kh, vh, bk.mask], name=name, scale=float(1.0 / np.sqrt(d.head_dim)))
-    yt = g.op("Transpose", [y], name=f"{name}_out_t", perm=[0, 2, 1, 3])        # [R, Qt, H, hd]
+    if bk.y5_shape:  # grouped output layout
+        y5 = g.op("Reshape", [y, bk.y5_shape], name=f"{name}_y5")                # [R, kvH, G, Qt, hd]
+        yt = g.op("Transpose", [y5], name=f"{name}_out_t", perm=[1, 0, 3, 2, 4])  # [kvH, R, Qt, G, hd]
+    else:
+        yt = g.op("Transpose", [y], name=f"{name}_out_t", perm=[0, 2, 1, 3])    # [R, Qt, H, hd]
     return g.op("Reshape", [yt, bk.rows_shape], name=f"{name}_rows")
 
 
 def _attend_decomposed(g: GraphBuilder, t: Target, d: AttentionDims, q4: str, k: str, v: str,
-                       bk: BucketInputs, name: str) -> str:
+                       bk: BucketInputs, name: str, grouped_out: bool) -> str:
     """Grouped-query attention as MatMul/Softmax; K/V [kvH, R, S, hd] are read in place."""
     kvh, grp, hd = d.num_kv_heads, d.groups, d.head_dim
     q5 = g.op("Reshape", [q4, g.const([0, 0, kvh, grp, hd])], name=f"{name}_q5")  # [R, Qt, kvH, G, hd]
@@ -302,7 +364,8 @@ def _attend_decomposed(g: GraphBuilder, t: Target, d: AttentionDims, q4: str, k:
     probs = g.op("Softmax", [scores], name=f"{name}_softmax", axis=-1)
     out = g.op("MatMul", [probs, v], name=f"{name}_pv")                            # [kvH, R, G*Qt, hd]
     o5 = g.op("Reshape", [out, bk.o5_shape], name=f"{name}_o5")                    # [kvH, R, G, Qt, hd]
-    ot = g.op("Transpose", [o5], name=f"{name}_ot", perm=[1, 3, 0, 2, 4])          # [R, Qt, kvH, G, hd]
+    perm = [0, 1, 3, 2, 4] if grouped_out else [1, 3, 0, 2, 4]  # [kvH, R, Qt, G, hd] | [R, Qt, kvH, G, hd]
+    ot = g.op("Transpose", [o5], name=f"{name}_ot", perm=perm)
     return g.op("Reshape", [ot, bk.rows_shape], name=f"{name}_rows")
 
 
@@ -315,10 +378,11 @@ def _grouped_queries(g: GraphBuilder, d: AttentionDims, q: str, layer: int) -> s
 
 def _attend_decode_rows(g: GraphBuilder, t: Target, d: AttentionDims, qt: str, k: str, v: str,
                         bk: BucketInputs, name: str) -> str:
-    """The grouped MatMul/Softmax form for 1-token rows: qt [kvH, R, G, hd] -> [R, H*hd].
+    """The grouped MatMul/Softmax form for 1-token rows: qt [kvH, R, G, hd] -> [kvH, R, G, hd].
 
-    With Qt = 1 the queries of a row are [kvH, G, hd] (see `_grouped_queries`), so the row
-    packing of the general form (two reshapes and a transpose each way) reduces to the gather.
+    With Qt = 1 the queries of a row are [kvH, G, hd] (see `_grouped_queries`) and its output is
+    already in the grouped output layout (`grouped_output`), so the row packing of the general form
+    (two reshapes and a transpose each way) reduces to the query gather.
     """
     hd = d.head_dim
     qs = g.op("Mul", [qt, g.const(np.float32(1.0 / np.sqrt(hd)), t.dtype)], name=f"{name}_qscale")
@@ -326,27 +390,25 @@ def _attend_decode_rows(g: GraphBuilder, t: Target, d: AttentionDims, qt: str, k
     scores = g.op("MatMul", [qs, kt], name=f"{name}_qk")                           # [kvH, R, G, S]
     scores = g.op("Where", [bk.mask, scores, g.const(np.float32(-np.inf), t.dtype)], name=f"{name}_mask")
     probs = g.op("Softmax", [scores], name=f"{name}_softmax", axis=-1)
-    out = g.op("MatMul", [probs, v], name=f"{name}_pv")                            # [kvH, R, G, hd]
-    ot = g.op("Transpose", [out], name=f"{name}_ot", perm=[1, 0, 2, 3])            # [R, kvH, G, hd]
-    return g.op("Reshape", [ot, g.const([0, d.q_size])], name=f"{name}_rows")
+    return g.op("MatMul", [probs, v], name=f"{name}_pv")                           # [kvH, R, G, hd]
 
 
-def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVPool, q: str, k_new: str,
-                         v_new: str, write_index: str, buckets: list[BucketInputs], out_index: str) -> str:
-    """q [T, H, hd], k_new/v_new [T, kvH, hd] -> attention output [T, H*hd] (packed order).
+def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVPool, q: str, kv_new: str,
+                         write_index: str, buckets: list[BucketInputs], out_index: str) -> str:
+    """q [T, H, hd], kv_new [T, 2*kvH, hd] (K heads, then V heads) -> attention output [T, H*hd]
+    (packed order).
 
-    write_index: the [T, kvH, 3] ScatterND indices from `emit_write_index`.
+    write_index: the ScatterND indices from `emit_write_index` (for the pool's head count).
     """
     layer = pool.layer
-    k_pool = pool.write("key", k_new, write_index)
-    v_pool = pool.write("value", v_new, write_index)
+    pools = pool.write(kv_new, write_index)
     outs = []
     grouped = [bk.impl == "decomposed" and bk.kind == "decode" for bk in buckets]
+    grouped_out = grouped_output(buckets)
     q_grouped = _grouped_queries(g, d, q, layer) if any(grouped) else None
     for b, bk in enumerate(buckets):
         def attend(b=b, bk=bk) -> str:
-            kb = pool.read(k_pool, "key", bk, b)
-            vb = pool.read(v_pool, "value", bk, b)
+            kb, vb = pool.read(pools, bk, b)
             name = f"l{layer}_b{b}_attention"
             if grouped[b]:
                 qt = g.op("Gather", [q_grouped, bk.q_index], name=f"l{layer}_b{b}_q_rows", axis=1)  # [kvH, R, G, hd]
@@ -355,7 +417,7 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
             q4 = g.op("Reshape", [qb, bk.q_shape], name=f"l{layer}_b{b}_q")            # [R, Qt, H, hd]
             if bk.impl == "fused":
                 return _attend_fused(g, d, q4, kb, vb, bk, name)
-            return _attend_decomposed(g, t, d, q4, kb, vb, bk, name)
+            return _attend_decomposed(g, t, d, q4, kb, vb, bk, name, grouped_out)
 
         if not bk.guarded:
             outs.append(attend())
@@ -364,8 +426,14 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
             y = attend()
         with g.branch() as else_nodes:
             empty = g.fresh(f"l{layer}_b{b}_no_rows")
+            shape = [d.num_kv_heads, 0, d.groups, d.head_dim] if grouped_out else [0, d.q_size]
             else_nodes.append(helper.make_node("Constant", [], [empty], name=g.fresh(f"{empty}_node"),
-                                               value=helper.make_tensor(empty, t.dtype, [0, d.q_size], [])))
+                                               value=helper.make_tensor(empty, t.dtype, shape, [])))
         outs.append(g.if_op(bk.nonempty, then_nodes, y, else_nodes, empty, t.dtype, f"l{layer}_b{b}_if"))
-    cat = outs[0] if len(outs) == 1 else g.op("Concat", outs, name=f"l{layer}_attn_rows", axis=0)
-    return g.op("Gather", [cat, out_index], name=f"l{layer}_attn_out", axis=0)
+    axis = 1 if grouped_out else 0
+    cat = outs[0] if len(outs) == 1 else g.op("Concat", outs, name=f"l{layer}_attn_rows", axis=axis)
+    out = g.op("Gather", [cat, out_index], name=f"l{layer}_attn_out", axis=axis)
+    if not grouped_out:
+        return out
+    ot = g.op("Transpose", [out], name=f"l{layer}_attn_out_t", perm=[1, 0, 2, 3])       # [T, kvH, G, hd]
+    return g.op("Reshape", [ot, g.const([0, d.q_size])], name=f"l{layer}_attn_out_rows")

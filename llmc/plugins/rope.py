@@ -7,12 +7,16 @@ packed token positions, and applied to Q and K together:
     out = x * cos + swap_halves(x) * sin_signed,   sin_signed = [-sin_half, sin_half]
 
 swap_halves is one Gather along the last axis, so RoPE costs Gather + 2 Mul + Add per layer.
+It runs on the whole QKV output [T, q + k + v heads, hd] with per-head tables that are the
+identity on the V heads (cos 1, sin 0: v * 1 + swapped * 0 == v exactly), so q, k and v need one
+Split after it instead of one before and one after.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from onnx import TensorProto
 
 from llmc.checkpoint.config import CheckpointConfig
 from llmc.plugins.graph import GraphBuilder
@@ -60,3 +64,12 @@ def emit_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, name: 
     a = g.op("Mul", [x, cos], name=f"{name}_cos")
     b = g.op("Mul", [swapped, sin], name=f"{name}_sin")
     return g.op("Add", [a, b], name=name)
+
+
+def emit_head_tables(g: GraphBuilder, t: Target, cos: str, sin: str, rotated: int, total: int) -> tuple[str, str]:
+    """cos/sin [T, 1, hd] -> [T, total, hd] tables that rotate the first `rotated` heads and leave
+    the others unchanged (cos 1, sin 0), once per step."""
+    rot = g.const((np.arange(total) < rotated).reshape(1, total, 1), TensorProto.BOOL, hint="rope_rotated_heads")
+    c = g.op("Where", [rot, cos, g.const(np.float32(1.0), t.dtype)], name="rope_cos_heads")
+    s = g.op("Where", [rot, sin, g.const(np.float32(0.0), t.dtype)], name="rope_sin_heads")
+    return c, s

@@ -1,9 +1,12 @@
 """ONNX Runtime (CPU) execution of an engine graph, with the KV pool bound once.
 
-- The pool is one numpy allocation ([layers, 2, kv_heads, num_blocks, block_size, head_dim]),
-  zero-filled and pre-faulted at allocation (first-touch page faults cost more than the writes);
-  each layer's key/value slice is wrapped as an OrtValue without copying and bound both as the graph's pool
-  input and as the matching `.out` output, so the in-graph ScatterND writes new K/V in place.
+- The pool is one numpy allocation, zero-filled and pre-faulted at allocation (first-touch page
+  faults cost more than the writes). "paired" graphs (ONNX Runtime builds): [layers, kv_heads,
+  num_blocks, 2 (K/V), block_size, head_dim], one OrtValue per layer viewed as [kv_heads,
+  2 * num_blocks, block_size, head_dim]; "split" graphs (older builds): [layers, 2, kv_heads,
+  num_blocks, block_size, head_dim], one OrtValue per layer's keys and one per its values. Each
+  is wrapped without copying and bound both as the graph's pool input and as the matching `.out`
+  output, so the in-graph ScatterND writes new K/V in place.
   Bindings persist across steps: a step binds only its small index arrays and the logits buffer.
 - FP8 pools are uint8 buffers handed to ORT as float8e4m3fn tensors (same bytes).
 - Session options: intra-op threads = physical cores and no spinning (LLMC_ORT_THREADS /
@@ -108,26 +111,35 @@ class OrtKVPool:
     """The runtime-owned KV pool: one buffer, per-layer key/value views, OrtValues over them."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 onnx_type: int):
+                 onnx_type: int, layout: str = "split"):
         import onnxruntime as ort
 
+        if layout not in ("split", "paired"):
+            raise LlmcError(f"unknown KV pool layout {layout!r} (this llmc knows split and paired); rebuild the engine")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.onnx_type = onnx_type
+        self.layout = layout
         np_dtype = POOL_NP[onnx_type]
-        self.buffer = np.empty((num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim), np_dtype)
+        shape = ((num_layers, num_kv_heads, num_blocks, 2, block_size, head_dim) if layout == "paired" else
+                 (num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim))
+        self.buffer = np.empty(shape, np_dtype)
         self.buffer.fill(0)  # commit and zero every page now, not on the first steps
-        self.ortvalues: list[tuple] = []
+        paired_shape = (num_kv_heads, 2 * num_blocks, block_size, head_dim)
+
+        def wrap(view: np.ndarray):
+            if onnx_type in (TensorProto.FLOAT8E4M3FN, TensorProto.BFLOAT16):
+                return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(view, onnx_type)
+            return ort.OrtValue.ortvalue_from_numpy(view)
+
+        # graph input name -> OrtValue over its slice of the buffer
+        self.ortvalues: dict[str, object] = {}
         for layer in range(num_layers):
-            pair = []
-            for kind in range(2):
-                view = self.buffer[layer, kind]
-                if onnx_type in (TensorProto.FLOAT8E4M3FN, TensorProto.BFLOAT16):
-                    ov = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(view, onnx_type)
-                else:
-                    ov = ort.OrtValue.ortvalue_from_numpy(view)
-                pair.append(ov)
-            self.ortvalues.append(tuple(pair))
+            if layout == "paired":
+                self.ortvalues[f"kv_pool.{layer}"] = wrap(self.buffer[layer].reshape(paired_shape))
+            else:
+                for kind, name in enumerate(("key", "value")):
+                    self.ortvalues[f"kv_pool.{layer}.{name}"] = wrap(self.buffer[layer, kind])
 
     @property
     def nbytes(self) -> int:
@@ -135,10 +147,10 @@ class OrtKVPool:
 
     def key(self, layer: int) -> np.ndarray:
         """[kv_heads, num_blocks, block_size, head_dim] view of a layer's keys (storage dtype)."""
-        return self.buffer[layer, 0]
+        return self.buffer[layer, :, :, 0] if self.layout == "paired" else self.buffer[layer, 0]
 
     def value(self, layer: int) -> np.ndarray:
-        return self.buffer[layer, 1]
+        return self.buffer[layer, :, :, 1] if self.layout == "paired" else self.buffer[layer, 1]
 
 
 class OrtSession:
@@ -158,10 +170,9 @@ class OrtSession:
         self._inputs: dict[str, np.ndarray] = {}  # the buffer each step input is bound to
 
     def bind_pool(self, pool: OrtKVPool) -> None:
-        for layer, (k, v) in enumerate(pool.ortvalues):
-            for kind, ov in (("key", k), ("value", v)):
-                self.io.bind_ortvalue_input(f"kv_pool.{layer}.{kind}", ov)
-                self.io.bind_ortvalue_output(f"kv_pool.{layer}.{kind}.out", ov)
+        for name, ov in pool.ortvalues.items():
+            self.io.bind_ortvalue_input(name, ov)
+            self.io.bind_ortvalue_output(f"{name}.out", ov)
         self.pool = pool
 
     def run(self, feeds: dict[str, np.ndarray], num_logits: int) -> np.ndarray:
