@@ -243,7 +243,8 @@ def test_cli_success_summary(tiny_checkpoints, calib_file, tmp_path, capsys):
 
 
 def test_group_size_default_falls_back(tmp_path, calib_file):
-    """A hidden size that 128 does not divide (like SmolLM2's 576) gets group 64 by default."""
+    """A hidden size that 128 does not divide (like SmolLM2's 576) gets the smallest group that
+    divides it, 32 (measured better than 64 for every INT4 algorithm on SmolLM2)."""
     from tiny_models import make_tiny_hf_model
 
     from llmc.converters.convert import convert
@@ -251,10 +252,10 @@ def test_group_size_default_falls_back(tmp_path, calib_file):
     hf = make_tiny_hf_model(tmp_path / "hf", "llama_tied", hidden_size=192, intermediate_size=384)
     ck = convert(hf, tmp_path / "ck", dtype="float32", progress=False).out
     r = quantize_checkpoint(ck, tmp_path / "q", "int4_wo", progress=False)
-    assert r.group_size == 64
+    assert r.group_size == 32
     t = load_checkpoint(r.out).merged_tensors()
-    assert tuple(t["transformer.layers.0.mlp.fc.weights_scaling_factor"].shape) == (384, 192 // 64)
-    assert read_quantized_linear(t, "transformer.layers.0.mlp.fc", load_checkpoint(r.out).config.quantization).group_size == 64
+    assert tuple(t["transformer.layers.0.mlp.fc.weights_scaling_factor"].shape) == (384, 192 // 32)
+    assert read_quantized_linear(t, "transformer.layers.0.mlp.fc", load_checkpoint(r.out).config.quantization).group_size == 32
     with pytest.raises(LlmcError, match=r"--group-size 128 does not divide the input width 192 \(hidden_size\)"):
         quantize_checkpoint(ck, tmp_path / "q2", "int4_awq", group_size=128, calib_data=str(calib_file),
                             progress=False, **CALIB)

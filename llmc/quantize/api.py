@@ -95,8 +95,11 @@ def _width_of(module: str, cfg) -> tuple[int, str]:
 
 def resolve_group_size(fmt: QFormat, requested: int | None, cfg, quantized: list[str]) -> int | None:
     """The INT4 group size: `requested` if it divides every quantized input width (else a
-    one-line error naming the layer and the sizes that would work), or by default 128 when it
-    fits, otherwise the largest of 64 / 32 that does."""
+    one-line error naming the layer and the sizes that would work), or by default the format's
+    preferred group (128 for ModelOpt's formats) when it fits, otherwise the smallest that does:
+    measured on SmolLM2 (hidden 576, README "Quantization accuracy"), group 32 beats 64 for every
+    INT4 algorithm at the same decode speed (int4_awq +15.8% vs +26.6% perplexity, KL 0.17 vs
+    0.24; int4_wo +33% vs +58%), for 6% more engine bytes."""
     if not fmt.is_int4:
         return None
     widths = {m: _width_of(m, cfg) for m in quantized}
@@ -120,7 +123,7 @@ def resolve_group_size(fmt: QFormat, requested: int | None, cfg, quantized: list
         mod, (w, what) = next((m, v) for m, v in widths.items() if v[0] % 32)
         raise LlmcError(f"no INT4 group size in 32-256 divides the input width {w} ({what}) of "
                         f"{mod.replace('mlp.gate_up', 'mlp.fc')}; exclude it with --exclude")
-    return max(smaller)
+    return min(smaller)
 
 
 def resolve_awq_method(fmt: QFormat, requested: str | None) -> str | None:
