@@ -28,7 +28,7 @@ POOL_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, Tenso
            TensorProto.FLOAT8E4M3FN: np.uint8, TensorProto.UINT8: np.uint8, TensorProto.BFLOAT16: np.uint16}
 
 # MatMulNBits accuracy level for fused INT4/INT8 weights: 4 = int8 activations inside the kernel
-# (fast, ~1e-3 relative error), 1 = fp32 compute (matches the fake-quant reference to ~1e-6; fast
+# (fast, 1e-3..1e-2 relative error), 1 = fp32 compute (matches the fake-quant reference to ~1e-6; fast
 # for 4-bit weights only: 8-bit ones then fall back to a 30-50x slower path, which is why an
 # fp32-accuracy build emits them as explicit level-4 nodes on compensated activations).
 # Keyed by the engine's `matmul_accuracy` (llmc build --matmul-accuracy).
