@@ -245,12 +245,8 @@ def _weight(g: GraphBuilder, t: Target, lin: QLinear, name: str) -> str:
     if w == "float" or (w == "fp8" and t.fp8 == "emulate"):
         return g.weight(f"{name}.weight", _np(lin.dequantize()).T, t.dtype)
     if w == "int8":
-        scale = _np(lin.weight_scale)
-        if scale.ndim == 2:  # block scales [out, in/g]
-            return _blocked_weight(g, t, _int8_t(lin.weight), scale, lin.group_size, name)
-        if lin.act_dtype is None and not t.is_trt and \
-                (blocked := blocked_int8_scale(_scale_per_row(lin), lin.in_features)) is not None:
-            return _blocked_weight(g, t, _int8_t(lin.weight), *blocked, name)  # W8A16: 8-bit MatMulNBits
+        if (blocked := _int8_block_scales(lin, t)) is not None:  # 8-bit MatMulNBits on ONNX Runtime
+            return _blocked_weight(g, t, _int8_t(lin.weight), *blocked, name)
         qw = g.weight(f"{name}.weight", _int8_t(lin.weight))
         s_w = g.weight(f"{name}.weight_scale", _scale_per_row(lin), t.dtype)
         zp_w = g.const(np.zeros(lin.out_features, np.int8), TensorProto.INT8, hint=f"{name}.weight_zero_point")
@@ -285,9 +281,9 @@ def emit_linear(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> 
         if act not in _ACTIVATIONS:
             raise ValueError(f"unknown activation treatment {act!r}")
         x = _ACTIVATIONS[act](g, t, x, lin, name)
-    blocks = _int8_blocks(lin) if t.exact_nbits and act is None else None
-    if blocks is not None:
-        y = _emit_nbits8_compensated(g, t, x, *blocks, lin.in_features, name)
+    blocked = _int8_block_scales(lin, t) if t.exact_nbits and act is None else None
+    if blocked is not None:
+        y = _emit_nbits8_compensated(g, t, x, _int8_t(lin.weight), *blocked, name)
     else:
         y = g.op("MatMul", [x, _weight(g, t, lin, name)], name=name)
     if lin.zero is not None:
@@ -295,18 +291,18 @@ def emit_linear(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> 
     return _add_bias(g, t, y, lin, name)
 
 
-def _int8_blocks(lin: QLinear) -> tuple[np.ndarray, np.ndarray, int] | None:
-    """(int8 [out, in], block scales [out, in/g], g) of an int8 weight ONNX Runtime runs as 8-bit
-    MatMulNBits (block scales, or a weight-only per-channel scale restated per block); else None."""
+def _int8_block_scales(lin: QLinear, t: Target) -> tuple[np.ndarray, int] | None:
+    """(block scales [out, in/g], g) of an int8 weight that runs as 8-bit MatMulNBits: its own block
+    scales, or on ONNX Runtime a weight-only per-channel scale restated per block
+    (`blocked_int8_scale`); None for other weights (per-channel DequantizeLinear)."""
     if weight_format(lin.kind) != "int8":
         return None
     scale = _np(lin.weight_scale)
     if scale.ndim == 2:
-        return _int8_t(lin.weight).T, scale, int(lin.group_size)
-    blocked = blocked_int8_scale(_scale_per_row(lin), lin.in_features)
-    if blocked is None:
-        return None
-    return _int8_t(lin.weight).T, blocked[0], blocked[1]
+        return scale, int(lin.group_size)
+    if lin.act_dtype is None and not t.is_trt:
+        return blocked_int8_scale(_scale_per_row(lin), lin.in_features)
+    return None
 
 
 COMPENSATION_TERMS = 3  # rows through the int8 kernel: error ~ (1/254)^terms of max|x| per block
@@ -326,9 +322,9 @@ def _int8_grid(g: GraphBuilder, t: Target, x: str, blocks: int, block: int, k: i
 
 
 def _emit_nbits8_compensated(g: GraphBuilder, t: Target, x: str, q8: np.ndarray, scale: np.ndarray, block: int,
-                             k: int, name: str) -> str:
-    """x [tokens, in] @ (q8 * scale)^T through ONE 8-bit MatMulNBits at accuracy level 4, accurate
-    to float rounding instead of the ~1e-2 of rounding x to int8.
+                             name: str) -> str:
+    """x [tokens, in] @ (q8 [in, out] x block scales [out, in/g]) through ONE 8-bit MatMulNBits at
+    accuracy level 4, accurate to float rounding instead of the ~1e-2 of rounding x to int8.
 
     The kernel rounds each block of `block` activations to int8 with scale max|x_block| / 127.
     Here x = xq_1 + xq_2 + r: xq_1 is x on exactly that grid (the kernel's rounding of it is
@@ -336,14 +332,14 @@ def _emit_nbits8_compensated(g: GraphBuilder, t: Target, x: str, q8: np.ndarray,
     block's max, which the kernel rounds once more). The COMPENSATION_TERMS rows go through the
     kernel in one call (decode stays bound by the weight bytes, read once) and are summed.
     """
-    n = q8.shape[0]
+    k, n = q8.shape
     blocks = k // block
     rows, rest = [], x
     for i in range(COMPENSATION_TERMS - 1):
         rows.append(_int8_grid(g, t, rest, blocks, block, k, f"{name}_c{i}"))
         rest = g.op("Sub", [rest, rows[-1]], name=f"{name}_c{i}_rest")
     stacked = g.op("Concat", rows + [rest], name=f"{name}_crows", axis=0)
-    data = g.weight(f"{name}.weight_u8", (q8.astype(np.int16) + 128).astype(np.uint8).reshape(n, blocks, block))
+    data = g.weight(f"{name}.weight_u8", (q8.T.astype(np.int16) + 128).astype(np.uint8).reshape(n, blocks, block))
     scales = g.weight(f"{name}.weight_scale", np.ascontiguousarray(scale, np.float32).reshape(-1), t.dtype)
     y = g.op("MatMulNBits", [stacked, data, scales], name=name, domain=CONTRIB_DOMAIN, K=k, N=n, bits=8,
              block_size=block, accuracy_level=4)
