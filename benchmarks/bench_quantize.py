@@ -188,16 +188,16 @@ def main() -> None:
         if wanted and name not in wanted:
             continue
         key = json.dumps([qformat, opts], sort_keys=True)
-        out = quantized[key][0] if key in quantized else work / name.replace(" ", "_").replace("+", "")
-        saved = out.with_name(out.name + ".quantize.json")
-        if key in quantized:
-            runs = quantized[key][1]
-        elif a.reuse and saved.is_file() and (out / "config.json").is_file():
-            runs = json.loads(saved.read_text())
-        else:
-            runs = [run_quantize(ckpt, out, qformat, {**opts, **quick}) for _ in range(max(1, a.repeats))]
-            saved.write_text(json.dumps(runs))
-        quantized[key] = (out, runs)
+        if key not in quantized:
+            out = work / name.replace(" ", "_").replace("+", "")
+            saved = out.with_name(out.name + ".quantize.json")
+            if a.reuse and saved.is_file() and (out / "config.json").is_file():
+                runs = json.loads(saved.read_text())
+            else:
+                runs = [run_quantize(ckpt, out, qformat, {**opts, **quick}) for _ in range(max(1, a.repeats))]
+                saved.write_text(json.dumps(runs))
+            quantized[key] = (out, runs)
+        out, runs = quantized[key]
         rows.append({"name": name, "qformat": qformat, "options": opts, "checkpoint": str(out),
                      "build_options": build_opts[0] if build_opts else {},
                      "quant_algo": runs[0]["quant_algo"], "group_size": runs[0]["group_size"],

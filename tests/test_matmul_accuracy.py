@@ -22,16 +22,16 @@ from llmc.quantize.layout import QLinear
 
 
 def _session(lin: QLinear, target: Target):
+    """The linear alone, in a session configured as an engine of that accuracy loads it."""
     import onnxruntime as ort
+
+    from llmc.engine.backends.onnxruntime import ACCURACY_LEVELS, session_options
 
     g = GraphBuilder()
     x = g.input("x", TensorProto.FLOAT, ["t", lin.in_features])
     g.op("Identity", [emit_linear(g, target, x, lin, "lin")], outputs=["y"])
     g.output("y", TensorProto.FLOAT, ["t", lin.out_features])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    level = 1 if target.matmul_accuracy == "fp32" else 4  # what the engine's session sets
-    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+    so = session_options(1, ACCURACY_LEVELS[target.matmul_accuracy])
     return ort.InferenceSession(g.model().SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
