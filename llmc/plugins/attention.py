@@ -152,12 +152,17 @@ def bucket_guarded(t: Target, b: int, kind: str) -> bool:
     return not t.is_trt and kind != "decode"
 
 
+def grouped_decode(bk: BucketInputs) -> bool:
+    """A bucket of 1-token rows in the grouped MatMul/Softmax form (`_attend_decode_rows`)."""
+    return bk.impl == "decomposed" and bk.kind == "decode"
+
+
 def grouped_output(buckets: list[BucketInputs]) -> bool:
     """Buckets hand their outputs over as [kvH, rows, G, hd] (the grouped decode form's own layout)
     when any bucket is a grouped decode bucket: the buckets are concatenated and put back in packed
     order in that layout, and one Transpose + Reshape per layer makes the [T, H*hd] rows (instead of
     one pair per bucket). Otherwise (TensorRT, forced fused) they hand over [rows, H*hd]."""
-    return any(bk.impl == "decomposed" and bk.kind == "decode" for bk in buckets)
+    return any(map(grouped_decode, buckets))
 
 
 def step_inputs(g: GraphBuilder, t: Target, num_buckets: int) -> tuple[str, list[BucketInputs], str]:
@@ -403,9 +408,9 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
     layer = pool.layer
     pools = pool.write(kv_new, write_index)
     outs = []
-    grouped = [bk.impl == "decomposed" and bk.kind == "decode" for bk in buckets]
-    grouped_out = grouped_output(buckets)
-    q_grouped = _grouped_queries(g, d, q, layer) if any(grouped) else None
+    grouped = [grouped_decode(bk) for bk in buckets]
+    grouped_out = any(grouped)  # grouped_output(buckets)
+    q_grouped = _grouped_queries(g, d, q, layer) if grouped_out else None
     for b, bk in enumerate(buckets):
         def attend(b=b, bk=bk) -> str:
             kb, vb = pool.read(pools, bk, b)
