@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from llmc.build import BuildOptions, build_engine
+from llmc.build.model_graph import step_bodies
+from llmc.plugins.graph import walk_nodes
 from llmc.engine import SeqSlice, StepBatch, load_engine
 from llmc.errors import LlmcError
 
@@ -131,33 +133,33 @@ def test_attention_variants_are_exact(buckets, attention, tiny_checkpoints, tmp_
     assert max_err(ref, got) < TOL
 
 
-def all_nodes(graph):
-    """Every node of a graph, If/Loop bodies included."""
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.g is not None and a.g.node:
-                yield from all_nodes(a.g)
-
-
 def test_graph_has_one_qkv_and_one_gated_mlp_matmul_per_layer(built):
     import onnx
 
     model = onnx.load(str(built["llama"] / "model.onnx"), load_external_data=False)
     cfg = json.loads((built["llama"] / "config.json").read_text())
     layers = cfg["num_hidden_layers"]
-    mm = [n for n in model.graph.node if n.op_type == "MatMul"]
-    for i in range(layers):
-        assert len([n for n in mm if n.name.startswith(f"transformer.layers.{i}.attention.qkv")]) == 1
-        assert len([n for n in mm if n.name.startswith(f"transformer.layers.{i}.mlp.gate_up")]) == 1
-        assert len([n for n in mm if n.name.startswith(f"transformer.layers.{i}.mlp.")]) == 2  # gate_up, proj
+    bodies = step_bodies(model)
+    assert len(bodies) == 2  # ORT: a body for steps whose rows all sit in bucket 0, one for any step
+    for body in bodies:
+        mm = [n for n in body.node if n.op_type == "MatMul"]
+        for i in range(layers):
+            assert len([n for n in mm if n.name.startswith(f"transformer.layers.{i}.attention.qkv")]) == 1
+            assert len([n for n in mm if n.name.startswith(f"transformer.layers.{i}.mlp.gate_up")]) == 1
+            assert len([n for n in mm if n.name.startswith(f"transformer.layers.{i}.mlp.")]) == 2  # gate_up, proj
     # default ORT buckets: decode rows (grouped-query MatMuls) + any rows (one fused Attention node)
     assert cfg["engine"]["graph"]["bucket_kinds"] == ["decode", "decode", "any"]
-    nodes = list(all_nodes(model.graph))
-    assert sum(1 for n in nodes if n.op_type == "Attention") == layers
-    # the prefill bucket's attention sits in an If(rows > 0) on ORT (no dummy row in decode steps)
-    assert sum(1 for n in model.graph.node if n.op_type == "If") == layers
+    assert cfg["engine"]["graph"]["step_variants"] == [[0], [0, 1, 2]]
+    one, general = bodies
+    # the general body's prefill bucket sits in an If(rows > 0) (no dummy row in decode steps);
+    # the one-bucket body has neither that If nor the fused Attention
+    assert sum(1 for n in walk_nodes(general) if n.op_type == "Attention") == layers
+    assert sum(1 for n in general.node if n.op_type == "If") == layers
+    assert not any(n.op_type in ("If", "Attention") for n in walk_nodes(one))
     assert cfg["engine"]["graph"]["guarded_buckets"] == [False, False, True]
+    nodes = list(walk_nodes(model.graph))
+    # weights are stored once: both bodies read the outer graph's initializers
+    assert not any(a.g.initializer for n in nodes for a in n.attribute if a.type == a.GRAPH)
     assert all(n.domain in ("", "ai.onnx") for n in nodes)
     assert {imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")} == {23}
 
@@ -178,14 +180,15 @@ def test_ort_graph_keeps_k_and_v_of_a_layer_in_one_pool_tensor(built):
                      for i in range(layers)}
     assert sorted(o.name for o in model.graph.output if o.name.startswith("kv_pool.")) == \
         sorted(f"{name}.out" for name in pools)
-    top = model.graph.node
-    count = lambda op, part="": sum(1 for n in top if n.op_type == op and part in n.name)  # noqa: E731
-    assert count("ScatterND") == layers
-    # key and value gathers of the two decode buckets (the third bucket is inside the If)
-    assert count("Gather", "_key_gather") == count("Gather", "_value_gather") == 2 * layers
-    assert count("Split", "_q_kv_split") == layers and count("Split", "_qk_split") == 0
-    # queries grouped and output rows once per layer; per bucket only K^T (ORT fuses it into its MatMul)
-    assert count("Transpose") - count("Transpose", "_kt") == 2 * layers
+    for body, decode_buckets in zip(step_bodies(model), (1, 2)):
+        top = body.node
+        count = lambda op, part="": sum(1 for n in top if n.op_type == op and part in n.name)  # noqa: E731
+        assert count("ScatterND") == layers
+        # key and value gathers of the decode buckets (the prefill bucket is inside its If)
+        assert count("Gather", "_key_gather") == count("Gather", "_value_gather") == decode_buckets * layers
+        assert count("Split", "_q_kv_split") == layers and count("Split", "_qk_split") == 0
+        # queries grouped and output rows once per layer; per bucket only K^T (ORT fuses it into its MatMul)
+        assert count("Transpose") - count("Transpose", "_kt") == 2 * layers
 
 
 def test_ort_pool_views_alias_one_buffer():

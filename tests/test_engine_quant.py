@@ -91,33 +91,69 @@ def _init_types(model):
     return {i.name: i.data_type for i in model.graph.initializer}
 
 
-def test_int4_graph_is_blocked_symmetric_dq_fused_by_ort(engines, tmp_path):
+def _nbits_session(nodes, inits, k, level=None):
     import onnxruntime as ort
+    from onnx import TensorProto, helper
 
-    model = _graph(engines["int4_awq"])
-    types = _init_types(model)
-    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and types.get(n.input[0]) == onnx.TensorProto.INT4]
-    layers = json.loads((engines["int4_awq"] / "config.json").read_text())["num_hidden_layers"]
-    assert len(dqs) == 4 * layers  # qkv, dense, gate_up, proj
-    for n in dqs:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-        assert attrs["block_size"] == 64 and attrs["axis"] == 0 and len(n.input) == 2  # no zero point
-    assert sum(1 for n in model.graph.node if "_smooth" in n.name) == 4 * layers  # pre-quant scales
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
     so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
-    from llmc.engine.backends.onnxruntime import DISABLED_OPTIMIZERS
+    if level is not None:
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(level))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
-    ort.InferenceSession(str(engines["int4_awq"] / "model.onnx"), so, providers=["CPUExecutionProvider"],
-                         disabled_optimizers=DISABLED_OPTIMIZERS)
-    fused = [n for n in onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph.node
-             if n.op_type == "MatMulNBits"]
-    assert len(fused) == 4 * layers
+
+def test_int4_linears_are_the_matmulnbits_ort_fuses_from_blocked_dq(engines):
+    """ORT: every int4 linear is one com.microsoft MatMulNBits (4-bit, block 64, no zero point),
+    emitted directly (ORT's DQ + MatMul fusion cannot read outer-scope weights inside the step
+    variants' If bodies). Reference: ORT's own fusion of the opset-21 blocked DequantizeLinear +
+    MatMul that TensorRT targets keep, fed the same int4 values and scales: identical outputs at
+    accuracy levels 0 and 4."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llmc.build.model_graph import step_bodies
+    from llmc.plugins.base import SESSION_LEVEL_DOC
+
+    model = onnx.load(str(engines["int4_awq"] / "model.onnx"))  # with weights
+    inits = {t.name: t for t in model.graph.initializer}
+    layers = json.loads((engines["int4_awq"] / "config.json").read_text())["num_hidden_layers"]
+    for body in step_bodies(model):
+        nb = [n for n in body.node if n.op_type == "MatMulNBits"]
+        assert len(nb) == 4 * layers  # qkv, dense, gate_up, proj
+        assert not any(n.op_type == "DequantizeLinear" for n in body.node)
+        assert sum(1 for n in body.node if "_smooth" in n.name) == 4 * layers  # pre-quant scales
+    rng = np.random.default_rng(0)
+    for n in nb:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["bits"] == 4 and attrs["block_size"] == 64 and len(n.input) == 3 and n.doc_string == SESSION_LEVEL_DOC
+        k, m, g = attrs["K"], attrs["N"], attrs["block_size"]
+        packed = numpy_helper.to_array(inits[n.input[1]])                       # [N, K/g, g/2]
+        scales = numpy_helper.to_array(inits[n.input[2]]).reshape(m, k // g)
+        q = np.stack([packed & 0xF, packed >> 4], -1).reshape(m, k).astype(np.int8) - 8  # [N, K] in [-8, 7]
+        w = helper.make_tensor("w", TensorProto.INT4, [k, m], q.T.reshape(-1).tolist())
+        s = numpy_helper.from_array(np.ascontiguousarray(scales.T), "s")
+        dq = [helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=0, block_size=g),
+              helper.make_node("MatMul", ["x", "wf"], ["y"])]
+        ours = helper.make_node("MatMulNBits", ["x", "b", "sc"], ["y"], domain="com.microsoft",
+                                **{**attrs, "accuracy_level": 0})
+        ours_inits = [numpy_helper.from_array(packed, "b"), numpy_helper.from_array(scales.reshape(-1), "sc")]
+        x = rng.standard_normal((3, k)).astype(np.float32)
+        for level in (0, 4):
+            ours.attribute[[a.name for a in ours.attribute].index("accuracy_level")].i = level
+            ref = _nbits_session(dq, [w, s], k, level).run(None, {"x": x})[0]
+            got = _nbits_session([ours], ours_inits, k).run(None, {"x": x})[0]
+            np.testing.assert_array_equal(got, ref)
 
 
 def test_int8_sq_uses_integer_gemm_on_ort(engines):
     model = _graph(engines["int8_sq"])
     layers = json.loads((engines["int8_sq"] / "config.json").read_text())["num_hidden_layers"]
-    assert sum(1 for n in model.graph.node if n.op_type == "MatMulInteger") == 4 * layers
+    from llmc.build.model_graph import step_bodies
+
+    for body in step_bodies(model):
+        assert sum(1 for n in body.node if n.op_type == "MatMulInteger") == 4 * layers
 
 
 def test_quantized_kv_pool_is_stored_quantized(engines):

@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto
 
 from llmc.checkpoint.quant_algos import QUANT_ALGOS
-from llmc.plugins.base import Target
+from llmc.plugins.base import SESSION_LEVEL_DOC, Target
 from llmc.plugins.graph import GraphBuilder
 from llmc.plugins.linear import emit_linear
 from llmc.quantize.layout import QLinear
@@ -66,17 +66,20 @@ def test_compensated_int8_matmul_is_float_accurate(group):
 
 
 def test_fp32_accuracy_emits_one_explicit_level4_node_per_int8_linear():
+    """Each int8 linear is one 8-bit MatMulNBits at level 4: fp32 accuracy on 3 compensated rows (a
+    fixed level), int8 accuracy on the activations as they are (its level follows the engine)."""
     rng = np.random.default_rng(1)
     lin, _ = _int8_linear(128, 128, 32, rng)
-    for acc, explicit in (("fp32", True), ("int8", False)):
+    for acc, compensated in (("fp32", True), ("int8", False)):
         g = GraphBuilder()
         x = g.input("x", TensorProto.FLOAT, ["t", 128])
         emit_linear(g, Target(matmul_accuracy=acc), x, lin, "lin")
         nbits = [n for n in g.nodes if n.op_type == "MatMulNBits"]
-        assert len(nbits) == int(explicit)
-        if explicit:
-            attrs = {a.name: a.i for a in nbits[0].attribute}
-            assert attrs["accuracy_level"] == 4 and attrs["bits"] == 8 and attrs["block_size"] == 32
+        assert len(nbits) == 1
+        attrs = {a.name: a.i for a in nbits[0].attribute}
+        assert attrs["accuracy_level"] == 4 and attrs["bits"] == 8 and attrs["block_size"] == 32
+        assert (nbits[0].doc_string == SESSION_LEVEL_DOC) != compensated
+        assert any(n.op_type == "Round" for n in g.nodes) == compensated
     # TensorRT keeps standard ops whatever the option (its GEMMs compute in float)
     g = GraphBuilder()
     x = g.input("x", TensorProto.FLOAT, ["t", 128])

@@ -35,11 +35,12 @@ from onnx import TensorProto
 
 from llmc.checkpoint.config import CheckpointConfig
 from llmc.checkpoint.schema import LAYER
-from llmc.plugins.graph import DATA_FILE, GraphBuilder
+from llmc.plugins.graph import DATA_FILE, GraphBuilder, walk_nodes
 from llmc.build.weights import WeightReader, kv_quant, np32
 from llmc.errors import UnsupportedError
-from llmc.plugins.attention import (AttentionDims, KVPool, bucket_kinds, emit_paged_attention, emit_step_masks,
-                                    emit_write_index, kv_pool_paired, step_inputs)
+from llmc.plugins.attention import (AttentionDims, BucketInputs, KVPool, bucket_kinds, emit_paged_attention,
+                                    emit_step_masks, emit_variant_cond, emit_write_index, kv_pool_paired,
+                                    step_inputs, step_variants)
 from llmc.plugins.base import Target
 from llmc.plugins.embedding import emit_embedding
 from llmc.plugins.gated_mlp import emit_gated_mlp
@@ -71,6 +72,7 @@ class GraphSpec:
     empty_buckets: bool = True  # explicit reshape targets: an unused bucket may have zero rows
     guarded_buckets: list = field(default_factory=list)  # per bucket: attention inside If(rows > 0)
     kv_pool_layout: str = "split"  # "paired": one pool tensor per layer (block b's K at 2b, V at 2b+1) | "split"
+    step_variants: list = field(default_factory=list)  # bucket indices of each body (ORT: [[0], all]); [] = flat
     node_count: int = 0
     op_counts: dict = field(default_factory=dict)
 
@@ -125,7 +127,6 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     # Step-level values shared by every layer.
     cos, sin = emit_rope_tables(g, target, cfg, positions, max_positions)
     cos, sin = emit_head_tables(g, target, cos, sin, d.num_heads + d.num_kv_heads, d.num_heads + 2 * d.num_kv_heads)
-    emit_step_masks(g, target, d, buckets)
     scatter_index = emit_write_index(g, d, write_index, kv_pool_paired(target))
 
     emb_t = tensors["transformer.vocab_embedding.weight"]
@@ -135,9 +136,36 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     x, emb = emit_embedding(g, target, np32(emb_t), input_ids, allow_blocks=lm_kind != "float",
                             known_blocks=tied_blocks)
     emb_bytes = g.weight_bytes - before_emb
+    pools = [KVPool(g, target, d, i, kvq or "float", reader.layer(i).kv_cache_scale)
+             for i in range(cfg.num_hidden_layers)]
 
-    for i in range(cfg.num_hidden_layers):
-        x, pool = _emit_layer(g, target, d, cfg, reader.layer(i), i, x, kvq, cos, sin, scatter_index, buckets, out_index)
+    def layers(active: list[BucketInputs], x: str, out_names: bool, rows_in_order: bool = False) -> tuple[str, list[str]]:
+        """The decoder layers over the given attention buckets: (hidden, updated pool tensors)."""
+        emit_step_masks(g, target, d, active)
+        updated = []
+        for i in range(cfg.num_hidden_layers):
+            x, written = _emit_layer(g, target, d, cfg, reader.layer(i), i, x, pools[i], cos, sin, scatter_index,
+                                     active, out_index, out_names, rows_in_order)
+            updated += written
+        return x, updated
+
+    variants = step_variants(target, buckets)
+    if len(variants) == 1:
+        x, _ = layers(buckets, x, out_names=True)
+    else:
+        # ONNX Runtime: one If per step picks the body built for the buckets in use (see
+        # `step_variants`); weights and step-level tables live in the outer graph, shared.
+        cond = emit_variant_cond(g, buckets, variants[0], input_ids)
+        with g.branch() as then_nodes:
+            then_x, then_pools = layers(variants[0], x, out_names=False, rows_in_order=True)
+        with g.branch() as else_nodes:
+            else_x, else_pools = layers(variants[1], x, out_names=False)
+        pool_outs = [dst for pool in pools for _, dst in pool.names.values()]
+        outs = g.if_multi(cond, then_nodes, [then_x, *then_pools], else_nodes, [else_x, *else_pools],
+                          [target.dtype] + [pools[0].pool_type] * len(pool_outs), VARIANT_IF,
+                          outputs=[g.fresh("hidden_last_layer"), *pool_outs])
+        x = outs[0]
+    pool = pools[-1]
 
     last = g.op("Gather", [x, logits_index], name="logits_rows", axis=0)
     last = emit_rmsnorm(g, target, last, np32(tensors["transformer.ln_f.weight"]), cfg.norm_epsilon,
@@ -151,11 +179,26 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     model = g.model(doc="llmc engine graph")
     read_bytes = g.weight_bytes - (0 if tied and lm_kind == "float" else emb_bytes)
     return model, _graph_spec(model, cfg, target, d, kvq, pool, buckets, num_buckets, block_size,
-                              max_positions, g.weight_bytes, read_bytes, lm_kind)
+                              max_positions, g.weight_bytes, read_bytes, lm_kind,
+                              [[buckets.index(bk) for bk in v] for v in variants] if len(variants) > 1 else [])
+
+
+VARIANT_IF = "step_variant_if"
+
+
+def step_bodies(model: onnx.ModelProto) -> list[onnx.GraphProto]:
+    """The decoder-layer bodies of a built graph, in `step_variants` order: [one decode bucket, all
+    buckets] for ONNX Runtime graphs with step variants, else [the (flat) graph itself]."""
+    for n in model.graph.node:
+        if n.op_type == "If" and n.name.startswith(VARIANT_IF):
+            branches = {a.name: a.g for a in n.attribute}
+            return [branches["then_branch"], branches["else_branch"]]
+    return [model.graph]
 
 
 def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: CheckpointConfig, lw, i: int, x: str,
-                kvq: str | None, cos: str, sin: str, scatter_index: str, buckets, out_index) -> tuple[str, KVPool]:
+                pool: KVPool, cos: str, sin: str, scatter_index: str, buckets, out_index,
+                out_names: bool = True, rows_in_order: bool = False) -> tuple[str, list[str]]:
     """One decoder layer: pre-norm attention over the paged KV pool, then the gated MLP, each with
     its residual. Q, K and V share one Reshape, one RoPE (the identity on V) and one Split (fewer,
     fatter nodes per layer)."""
@@ -167,13 +210,13 @@ def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: Checkpoi
     qkv3 = g.op("Reshape", [qkv, g.const([0, d.num_heads + kv_heads, d.head_dim])], name=f"l{i}_qkv_heads")
     qkv3 = emit_rope(g, qkv3, cos, sin, d.head_dim, f"l{i}_rope")
     q3, kv3 = g.op("Split", [qkv3, g.const([d.num_heads, kv_heads])], n_out=2, name=f"l{i}_q_kv_split", axis=1)
-    pool = KVPool(g, target, d, i, kvq or "float", lw.kv_cache_scale)
-    attn = emit_paged_attention(g, target, d, pool, q3, kv3, scatter_index, buckets, out_index)
+    attn, written = emit_paged_attention(g, target, d, pool, q3, kv3, scatter_index, buckets, out_index, out_names,
+                                         rows_in_order)
     attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
     x = g.op("Add", [x, attn], name=f"l{i}_residual_attn")
     h = emit_rmsnorm(g, target, x, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")
     m = emit_gated_mlp(g, target, h, lw.gate_up, lw.proj, f"{p}.mlp")
-    return g.op("Add", [x, m], name=f"l{i}_residual_mlp"), pool
+    return g.op("Add", [x, m], name=f"l{i}_residual_mlp"), written
 
 
 def _choose_lm_head(tensors, reader: WeightReader, emb_t,
@@ -206,15 +249,16 @@ def _emit_lm_head(g: GraphBuilder, target: Target, lm_lin: QLinear, tied: bool, 
 
 def _graph_spec(model: onnx.ModelProto, cfg: CheckpointConfig, target: Target, d: AttentionDims, kvq: str | None,
                 pool: KVPool, buckets, num_buckets: int, block_size: int, max_positions: int,
-                weight_bytes: int, read_bytes: int, lm_kind: str) -> GraphSpec:
+                weight_bytes: int, read_bytes: int, lm_kind: str, variants: list) -> GraphSpec:
     """What the runtime must know about the graph it loads (KV layout, buckets, dtypes) and what
     the benchmarks report (bytes read per decode step, op counts)."""
     counts: dict[str, int] = {}
-    for n in model.graph.node:
+    nodes = list(walk_nodes(model.graph))  # every body's nodes (see `step_variants`)
+    for n in nodes:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
     kv_name = kvq if (kvq and target.kv_storage == "native") else DTYPE_OF[target.dtype]
     return GraphSpec(cfg.num_hidden_layers, num_buckets, block_size, d.num_kv_heads, d.head_dim, kv_name,
                      int(pool.pool_type), DTYPE_OF[target.dtype], max_positions,
                      [bk.impl for bk in buckets], bucket_kinds(num_buckets), target.backend,
                      weight_bytes, read_bytes, lm_kind, True, [bk.guarded for bk in buckets],
-                     "paired" if pool.paired else "split", len(model.graph.node), counts)
+                     "paired" if pool.paired else "split", variants, len(nodes), counts)

@@ -234,6 +234,51 @@ def emit_step_masks(g: GraphBuilder, t: Target, d: AttentionDims, buckets: list[
         bk.mask = g.op("Unsqueeze", [mask, g.const([axis])], name=f"bucket{b}_mask")
 
 
+def step_variants(t: Target, buckets: list[BucketInputs]) -> list[list[BucketInputs]]:
+    """The bucket sets the graph has a body for; the first set whose buckets cover the step's rows
+    runs (`emit_variant_cond`).
+
+    On ONNX Runtime with a decode bucket and others: [[bucket 0], all buckets]. A step whose rows
+    all sit in bucket 0 (every single-stream decode step, and in-flight steps whose decodes need no
+    context split: `llmc.engine.step.plan_rows` fills bucket 0 first) runs a body with one bucket,
+    so it pays neither the other decode buckets' empty kernels (9 per layer) nor the prefill
+    bucket's If per layer: one If per step instead, and as its rows are the step's tokens in order
+    it skips the query and output row Gathers too (`emit_variant_cond` checks that). Measured on
+    SmolLM2 int4 single-stream decode: the empty second decode bucket alone cost 7-14%. The
+    arithmetic of a body is that of the flat graph for its buckets: outputs are bit-identical. TensorRT keeps one flat body (no
+    data-dependent control flow in its optimization profiles)."""
+    if t.is_trt or len(buckets) < 2 or buckets[0].kind != "decode":
+        return [buckets]
+    return [buckets[:1], buckets]
+
+
+def emit_variant_cond(g: GraphBuilder, buckets: list[BucketInputs], first: list[BucketInputs], input_ids: str) -> str:
+    """bool scalar, once per step: the one-bucket body (`step_variants`) can run this step: every
+    other bucket has zero rows and bucket 0 holds every token in packed order (q_index = 0..T-1,
+    which `llmc.engine.step.plan_rows` gives a decode-only step it does not split), so that body
+    reads queries and writes outputs without the row Gathers. Checked, not assumed: any other feed
+    runs the general body."""
+    conds = []
+    for b, bk in enumerate(buckets):
+        if any(bk is f for f in first):
+            continue
+        rows = g.op("Gather", [g.op("Shape", [bk.kv_blocks], name=f"variant_b{b}_shape"), g.const(0)],
+                    name=f"variant_b{b}_rows", axis=0)
+        conds.append(g.op("Equal", [rows, g.const(0)], name=f"variant_b{b}_empty"))
+    q0 = first[0].q_index
+    rows0 = g.op("Gather", [g.op("Shape", [q0], name="variant_q0_shape"), g.const(0)], name="variant_q0_rows", axis=0)
+    tokens = g.op("Gather", [g.op("Shape", [input_ids], name="variant_t_shape"), g.const(0)], name="variant_tokens", axis=0)
+    conds.append(g.op("Equal", [rows0, tokens], name="variant_q0_all_tokens"))
+    off = g.op("Abs", [g.op("Sub", [q0, g.op("Range", [g.const(0), rows0, g.const(1)], name="variant_q0_order")],
+                            name="variant_q0_diff")], name="variant_q0_absdiff")
+    total = g.op("ReduceSum", [off, g.const([0])], name="variant_q0_offsum", keepdims=0)
+    conds.append(g.op("Equal", [total, g.const(0)], name="variant_q0_in_order"))
+    cond = conds[0]
+    for i, c in enumerate(conds[1:]):
+        cond = g.op("And", [cond, c], name=f"variant_cond_{i}")
+    return cond
+
+
 def kv_pool_paired(t: Target) -> bool:
     """K and V of a layer in one pool tensor (ONNX Runtime), a block's keys and values side by side
     along the block axis: one ScatterND per layer writes both, and each of the two Gathers per
@@ -301,9 +346,11 @@ class KVPool:
             g.output(dst, self.pool_type, shape)
             self.names[kind] = (src, dst)
 
-    def write(self, kv_new: str, write_index: str) -> dict[str, str]:
+    def write(self, kv_new: str, write_index: str, out_names: bool = True) -> dict[str, str]:
         """Store the new rows kv_new [T, 2 * kvH, hd] (K heads, then V heads); returns the updated
-        pool tensor per kind (ScatterND outputs, bound to the input buffers: written in place)."""
+        pool tensor per kind (ScatterND outputs, bound to the input buffers: written in place).
+        out_names: the ScatterND outputs are the graph outputs themselves (else fresh names, for a
+        step variant's body whose If node carries the graph outputs)."""
         g, layer = self.g, self.layer
         parts = {"kv": kv_new} if self.paired else dict(zip(self.kinds, g.op(
             "Split", [kv_new, g.const([self.d.num_kv_heads] * 2)], n_out=2, name=f"l{layer}_kv_split", axis=1)))
@@ -316,7 +363,8 @@ class KVPool:
                 new = q if self.native else g.op("DequantizeLinear", [q, self.scale, self.zp],
                                                   name=f"l{layer}_{kind}_kvfq")
             src, dst = self.names[kind]
-            out[kind] = g.op("ScatterND", [src, write_index, new], name=f"l{layer}_{kind}_write", outputs=[dst])
+            out[kind] = g.op("ScatterND", [src, write_index, new], name=f"l{layer}_{kind}_write",
+                             outputs=[dst] if out_names else None)
         return out
 
     def read(self, pools: dict[str, str], bk: BucketInputs, b: int) -> tuple[str, str]:
@@ -399,14 +447,18 @@ def _attend_decode_rows(g: GraphBuilder, t: Target, d: AttentionDims, qt: str, k
 
 
 def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVPool, q: str, kv_new: str,
-                         write_index: str, buckets: list[BucketInputs], out_index: str) -> str:
-    """q [T, H, hd], kv_new [T, 2*kvH, hd] (K heads, then V heads) -> attention output [T, H*hd]
-    (packed order).
+                         write_index: str, buckets: list[BucketInputs], out_index: str,
+                         out_names: bool = True, rows_in_order: bool = False) -> tuple[str, list[str]]:
+    """q [T, H, hd], kv_new [T, 2*kvH, hd] (K heads, then V heads) -> (attention output [T, H*hd]
+    in packed order, the updated pool tensors).
 
     write_index: the ScatterND indices from `emit_write_index` (for the pool's head count).
+    rows_in_order: one grouped decode bucket whose rows are the step's tokens in packed order (the
+    one-bucket step variant): no query or output row Gather.
     """
     layer = pool.layer
-    pools = pool.write(kv_new, write_index)
+    pools = pool.write(kv_new, write_index, out_names)
+    written = list(pools.values())
     outs = []
     grouped = [grouped_decode(bk) for bk in buckets]
     grouped_out = any(grouped)  # grouped_output(buckets)
@@ -415,6 +467,8 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
         def attend(b=b, bk=bk) -> str:
             kb, vb = pool.read(pools, bk, b)
             name = f"l{layer}_b{b}_attention"
+            if grouped[b] and rows_in_order:
+                return _attend_decode_rows(g, t, d, q_grouped, kb, vb, bk, name)
             if grouped[b]:
                 qt = g.op("Gather", [q_grouped, bk.q_index], name=f"l{layer}_b{b}_q_rows", axis=1)  # [kvH, R, G, hd]
                 return _attend_decode_rows(g, t, d, qt, kb, vb, bk, name)
@@ -437,8 +491,8 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
         outs.append(g.if_op(bk.nonempty, then_nodes, y, else_nodes, empty, t.dtype, f"l{layer}_b{b}_if"))
     axis = 1 if grouped_out else 0
     cat = outs[0] if len(outs) == 1 else g.op("Concat", outs, name=f"l{layer}_attn_rows", axis=axis)
-    out = g.op("Gather", [cat, out_index], name=f"l{layer}_attn_out", axis=axis)
+    out = cat if rows_in_order else g.op("Gather", [cat, out_index], name=f"l{layer}_attn_out", axis=axis)
     if not grouped_out:
-        return out
+        return out, written
     ot = g.op("Transpose", [out], name=f"l{layer}_attn_out_t", perm=[1, 0, 2, 3])       # [T, kvH, G, hd]
-    return g.op("Reshape", [ot, g.const([0, d.q_size])], name=f"l{layer}_attn_out_rows")
+    return g.op("Reshape", [ot, g.const([0, d.q_size])], name=f"l{layer}_attn_out_rows"), written

@@ -8,6 +8,7 @@ thin sugar over `onnx.helper`: `g.op("MatMul", [a, b])` returns the output name(
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ class GraphBuilder:
     _names: set[str] = field(default_factory=set)
     _counter: Any = field(default_factory=itertools.count)
     _consts: dict[tuple, str] = field(default_factory=dict)
+    _weights: dict[tuple, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._data = open(self.data_path, "wb") if self.data_path is not None else None
@@ -94,6 +96,12 @@ class GraphBuilder:
 
     # --- initializers -----------------------------------------------------------------------
     def _external(self, name: str, data_type: int, dims: Sequence[int], raw: bytes) -> str:
+        # Byte-identical weights share one initializer: a graph that emits the model body more
+        # than once (ONNX Runtime's step variants, `llmc.build.model_graph`) stores its weights once.
+        key = (data_type, tuple(int(d) for d in dims), hashlib.blake2b(raw, digest_size=16).digest())
+        if key in self._weights:
+            return self._weights[key]
+        self._weights[key] = name
         t = TensorProto()
         t.name, t.data_type = name, data_type
         t.dims.extend(int(d) for d in dims)
@@ -180,10 +188,18 @@ class GraphBuilder:
     def if_op(self, cond: str, then_nodes: list, then_out: str, else_nodes: list, else_out: str,
               elem_type: int, name: str) -> str:
         """An If node over two branches built with `branch()`; each yields one tensor."""
-        def body(nodes, out, tag):
-            return helper.make_graph(nodes, f"{name}_{tag}", [], [helper.make_tensor_value_info(out, elem_type, None)])
-        return self.op("If", [cond], name=name, then_branch=body(then_nodes, then_out, "then"),
-                       else_branch=body(else_nodes, else_out, "else"))
+        return self.if_multi(cond, then_nodes, [then_out], else_nodes, [else_out], [elem_type], name)
+
+    def if_multi(self, cond: str, then_nodes: list, then_outs: Sequence[str], else_nodes: list,
+                 else_outs: Sequence[str], elem_types: Sequence[int], name: str,
+                 outputs: Sequence[str] | None = None) -> str | list[str]:
+        """An If node whose branches (built with `branch()`) yield len(elem_types) tensors each;
+        `outputs` names the If's outputs (e.g. graph outputs), else they are fresh."""
+        def body(nodes, outs, tag):
+            return helper.make_graph(nodes, f"{name}_{tag}", [], [helper.make_tensor_value_info(o, et, None)
+                                                                   for o, et in zip(outs, elem_types)])
+        return self.op("If", [cond], n_out=len(elem_types), name=name, outputs=outputs,
+                       then_branch=body(then_nodes, then_outs, "then"), else_branch=body(else_nodes, else_outs, "else"))
 
     # --- result -----------------------------------------------------------------------------
     def close(self) -> None:
@@ -195,8 +211,20 @@ class GraphBuilder:
         self.close()
         graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers,
                                   doc_string=doc)
-        domains = sorted({n.domain for n in self.nodes if n.domain})  # contrib ops (com.microsoft), version 1
+        domains = sorted({n.domain for n in walk_nodes(graph) if n.domain})  # contrib ops (com.microsoft), version 1
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]
                                   + [helper.make_opsetid(d, 1) for d in domains],
                                   producer_name="llmc", ir_version=IR_VERSION)
         return model
+
+
+def walk_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    """Every node of a graph and of its subgraphs (If branches), depth first."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from walk_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from walk_nodes(sub)

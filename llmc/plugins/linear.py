@@ -55,7 +55,7 @@ from onnx import TensorProto
 
 from llmc.checkpoint.quant_algos import QUANT_ALGOS, weight_format
 from llmc.plugins.graph import CONTRIB_DOMAIN, GraphBuilder, pack_int4_onnx
-from llmc.plugins.base import Target
+from llmc.plugins.base import SESSION_LEVEL_DOC, Target
 
 if TYPE_CHECKING:  # pragma: no cover - torch-side type, only read here
     from llmc.quantize.layout import QLinear
@@ -284,6 +284,9 @@ def emit_linear(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> 
     blocked = _int8_block_scales(lin, t) if t.exact_nbits and act is None else None
     if blocked is not None:
         y = _emit_nbits8_compensated(g, t, x, _int8_t(lin.weight), *blocked, name)
+    elif (nbits := _nbits_operands(g, t, lin, name)) is not None:
+        y = g.op("MatMulNBits", [x, *nbits[0]], name=name, domain=CONTRIB_DOMAIN, doc_string=SESSION_LEVEL_DOC,
+                 **nbits[1], accuracy_level=t.nbits_level)
     else:
         y = g.op("MatMul", [x, _weight(g, t, lin, name)], name=name)
     if lin.zero is not None:
@@ -303,6 +306,39 @@ def _int8_block_scales(lin: QLinear, t: Target) -> tuple[np.ndarray, int] | None
     if lin.act_dtype is None and not t.is_trt:
         return blocked_int8_scale(_scale_per_row(lin), lin.in_features)
     return None
+
+
+def _nbits_operands(g: GraphBuilder, t: Target, lin: QLinear, name: str) -> tuple[list[str], dict] | None:
+    """ONNX Runtime: (inputs, attributes) of the MatMulNBits node for a 4-bit or block-scaled 8-bit
+    weight, or None (other weights and TensorRT: DequantizeLinear + MatMul).
+
+    The node is what ORT's DequantizeLinear + MatMul fusion makes of the blocked DQ (same packed
+    weights, same kernel): emitted directly because that fusion cannot read weights from the outer
+    scope of a subgraph (ORT 1.32: "Missing required weight"), and the step variants
+    (`llmc.plugins.attention.step_variants`) put every layer inside an If branch. Packing
+    (com.microsoft MatMulNBits): B [N, K/g, g*bits/8] uint8 holding q + 2^(bits-1) (no zero-point
+    input: that is the default zero point), scales [N * K/g], low nibble first.
+    """
+    if t.is_trt:
+        return None
+    w = weight_format(lin.kind)
+    if w == "int4":
+        q = _int8_t(lin.weight).T.astype(np.int16) + 8                       # [out, in] in [0, 15]
+        scale, group, bits = _np(lin.weight_scale), int(lin.group_size), 4
+    elif w == "int8" and (blocked := _int8_block_scales(lin, t)) is not None:
+        q = _int8_t(lin.weight).T.astype(np.int16) + 128
+        (scale, group), bits = blocked, 8
+    else:
+        return None
+    n, k = q.shape
+    if k % group:
+        return None
+    u = q.astype(np.uint8).reshape(n, k // group, group)
+    if bits == 4:
+        u = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+    data = g.weight(f"{name}.weight_nbits", np.ascontiguousarray(u))
+    scales = g.weight(f"{name}.weight_scale", np.ascontiguousarray(scale, np.float32).reshape(-1), t.dtype)
+    return [data, scales], {"K": k, "N": n, "bits": bits, "block_size": group}
 
 
 COMPENSATION_TERMS = 3  # rows through the int8 kernel: error ~ (1/254)^terms of max|x| per block

@@ -23,16 +23,14 @@ import numpy as np
 from onnx import TensorProto
 
 from llmc.errors import LlmcError, first_line
+from llmc.plugins.base import ACCURACY_LEVELS, SESSION_LEVEL_DOC  # noqa: F401 (ACCURACY_LEVELS: re-exported)
 
 POOL_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT8: np.int8,
            TensorProto.FLOAT8E4M3FN: np.uint8, TensorProto.UINT8: np.uint8, TensorProto.BFLOAT16: np.uint16}
 
-# MatMulNBits accuracy level for fused INT4/INT8 weights: 4 = int8 activations inside the kernel
-# (fast, 1e-3..1e-2 relative error), 1 = fp32 compute (matches the fake-quant reference to ~1e-6; fast
-# for 4-bit weights only: 8-bit ones then fall back to a 30-50x slower path, which is why an
-# fp32-accuracy build emits them as explicit level-4 nodes on compensated activations).
-# Keyed by the engine's `matmul_accuracy` (llmc build --matmul-accuracy).
-ACCURACY_LEVELS = {"int8": 4, "fp32": 1}
+# MatMulNBits accuracy level for INT4/INT8 weights, keyed by the engine's `matmul_accuracy` (llmc
+# build --matmul-accuracy): for DequantizeLinear + MatMul pairs ORT fuses (engines built before the
+# step variants) through the session option, for llmc's own MatMulNBits nodes by their attribute.
 DEFAULT_INT4_ACCURACY_LEVEL = ACCURACY_LEVELS["int8"]
 
 # MatMulAddFusion would turn "MatMul -> residual Add" into Gemm before the QDQ fusions run, which
@@ -153,6 +151,29 @@ class OrtKVPool:
         return self.buffer[layer, :, :, 1] if self.layout == "paired" else self.buffer[layer, 1]
 
 
+def _model_at_level(model_path: Path, so, level: int | None) -> str | bytes:
+    """The model to load: its path, or (when `level` differs from the accuracy_level of llmc's
+    MatMulNBits nodes) the graph with those nodes set to `level`, its weights still read from the
+    engine directory."""
+    if level is None:
+        return str(model_path)
+    import onnx
+
+    from llmc.plugins.graph import walk_nodes
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    changed = False
+    for n in walk_nodes(m.graph):
+        if n.op_type == "MatMulNBits" and n.doc_string == SESSION_LEVEL_DOC:
+            for a in n.attribute:
+                if a.name == "accuracy_level" and a.i != level:
+                    a.i, changed = level, True
+    if not changed:
+        return str(model_path)
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(Path(model_path).parent))
+    return m.SerializeToString()
+
+
 class OrtSession:
     def __init__(self, model_path: Path, vocab_size: int, threads: int | None = None,
                  int4_accuracy_level: int | None = None):
@@ -160,7 +181,8 @@ class OrtSession:
 
         so = session_options(threads, int4_accuracy_level)
         try:
-            self.sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"],
+            model = _model_at_level(model_path, so, int4_accuracy_level)
+            self.sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"],
                                              disabled_optimizers=DISABLED_OPTIMIZERS)
         except Exception as exc:  # an unreadable or incompatible model is a user-facing problem
             raise LlmcError(f"ONNX Runtime {ort.__version__} cannot load this engine ({first_line(exc)})", model_path) from None
