@@ -7,6 +7,7 @@ mixed with decodes, KV blocks scattered through the pool in random order.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +132,66 @@ def test_attention_variants_are_exact(buckets, attention, tiny_checkpoints, tmp_
     ref = reference_logits(tiny_checkpoints["qwen2"], seqs)
     got = run_schedule(engine, seqs, MIXED_PLAN, seed=11)
     assert max_err(ref, got) < TOL
+
+
+def _reverse_bucket0_rows(feeds: dict) -> dict:
+    """The same step with bucket 0's rows in reverse order (a valid feed: out_index follows)."""
+    feeds = dict(feeds)
+    q = feeds["attn_q_index_0"]
+    if len(q) < 2:
+        return feeds
+    r = np.arange(len(q))[::-1]
+    feeds["attn_q_index_0"] = q[r].copy()
+    feeds["attn_kv_blocks_0"] = feeds["attn_kv_blocks_0"][r].copy()
+    feeds["attn_q_pos_0"] = feeds["attn_q_pos_0"][r].copy()
+    out = feeds["attn_out_index"].copy()
+    out[q[r]] = np.arange(len(q))
+    feeds["attn_out_index"] = out
+    return feeds
+
+
+def test_step_variant_runs_only_when_its_rows_are_in_order(tiny_checkpoints, tmp_path):
+    """The one-bucket body skips the row Gathers, so the graph checks (not assumes) that bucket 0
+    holds every token in packed order: the same steps fed with bucket 0's rows reversed (valid,
+    but not in order) must take the general body and still match the reference; in-order
+    decode-only steps take the one-bucket body (no node of bucket 1 runs, ORT profile)."""
+    import json as _json
+
+    from llmc.engine.backends import onnxruntime as ob
+
+    ckpt = tiny_checkpoints["llama"]
+    out = build_engine(ckpt, tmp_path / "e", BuildOptions(tokens_per_block=4, max_batch_size=4, max_seq_len=128)).out
+    vocab = load_engine(out).config.vocab_size
+    # equal contexts: the decode steps put all three rows in bucket 0 (no split by context)
+    plans = {"mixed": MIXED_PLAN, "equal": [{0: 8, 1: 8, 2: 8}, {0: 1, 1: 1, 2: 1}, {0: 1, 1: 1, 2: 1}]}
+    for name, plan in plans.items():
+        rng = np.random.default_rng(5)
+        seqs = [rng.integers(0, vocab, sum(s.get(i, 0) for s in plan)).tolist() for i in range(3)]
+        ref = reference_logits(ckpt, seqs)
+        engine = load_engine(out)
+        run = engine._session.run
+        engine._session.run = lambda feeds, n, run=run: run(_reverse_bucket0_rows(feeds), n)
+        assert max_err(ref, run_schedule(engine, seqs, plan, seed=2)) < TOL, name
+
+    orig = ob.session_options
+
+    def profiled(*a, **k):
+        so = orig(*a, **k)
+        so.enable_profiling, so.profile_file_prefix = True, str(tmp_path / "prof")
+        return so
+
+    ob.session_options = profiled
+    try:
+        engine = load_engine(out)
+    finally:
+        ob.session_options = orig
+    run_schedule(engine, seqs, plans["equal"], seed=2)
+    events = _json.loads(Path(engine._session.sess.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    last = runs[-1]["ts"], runs[-1]["ts"] + runs[-1]["dur"]
+    names = [e["name"] for e in events if e.get("cat") == "Node" and last[0] <= e["ts"] <= last[1]
+             and not e["name"].startswith("variant_")]  # the per-step condition reads every bucket's shape
+    assert any("_b0_" in n for n in names) and not any("_b1_" in n or "_b2_" in n for n in names)
 
 
 def test_graph_has_one_qkv_and_one_gated_mlp_matmul_per_layer(built):

@@ -16,9 +16,12 @@ Outputs:
     kv_pool.{l}[.key|.value].out                      bound to the same buffers as the inputs
 
 Per layer: RMSNorm -> ONE qkv MatMul (+bias) -> RoPE on q, k and v together (identity on v) ->
-paged attention (one KV write per pool tensor + grouped MatMul/Softmax or fused Attention) -> dense -> residual -> RMSNorm -> ONE gate+up MatMul -> SiLU*up ->
-proj -> residual. Logits are computed only for `logits_index` rows. On ONNX Runtime the
-prefill bucket's attention runs inside If(rows > 0), so decode-only steps skip it.
+paged attention (one KV write per pool tensor + grouped MatMul/Softmax or fused Attention) ->
+dense -> residual -> RMSNorm -> ONE gate+up MatMul -> SiLU*up -> proj -> residual. Logits are
+computed only for `logits_index` rows. On ONNX Runtime the layers are built twice, as the two
+bodies of one If per step (`step_variants`): steps whose rows all sit in bucket 0, in order, run a
+one-bucket body; others the general one, whose prefill bucket's attention runs inside
+If(rows > 0), so decode-only steps skip it.
 (ORT's SkipSimplifiedLayerNormalization and RotaryEmbedding contrib ops were measured and not
 adopted: they round differently from RMSNormalization + Add and the standard RoPE ops, which
 flips greedy tokens of int4 engines whose MatMulNBits quantizes activations to int8.)
@@ -139,7 +142,8 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     pools = [KVPool(g, target, d, i, kvq or "float", reader.layer(i).kv_cache_scale)
              for i in range(cfg.num_hidden_layers)]
 
-    def layers(active: list[BucketInputs], x: str, out_names: bool, rows_in_order: bool = False) -> tuple[str, list[str]]:
+    def layers(active: list[BucketInputs], x: str, out_names: bool,
+               rows_in_order: bool = False) -> tuple[str, list[str]]:
         """The decoder layers over the given attention buckets: (hidden, updated pool tensors)."""
         emit_step_masks(g, target, d, active)
         updated = []

@@ -245,14 +245,15 @@ def step_variants(t: Target, buckets: list[BucketInputs]) -> list[list[BucketInp
     bucket's If per layer: one If per step instead, and as its rows are the step's tokens in order
     it skips the query and output row Gathers too (`emit_variant_cond` checks that). Measured on
     SmolLM2 int4 single-stream decode: the empty second decode bucket alone cost 7-14%. The
-    arithmetic of a body is that of the flat graph for its buckets: outputs are bit-identical. TensorRT keeps one flat body (no
-    data-dependent control flow in its optimization profiles)."""
+    arithmetic of a body is that of the flat graph for its buckets: outputs are bit-identical.
+    TensorRT keeps one flat body (no data-dependent control flow in its optimization profiles)."""
     if t.is_trt or len(buckets) < 2 or buckets[0].kind != "decode":
         return [buckets]
     return [buckets[:1], buckets]
 
 
-def emit_variant_cond(g: GraphBuilder, buckets: list[BucketInputs], first: list[BucketInputs], input_ids: str) -> str:
+def emit_variant_cond(g: GraphBuilder, buckets: list[BucketInputs], first: list[BucketInputs],
+                      input_ids: str) -> str:
     """bool scalar, once per step: the one-bucket body (`step_variants`) can run this step: every
     other bucket has zero rows and bucket 0 holds every token in packed order (q_index = 0..T-1,
     which `llmc.engine.step.plan_rows` gives a decode-only step it does not split), so that body
