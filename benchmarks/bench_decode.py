@@ -2,8 +2,9 @@
 
 One request at a time, greedy, EOS ignored: a 32-token prompt (real text) then 128 generated
 tokens. Rows:
-  - llmc SmolLM2 engines fp32, int8_sq and int4_awq (built through the resumable pipeline into
-    benchmarks/.work/, reused when unchanged);
+  - llmc SmolLM2 engines fp32, int8_sq, int4_awq and the default recipe (int4_asym, --matmul-accuracy
+    fp32: answers identical to fp32) built through the resumable pipeline into benchmarks/.work/,
+    reused when unchanged;
   - llama.cpp (llama-cpp-python from PyPI) on the embedded GGUF (Q4_1) and on F16, Q8_0 and Q4_0
     re-quantized from it with llama.cpp's own `llama_model_quantize` (allow_requantize);
   - onnxruntime-genai fp32 and int4 graphs from its model builder, run on an HF folder of the
@@ -34,7 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import WORK, engine_for, write_results  # noqa: E402
 
-LLMC_RECIPES = {"llmc fp32": "smollm2-fp32", "llmc int8_sq": "smollm2-int8_sq", "llmc int4_awq": "smollm2-int4_awq"}
+LLMC_RECIPES = {"llmc fp32": "smollm2-fp32", "llmc int8_sq": "smollm2-int8_sq", "llmc int4_awq": "smollm2-int4_awq",
+                "llmc int4_asym exact (default recipe)": "smollm2-int4_asym"}
 GGUF_TYPES = {"F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 OGA_PRECISIONS = ("fp32", "int4")
 
