@@ -15,7 +15,7 @@ import torch
 
 from llmc.build import BuildOptions, build_engine
 from llmc.build.model_graph import step_bodies
-from llmc.plugins.graph import walk_nodes
+from llmc.engine.onnx_graph import walk_nodes
 from llmc.engine import SeqSlice, StepBatch, load_engine
 from llmc.errors import LlmcError
 

@@ -114,7 +114,7 @@ def test_int4_linears_are_the_matmulnbits_ort_fuses_from_blocked_dq(engines):
     from onnx import TensorProto, helper, numpy_helper
 
     from llmc.build.model_graph import step_bodies
-    from llmc.plugins.base import SESSION_LEVEL_DOC
+    from llmc.engine.onnx_graph import SESSION_LEVEL_DOC
 
     model = onnx.load(str(engines["int4_awq"] / "model.onnx"))  # with weights
     inits = {t.name: t for t in model.graph.initializer}

@@ -15,7 +15,8 @@ import torch
 from onnx import TensorProto
 
 from llmc.checkpoint.quant_algos import QUANT_ALGOS
-from llmc.plugins.base import SESSION_LEVEL_DOC, Target
+from llmc.engine.onnx_graph import SESSION_LEVEL_DOC
+from llmc.plugins.base import Target
 from llmc.plugins.graph import GraphBuilder
 from llmc.plugins.linear import emit_linear
 from llmc.quantize.layout import QLinear

@@ -38,7 +38,8 @@ from onnx import TensorProto
 
 from llmc.checkpoint.config import CheckpointConfig
 from llmc.checkpoint.schema import LAYER
-from llmc.plugins.graph import DATA_FILE, GraphBuilder, walk_nodes
+from llmc.engine.onnx_graph import walk_nodes
+from llmc.plugins.graph import DATA_FILE, GraphBuilder
 from llmc.build.weights import WeightReader, kv_quant, np32
 from llmc.errors import UnsupportedError
 from llmc.plugins.attention import (AttentionDims, BucketInputs, KVPool, bucket_kinds, emit_paged_attention,

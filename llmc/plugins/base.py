@@ -6,16 +6,10 @@ from dataclasses import dataclass
 
 from onnx import TensorProto
 
+from llmc.engine.onnx_graph import ACCURACY_LEVELS
+
 BACKENDS = ("onnxruntime", "tensorrt")
 
-# ONNX Runtime MatMulNBits accuracy level per `--matmul-accuracy`: 4 = int8 activations inside the
-# kernel (fast, 1e-3..1e-2 relative error), 1 = fp32 compute (matches the fake-quant reference to
-# ~1e-6; fast for 4-bit weights only: 8-bit ones then fall back to a 30-50x slower path, which is
-# why an fp32-accuracy build emits them as explicit level-4 nodes on compensated activations).
-ACCURACY_LEVELS = {"int8": 4, "fp32": 1}
-# doc_string of the MatMulNBits nodes whose accuracy_level the engine sets when it loads (the
-# built level, or a caller's override such as the exact level 0 the parity tests use).
-SESSION_LEVEL_DOC = "llmc: accuracy_level follows the engine's matmul accuracy (set when the engine loads)"
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,7 @@ class Target:
 
     @property
     def nbits_level(self) -> int:
-        """accuracy_level of ONNX Runtime's MatMulNBits nodes (`llmc.engine.backends.onnxruntime.ACCURACY_LEVELS`)."""
+        """accuracy_level of ONNX Runtime's MatMulNBits nodes (`llmc.engine.onnx_graph.ACCURACY_LEVELS`)."""
         return ACCURACY_LEVELS[self.matmul_accuracy]
 
     @property

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from llmc.engine.onnx_graph import walk_nodes
+
 CONTRIB_DOMAIN = "com.microsoft"  # ONNX Runtime contrib ops (ORT targets only)
 OPSET = 23          # Attention, RMSNormalization and blocked DequantizeLinear are all standard here
 IR_VERSION = 10     # the lowest IR that carries opset 23 models ONNX Runtime >= 1.22 and TensorRT 10.x read
@@ -217,14 +219,3 @@ class GraphBuilder:
                                   producer_name="llmc", ir_version=IR_VERSION)
         return model
 
-
-def walk_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
-    """Every node of a graph and of its subgraphs (If branches), depth first."""
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from walk_nodes(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    yield from walk_nodes(sub)

@@ -10,13 +10,15 @@ This module reads QLinear's tensors through numpy and never imports torch itself
 Weights
 - float: MatMul(x, W).
 - int8:  DequantizeLinear(W int8 [in, out], per-output-channel scale, axis 1, zero point 0);
-         with block scales [in/g, out]: opset-21 blocked DQ, axis 0, which ONNX Runtime fuses
-         into its 8-bit MatMulNBits (see `exact_int8_blocks`). Weight-only int8 (W8A16) on ONNX
-         Runtime is always emitted blocked (`blocked_int8_scale`: the per-channel scale repeated per
-         block, the same numbers), since ORT would fold a per-channel DQ into an fp32 weight.
-- int4:  DequantizeLinear(W int4 [in, out], block scales [in/g, out], axis 0, block_size g, no
-         zero point): opset-21 blocked DQ; ONNX Runtime fuses DQ+MatMul into MatMulNBits,
-         TensorRT into its INT4 weight-only GEMM.
+         with block scales [in/g, out]: on ONNX Runtime an 8-bit com.microsoft MatMulNBits
+         (`_nbits_operands`; see `exact_int8_blocks`), on TensorRT opset-21 blocked DQ, axis 0.
+         Weight-only int8 (W8A16) on ONNX Runtime is always blocked (`blocked_int8_scale`: the
+         per-channel scale repeated per block, the same numbers), since ORT would fold a
+         per-channel DQ into an fp32 weight.
+- int4:  ONNX Runtime: a 4-bit MatMulNBits node (`_nbits_operands`: what ORT's own fusion makes
+         of the DQ below, emitted directly so it also works inside If bodies); TensorRT:
+         DequantizeLinear(W int4 [in, out], block scales [in/g, out], axis 0, block_size g, no
+         zero point), opset-21 blocked DQ, fused into its INT4 weight-only GEMM.
 - int8 with --matmul-accuracy fp32 (ONNX Runtime): an explicit 8-bit MatMulNBits at accuracy
   level 4 on error-compensated activations (`_emit_nbits8_compensated`): ORT has no fast float
   kernel for 8-bit weights (its fallback is 30-50x slower), so the activation is split into its
@@ -55,7 +57,8 @@ from onnx import TensorProto
 
 from llmc.checkpoint.quant_algos import QUANT_ALGOS, weight_format
 from llmc.plugins.graph import CONTRIB_DOMAIN, GraphBuilder, pack_int4_onnx
-from llmc.plugins.base import SESSION_LEVEL_DOC, Target
+from llmc.engine.onnx_graph import SESSION_LEVEL_DOC
+from llmc.plugins.base import Target
 
 if TYPE_CHECKING:  # pragma: no cover - torch-side type, only read here
     from llmc.quantize.layout import QLinear
@@ -388,8 +391,8 @@ def _zero_term(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> s
 
         x @ (q * s + z)^T = x @ (q * s)^T  +  blocksum(x) @ z^T,   blocksum(x)[.., b] = sum of x over group b
 
-    so the symmetric part keeps the DequantizeLinear -> MatMulNBits fusion (and TensorRT's INT4
-    GEMM), and the zeros cost one small [in/g, out] float matmul on per-group activation sums.
+    so the symmetric part stays one MatMulNBits (TensorRT: its INT4 GEMM), and the zeros cost one
+    small [in/g, out] float matmul on per-group activation sums.
     """
     gsize = int(lin.group_size)
     groups = lin.in_features // gsize

@@ -23,7 +23,7 @@ import numpy as np
 from onnx import TensorProto
 
 from llmc.errors import LlmcError, first_line
-from llmc.plugins.base import ACCURACY_LEVELS, SESSION_LEVEL_DOC  # noqa: F401 (ACCURACY_LEVELS: re-exported)
+from llmc.engine.onnx_graph import ACCURACY_LEVELS, SESSION_LEVEL_DOC, walk_nodes
 
 POOL_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT8: np.int8,
            TensorProto.FLOAT8E4M3FN: np.uint8, TensorProto.UINT8: np.uint8, TensorProto.BFLOAT16: np.uint16}
@@ -158,8 +158,6 @@ def _model_at_level(model_path: Path, so, level: int | None) -> str | bytes:
     if level is None:
         return str(model_path)
     import onnx
-
-    from llmc.plugins.graph import walk_nodes
 
     m = onnx.load(str(model_path), load_external_data=False)
     changed = False
