@@ -25,7 +25,7 @@ Weights
   int8-grid part, the remainder's grid part and the rest, and the three rows go through the int8
   kernel in one call: float32-accurate (tests/test_matmul_accuracy.py, against numpy).
 - zero points (groupwise int4/int8 with real = q * s + z, e.g. GGUF Q4_1): the symmetric part as
-  above plus a small float MatMul of per-group activation sums with z (`_zero_term`); exact in
+  above plus a small float Gemm of per-group activation sums with z (`_add_zero_term`); exact in
   real arithmetic, and keeps the fused kernels.
 - fp8:   TensorRT: DequantizeLinear(W float8e4m3fn, scale). ONNX Runtime CPU has no FP8 GEMM
          (DQ from FP8 runs but is 14-30x slower than fp32): the weight is dequantized at build
@@ -293,7 +293,7 @@ def emit_linear(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> 
     else:
         y = g.op("MatMul", [x, _weight(g, t, lin, name)], name=name)
     if lin.zero is not None:
-        y = g.op("Add", [y, _zero_term(g, t, x, lin, name)], name=f"{name}_zero_add")
+        y = _add_zero_term(g, t, x, y, lin, name)
     return _add_bias(g, t, y, lin, name)
 
 
@@ -386,13 +386,14 @@ def _emit_nbits8_compensated(g: GraphBuilder, t: Target, x: str, q8: np.ndarray,
     return g.op("ReduceSum", [parts, g.const([0])], name=f"{name}_csum", keepdims=0)
 
 
-def _zero_term(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> str:
-    """The zero points' share of a groupwise linear with real = q * s + z per (row, group):
+def _add_zero_term(g: GraphBuilder, t: Target, x: str, y: str, lin: QLinear, name: str) -> str:
+    """y + the zero points' share of a groupwise linear with real = q * s + z per (row, group):
 
         x @ (q * s + z)^T = x @ (q * s)^T  +  blocksum(x) @ z^T,   blocksum(x)[.., b] = sum of x over group b
 
-    so the symmetric part stays one MatMulNBits (TensorRT: its INT4 GEMM), and the zeros cost one
-    small [in/g, out] float matmul on per-group activation sums.
+    so the symmetric part y stays one MatMulNBits (TensorRT: its INT4 GEMM), and the zeros cost
+    one small [in/g, out] float GEMM on per-group activation sums that adds y as its C operand
+    (Gemm: the MatMul and the Add in one node, the same sums: blocksum @ z^T in one K block, + y).
     """
     gsize = int(lin.group_size)
     groups = lin.in_features // gsize
@@ -400,4 +401,4 @@ def _zero_term(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> s
     xb = g.op("Reshape", [x, g.const([-1, groups, gsize])], name=f"{name}_zgroups")
     sums = g.op("ReduceSum", [xb, g.const([-1])], name=f"{name}_zsum", keepdims=0)
     z = g.weight(f"{name}.zero", np.ascontiguousarray(_np(lin.zero).T), t.dtype)  # [in/g, out]
-    return g.op("MatMul", [sums, z], name=f"{name}_zmm")
+    return g.op("Gemm", [sums, z, y], name=f"{name}_zero_gemm")
