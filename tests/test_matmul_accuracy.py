@@ -86,3 +86,33 @@ def test_fp32_accuracy_emits_one_explicit_level4_node_per_int8_linear():
     x = g.input("x", TensorProto.FLOAT, ["t", 128])
     emit_linear(g, Target.for_backend("tensorrt", matmul_accuracy="fp32"), x, lin, "lin")
     assert all(n.domain == "" for n in g.nodes)
+
+
+def test_per_token_int8_linear_is_numpys_integer_arithmetic_bit_for_bit():
+    """SmoothQuant's per-token dynamic int8 linear on ORT (one per-row QuantizeLinear to uint8 with
+    zero point 128, MatMulInteger, then * s_t * s_w) against numpy doing the same arithmetic:
+    q = clip(rint(x / s_t), -128, 127) with s_t = max|x_t| / 127 (1 for an all-zero row), the
+    int32 product exact, float32 products in that order. Rows include an all-zero one, outliers
+    and values on exact .5 ties of the grid (round half to even)."""
+    rng = np.random.default_rng(3)
+    out, k = 96, 128
+    q_w = rng.integers(-127, 128, (out, k)).astype(np.int8)
+    s_w = (rng.random(out) * 0.01 + 1e-3).astype(np.float32)
+    lin = QLinear("lin", QUANT_ALGOS["W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"].kind, torch.from_numpy(q_w),
+                  torch.from_numpy(s_w), act_dtype="int8", act_granularity="token")
+    g = GraphBuilder()
+    emit_linear(g, Target(), g.input("x", TensorProto.FLOAT, ["t", k]), lin, "lin")
+    ops = [n.op_type for n in g.nodes]
+    assert ops.count("QuantizeLinear") == 1 and ops.count("MatMulInteger") == 1 and "Round" not in ops
+    sess = _session(lin, Target())
+    for trial in range(20):
+        x = (rng.standard_normal((7, k)) * np.exp(rng.standard_normal(k))).astype(np.float32)
+        x[0] = 0.0
+        amax = np.abs(x).max(1)
+        s = np.where(amax == 0, np.float32(1.0), amax / np.float32(127.0)).astype(np.float32)
+        x[1, :16] = ((rng.integers(-120, 120, 16) + np.float32(0.5)) * s[1]).astype(np.float32)  # ties
+        amax = np.abs(x).max(1)
+        s = np.where(amax == 0, np.float32(1.0), amax / np.float32(127.0)).astype(np.float32)
+        q = np.clip(np.rint(x / s[:, None]), -128, 127).astype(np.int32)
+        ref = (q @ q_w.T.astype(np.int32)).astype(np.float32) * s[:, None] * s_w[None, :]
+        np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ref)

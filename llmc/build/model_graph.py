@@ -124,6 +124,7 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     g = GraphBuilder(out_dir / DATA_FILE)
     i64 = TensorProto.INT64
     input_ids = g.input("input_ids", i64, ["num_tokens"])
+    g.rows_source = input_ids  # activations are [num_tokens, ...] (see GraphBuilder.shared)
     positions = g.input("positions", i64, ["num_tokens"])
     write_index, buckets, out_index = step_inputs(g, target, num_buckets)
     logits_index = g.input("logits_index", i64, ["num_logits"])

@@ -13,7 +13,7 @@ import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -69,14 +69,17 @@ class GraphBuilder:
     inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     outputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     weight_bytes: int = 0
+    rows_source: str | None = None  # a graph input whose first dim is the token count (model graphs: input_ids)
     _names: set[str] = field(default_factory=set)
     _counter: Any = field(default_factory=itertools.count)
     _consts: dict[tuple, str] = field(default_factory=dict)
     _weights: dict[tuple, str] = field(default_factory=dict)
+    _shared: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._data = open(self.data_path, "wb") if self.data_path is not None else None
         self._offset = 0
+        self._root = self.nodes  # the top-level node list (`branch()` swaps `nodes`)
 
     # --- names ------------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -163,6 +166,18 @@ class GraphBuilder:
         self.initializers.append(t)
         self._consts[key] = name
         return name
+
+    def shared(self, key: str, make: Callable[[], str]) -> str:
+        """A value emitted once, in the top-level graph, by `make()` (memoized by `key`): visible
+        in every If body, so per-step values need not be recomputed per body or per layer. `make`
+        may only read graph inputs and constants."""
+        if key not in self._shared:
+            saved, self.nodes = self.nodes, self._root
+            try:
+                self._shared[key] = make()
+            finally:
+                self.nodes = saved
+        return self._shared[key]
 
     # --- nodes ------------------------------------------------------------------------------
     def op(self, op_type: str, inputs: Iterable[str], n_out: int = 1, name: str | None = None,
