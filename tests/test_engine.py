@@ -150,17 +150,14 @@ def _reverse_bucket0_rows(feeds: dict) -> dict:
     return feeds
 
 
-def test_step_variant_runs_only_when_its_rows_are_in_order(tiny_checkpoints, tmp_path):
+def test_step_variant_runs_only_when_its_rows_are_in_order(built, tiny_checkpoints, tmp_path):
     """The one-bucket body skips the row Gathers, so the graph checks (not assumes) that bucket 0
     holds every token in packed order: the same steps fed with bucket 0's rows reversed (valid,
     but not in order) must take the general body and still match the reference; in-order
     decode-only steps take the one-bucket body (no node of bucket 1 runs, ORT profile)."""
-    import json as _json
-
     from llmc.engine.backends import onnxruntime as ob
 
-    ckpt = tiny_checkpoints["llama"]
-    out = build_engine(ckpt, tmp_path / "e", BuildOptions(tokens_per_block=4, max_batch_size=4, max_seq_len=128)).out
+    ckpt, out = tiny_checkpoints["llama"], built["llama"]
     vocab = load_engine(out).config.vocab_size
     # equal contexts: the decode steps put all three rows in bucket 0 (no split by context)
     plans = {"mixed": MIXED_PLAN, "equal": [{0: 8, 1: 8, 2: 8}, {0: 1, 1: 1, 2: 1}, {0: 1, 1: 1, 2: 1}]}
@@ -186,7 +183,7 @@ def test_step_variant_runs_only_when_its_rows_are_in_order(tiny_checkpoints, tmp
     finally:
         ob.session_options = orig
     run_schedule(engine, seqs, plans["equal"], seed=2)
-    events = _json.loads(Path(engine._session.sess.end_profiling()).read_text())
+    events = json.loads(Path(engine._session.sess.end_profiling()).read_text())
     runs = [e for e in events if e.get("name") == "model_run"]
     last = runs[-1]["ts"], runs[-1]["ts"] + runs[-1]["dur"]
     names = [e["name"] for e in events if e.get("cat") == "Node" and last[0] <= e["ts"] <= last[1]

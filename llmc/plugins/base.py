@@ -11,7 +11,6 @@ from llmc.engine.onnx_graph import ACCURACY_LEVELS
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
-
 @dataclass(frozen=True)
 class Target:
     """Lowering choices for one engine graph.

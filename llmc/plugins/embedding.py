@@ -24,7 +24,6 @@ from llmc.plugins.base import Target
 from llmc.plugins.linear import Int8Blocks, exact_int8_blocks
 
 
-
 def emit_embedding(g: GraphBuilder, t: Target, table: np.ndarray, input_ids: str, *,
                    allow_blocks: bool, known_blocks: Int8Blocks | None = None) -> tuple[str, str | None]:
     """[num_tokens] ids -> [num_tokens, hidden]. Returns (rows, float table initializer or None

@@ -233,4 +233,3 @@ class GraphBuilder:
                                   + [helper.make_opsetid(d, 1) for d in domains],
                                   producer_name="llmc", ir_version=IR_VERSION)
         return model
-

@@ -203,13 +203,17 @@ def _emit_matmul_integer(g: GraphBuilder, t: Target, x: str, lin: QLinear, name:
     s = g.op("Where", [zero, g.const(np.float32(1.0), t.dtype), s], name=f"{name}_ascale_nz")
     q8 = g.op("QuantizeLinear", [x, s, _zero_point_128_rows(g, x)], name=f"{name}_aq", axis=0)
     w = g.weight(f"{name}.weight", _int8_t(lin.weight))
-    acc = g.op("MatMulInteger", [q8, w, g.const(np.uint8(128), TensorProto.UINT8, hint="a_zero_point_128")],
-               name=name)
+    acc = g.op("MatMulInteger", [q8, w, _zero_point_128(g)], name=name)
     y = g.op("Cast", [acc], name=f"{name}_acc_float", to=t.dtype)
     s_col = g.op("Unsqueeze", [s, g.const([-1])], name=f"{name}_ascale_col")
     y = g.op("Mul", [y, s_col], name=f"{name}_ascale_out")
     y = g.op("Mul", [y, g.weight(f"{name}.weight_scale", _scale_per_row(lin), t.dtype)], name=f"{name}_wscale")
     return _add_bias(g, t, y, lin, name)
+
+
+def _zero_point_128(g: GraphBuilder) -> str:
+    """uint8 128: the activations' zero point (MatMulInteger's scalar, expanded per row for QuantizeLinear)."""
+    return g.const(np.uint8(128), TensorProto.UINT8, hint="a_zero_point_128")
 
 
 def _zero_point_128_rows(g: GraphBuilder, x: str) -> str:
@@ -218,8 +222,7 @@ def _zero_point_128_rows(g: GraphBuilder, x: str) -> str:
     def make(rows_of: str) -> str:
         shape = g.op("Slice", [g.op("Shape", [rows_of], name="rows_shape"), g.const([0]), g.const([1])],
                      name="rows_count")
-        return g.op("Expand", [g.const(np.array([128], np.uint8), TensorProto.UINT8, hint="zp128"), shape],
-                    name="zero_point_128_rows")
+        return g.op("Expand", [_zero_point_128(g), shape], name="zero_point_128_rows")
     if g.rows_source is None:
         return make(x)
     return g.shared("zero_point_128_rows", lambda: make(g.rows_source))
