@@ -17,7 +17,7 @@ host ms per decode step outside the graph. Peers are optional (`pip install -e "
 whose package is missing is skipped with a note. Writes benchmarks/results/bench_decode.json.
 
     python benchmarks/bench_decode.py [--runs 5] [--new-tokens 128] [--threads N] [--no-peers]
-                                      [--spinning]   (llmc rows with spinning workers too)
+                                      [--no-spin]    (llmc rows with sleeping workers too)
                                       [--engine NAME=ENGINE_DIR ...]   (extra llmc rows, e.g. "before")
 """
 
@@ -56,23 +56,12 @@ class Runner:
 
 
 class LlmcRunner(Runner):
-    def __init__(self, name: str, engine: Path, threads: int | None, spinning: bool = False):
-        import os
-
+    def __init__(self, name: str, engine: Path, threads: int | None, spinning: bool | None = None):
         from llmc.bench import engine_weight_bytes
-        from llmc.engine.backends.onnxruntime import SPINNING_ENV
         from llmc.runtime.llm import LLM
 
         self.name = name
-        saved = os.environ.get(SPINNING_ENV)
-        os.environ[SPINNING_ENV] = "1" if spinning else (saved or "0")  # read when the session is made
-        try:
-            self.llm = LLM(engine, kv_cache_mb=64, num_threads=threads)
-        finally:
-            if saved is None:
-                os.environ.pop(SPINNING_ENV)
-            else:
-                os.environ[SPINNING_ENV] = saved
+        self.llm = LLM(engine, kv_cache_mb=64, num_threads=threads, spinning=spinning)
         self.read_bytes = engine_weight_bytes(self.llm.engine)
         self.kv_bytes_per_token = self.llm.engine.kv_bytes_per_block // self.llm.block_size
         self.graph_ms: list[float] = []
@@ -283,11 +272,11 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None,
-                    help="intra-op threads for every system (default: llmc's, physical cores - 1); llmc's spinning "
-                         "follows LLMC_ORT_SPINNING (default off), the peers keep their own defaults")
-    ap.add_argument("--spinning", action="store_true",
-                    help="also an llmc row per recipe with spinning thread-pool workers (LLMC_ORT_SPINNING=1, as the "
-                         "peers' own defaults spin): right on a dedicated machine, not on a shared one")
+                    help="intra-op threads for every system (default: llmc's, physical cores); llmc's spinning "
+                         "follows LLMC_ORT_SPINNING (default on, like the peers' own defaults)")
+    ap.add_argument("--no-spin", action="store_true",
+                    help="also an llmc row per recipe with sleeping thread-pool workers (llmc --no-spin, "
+                         "LLMC_ORT_SPINNING=0): what a host shared with other busy processes would use")
     ap.add_argument("--no-peers", action="store_true", help="llmc rows only")
     ap.add_argument("--only", default=None, help="comma-separated row-name substrings to keep")
     ap.add_argument("--engine", action="append", default=[], metavar="NAME=DIR",
@@ -316,10 +305,10 @@ def main() -> None:
         engines[name] = Path(path)
     makers: dict[str, Callable[[], Runner]] = {
         name: (lambda name=name, e=e: LlmcRunner(name, e, args.threads)) for name, e in engines.items()}
-    if args.spinning:
+    if args.no_spin:
         for name in LLMC_RECIPES:
-            makers[f"{name} (spinning)"] = lambda name=name: LlmcRunner(f"{name} (spinning)", engines[name], args.threads,
-                                                                         spinning=True)
+            makers[f"{name} (no spin)"] = lambda name=name: LlmcRunner(f"{name} (no spin)", engines[name], args.threads,
+                                                                        spinning=False)
     notes: list[str] = []
     if not args.no_peers:
         try:
@@ -372,15 +361,15 @@ def main() -> None:
         return rows[a]["decode_tok_s"] / rows[b_]["decode_tok_s"] if a in rows and b_ in rows else None
 
     floors = {"llmc int4_awq / llama.cpp Q4_0": ratio("llmc int4_awq", "llama.cpp Q4_0"),
-              "llmc int4_awq (spinning) / llama.cpp Q4_0": ratio("llmc int4_awq (spinning)", "llama.cpp Q4_0"),
-              "llmc int4_awq (spinning) / onnxruntime-genai int4": ratio("llmc int4_awq (spinning)",
-                                                                         "onnxruntime-genai int4"),
-              "llmc int8_sq (spinning) / llama.cpp Q8_0": ratio("llmc int8_sq (spinning)", "llama.cpp Q8_0"),
-              "llmc fp32 (spinning) / onnxruntime-genai fp32": ratio("llmc fp32 (spinning)", "onnxruntime-genai fp32"),
               "llmc int4_awq / onnxruntime-genai int4": ratio("llmc int4_awq", "onnxruntime-genai int4"),
               "llmc int8_sq / llama.cpp Q8_0": ratio("llmc int8_sq", "llama.cpp Q8_0"),
               "llmc fp32 / onnxruntime-genai fp32": ratio("llmc fp32", "onnxruntime-genai fp32"),
-              "llmc fp32 / llama.cpp F16": ratio("llmc fp32", "llama.cpp F16")}
+              "llmc fp32 / llama.cpp F16": ratio("llmc fp32", "llama.cpp F16"),
+              "llmc int4_asym exact (default recipe) / llama.cpp Q4_1": ratio("llmc int4_asym exact (default recipe)",
+                                                                             "llama.cpp Q4_1"),
+              "llmc int4_awq (no spin) / llama.cpp Q4_0": ratio("llmc int4_awq (no spin)", "llama.cpp Q4_0"),
+              "llmc int8_sq (no spin) / llama.cpp Q8_0": ratio("llmc int8_sq (no spin)", "llama.cpp Q8_0"),
+              "llmc fp32 (no spin) / onnxruntime-genai fp32": ratio("llmc fp32 (no spin)", "onnxruntime-genai fp32")}
     t = Table(title=f"single-stream decode, SmolLM2-135M: {args.prompt_len}-token prompt, {n} new tokens, "
                     f"median of {args.runs} interleaved runs, {threads} threads, "
                     f"bandwidth {bandwidth / 1e9:.1f} GB/s")

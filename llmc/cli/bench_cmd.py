@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from llmc.cli.output import choice
+from llmc.cli.threads import SPIN, THREADS, check_threads
 
 
 def bench(
@@ -30,6 +31,8 @@ def bench(
     tokenizer_dir: Path = typer.Option(None, "--tokenizer", help="With --url: a checkpoint/engine directory whose tokenizer cuts the prompts (default: ENGINE, else the default model's)."),
     prompt_format: str = typer.Option("tokens", "--prompt-format", **choice(("tokens", "text")), help="With --url: send prompts as token ids (tokens) or as decoded text (text)."),
     api_key: str = typer.Option(None, "--api-key", help="With --url: bearer token (default: $LLMC_API_KEY)."),
+    threads: int = THREADS,
+    spin: bool = SPIN,
 ) -> None:
     """Benchmark an engine with in-flight batching over a reproducible workload (or a server, with --url)."""
     from llmc import bench as b
@@ -37,11 +40,13 @@ def bench(
     from llmc.errors import LlmcError
 
     _check_workload_options(num_requests, concurrency, request_rate, max_batch_size, kv_cache_mb, prefill_budget)
+    check_threads(threads)
     in_range, out_range = b.parse_range(input_len, "--input-len"), b.parse_range(output_len, "--output-len")
     if url is not None:
-        if sweep or kv_cache_mb is not None or max_batch_size is not None or prefill_budget is not None:
-            raise LlmcError("--sweep, --kv-cache-mb, --max-batch-size and --prefill-budget apply to an in-process "
-                            "engine, not --url (give --prefill-budget to `llmc serve`)")
+        if (sweep or kv_cache_mb is not None or max_batch_size is not None or prefill_budget is not None
+                or threads is not None or spin is not None):
+            raise LlmcError("--sweep, --kv-cache-mb, --max-batch-size, --prefill-budget, --threads and --spin apply "
+                            "to an in-process engine, not --url (give them to `llmc serve`)")
         _bench_url(url, engine_dir, tokenizer_dir, model, prompt_format, api_key, dataset, num_requests,
                    in_range, out_range, seed, request_rate, concurrency, json_out, as_json,
                    f"{num_requests} requests, in {input_len}, out {output_len}")
@@ -52,7 +57,7 @@ def bench(
     console = err_console() if as_json else out_console()
     bandwidth = b.measure_memory_bandwidth()
     rows = [_bench_engine(engine_dir, value, kv_cache_mb, prefill_budget, dataset, num_requests, in_range, out_range, input_len,
-                          seed, request_rate, concurrency, bandwidth) for value in values]
+                          seed, request_rate, concurrency, bandwidth, threads, spin) for value in values]
     _print_engine_table(console, rows, f"llmc bench: {engine_dir} ({num_requests} requests, in {input_len}, "
                         f"out {output_len})", bandwidth)
     if json_out:
@@ -104,14 +109,15 @@ def _sweep_values(sweep: str) -> list[int]:
 
 
 def _bench_engine(engine_dir, max_batch_size, kv_cache_mb, prefill_budget, dataset, num_requests, in_range, out_range, input_len,
-                  seed, request_rate, concurrency, bandwidth) -> dict:
+                  seed, request_rate, concurrency, bandwidth, threads=None, spin=None) -> dict:
     """One workload run on a fresh engine (after a warm-up), plus memory-bandwidth utilisation of
     its decode steps and of a batch-1 decode, the figure that says how far from the roofline it is."""
     from llmc import bench as b
     from llmc.errors import LlmcError
     from llmc.runtime.llm import LLM
 
-    llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, max_batch_size=max_batch_size, prefill_budget=prefill_budget)
+    llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, max_batch_size=max_batch_size, prefill_budget=prefill_budget,
+              num_threads=threads, spinning=spin)
     if in_range[1] > llm.max_input_len:
         raise LlmcError(f"--input-len {input_len}: prompts of up to {in_range[1]} tokens exceed the engine's "
                         f"max_input_len {llm.max_input_len}")

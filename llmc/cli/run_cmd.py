@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from llmc.cli.threads import SPIN, THREADS, check_threads
+
 
 def read_prompts_file(path: Path) -> list[str]:
     """The lines of a prompts file (UTF-8; a one-line error naming the first bad line if not)."""
@@ -41,6 +43,8 @@ def run(
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated (one prompt at a time)."),
     kv_cache_mb: float = typer.Option(None, "--kv-cache-mb", help="KV block pool size (default: a share of free memory, capped at max_batch_size full sequences)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document (outputs, finish reasons, timings) on stdout and nothing else."),
+    threads: int = THREADS,
+    spin: bool = SPIN,
 ) -> None:
     """Generate text for prompts and print Input/Output pairs, then TTFT, TPOT and tokens/s."""
     import math
@@ -56,8 +60,9 @@ def run(
         raise LlmcError(f"--kv-cache-mb must be a positive number, got {kv_cache_mb}")
     if stream and as_json:
         raise LlmcError("--stream prints text as it comes; --json prints one document at the end: pick one")
+    check_threads(threads)
     console = err_console() if as_json else out_console()
-    llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb)
+    llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, num_threads=threads, spinning=spin)
     params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                              seed=None if seed is None else seed + i, max_new_tokens=max_new_tokens,
                              stop=list(stop or [])) for i in range(len(prompts))]

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from llmc.cli.output import choice
+from llmc.cli.threads import SPIN, THREADS, check_threads, export_thread_options
 
 FRONTENDS = ("openai", "triton")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -31,12 +32,15 @@ def serve(
     instances: int = typer.Option(1, "--instances", help="triton: model instances (each its own engine loop and KV pool)."),
     max_batch_size: int = typer.Option(None, "--max-batch-size", help="triton: sequences in flight per instance (default and maximum: the engine's)."),
     prefill_budget: int = typer.Option(None, "--prefill-budget", help="At most N prompt tokens per engine step, decodes not counted: a burst of prompts enters in chunks between the running decodes (bounds TTFT and inter-token latency; default: prompts fill the step's max_num_tokens)."),
+    threads: int = THREADS,
+    spin: bool = SPIN,
 ) -> None:
     """Serve an engine over HTTP with OpenAI's API: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
     from llmc.errors import LlmcError
 
     if prefill_budget is not None and prefill_budget < 1:
         raise LlmcError(f"--prefill-budget must be >= 1 prompt tokens per step, got {prefill_budget}")
+    check_threads(threads)
     if frontend == "triton":
         if prefill_budget is not None:
             raise LlmcError("--prefill-budget applies to the openai frontend (the Triton backend keeps its default)")
@@ -51,6 +55,7 @@ def serve(
                 raise LlmcError(f"{name} must be in 1..65535, got {port_}")
         if not engine_dir.is_dir():
             raise LlmcError("no such engine directory", engine_dir)
+        export_thread_options(threads, spin)  # the backend's engines load in tritonserver's processes
         code = serve_triton(engine_dir, host=host, http_port=http_port, grpc_port=grpc_port,
                             metrics_port=metrics_port, model_name=model_name or "llmc", instances=instances,
                             max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb, max_queue=max_queue)
@@ -68,4 +73,5 @@ def serve(
         raise LlmcError("no such engine directory", engine_dir)
     run_server(engine_dir, host=host, port=port, model_name=model_name, max_queue=max_queue,
                kv_cache_mb=kv_cache_mb, api_key=api_key or os.environ.get("LLMC_API_KEY") or None,
-               drain_timeout=drain_timeout, log_level=log_level, access_log=access_log, prefill_budget=prefill_budget)
+               drain_timeout=drain_timeout, log_level=log_level, access_log=access_log, prefill_budget=prefill_budget,
+               threads=threads, spinning=spin)

@@ -24,7 +24,7 @@ from llmc.engine.stamps import (EngineConfig, check_compatible, read_engine_conf
 
 class Engine:
     def __init__(self, path: Path, config: EngineConfig, threads: int | None = None,
-                 int4_accuracy_level: int | None = None):
+                 int4_accuracy_level: int | None = None, spinning: bool | None = None):
         """`config` comes from `validate_engine_config` (load_engine): every field read here was checked."""
         self.path = Path(path)
         self.config = cfg = config
@@ -49,7 +49,8 @@ class Engine:
 
             if int4_accuracy_level is None:
                 int4_accuracy_level = ACCURACY_LEVELS[data["engine"].get("matmul_accuracy", "int8")]
-            self._session = OrtSession(self.path / "model.onnx", cfg.vocab_size, threads, int4_accuracy_level)
+            self._session = OrtSession(self.path / "model.onnx", cfg.vocab_size, threads, int4_accuracy_level,
+                                       spinning)
         elif cfg.backend == "tensorrt":
             if data["engine"].get("graph_only") or not (self.path / "rank0.engine").is_file():
                 raise LlmcError(f"this TensorRT engine was built with --graph-only (no rank0.engine); "
@@ -106,10 +107,11 @@ class Engine:
 
 
 def load_engine(engine_dir: str | Path, *, threads: int | None = None, num_threads: int | None = None,
-                int4_accuracy_level: int | None = None) -> Engine:
+                int4_accuracy_level: int | None = None, spinning: bool | None = None) -> Engine:
     """Open an engine directory; refuses unknown format versions / incompatible toolchains.
 
     threads (alias num_threads): ONNX Runtime intra-op threads (default: physical cores; LLMC_ORT_THREADS).
+    spinning: idle intra-op workers busy-wait for the next kernel (default: on; LLMC_ORT_SPINNING).
     int4_accuracy_level: ONNX Runtime MatMulNBits accuracy level for INT4/INT8 weights
     (default: the engine's --matmul-accuracy, int8 -> 4: int8 activations inside the kernel, fast;
     fp32 -> 1: float32 compute, exact).
@@ -124,7 +126,7 @@ def load_engine(engine_dir: str | Path, *, threads: int | None = None, num_threa
 
         warn("engine has no integrity record (built by an older llmc): damage to its files cannot be "
              "detected; rebuild it", engine_dir)
-    return Engine(Path(engine_dir), config, threads, int4_accuracy_level)
+    return Engine(Path(engine_dir), config, threads, int4_accuracy_level, spinning)
 
 
 def describe_engine(path: str | Path, verify: bool = False) -> dict[str, Any]:

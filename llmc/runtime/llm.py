@@ -86,14 +86,15 @@ class LLM:
                  kv_fraction: float | None = None, max_batch_size: int | None = None,
                  max_num_tokens: int | None = None, enable_prefix_caching: bool = True,
                  num_blocks: int | None = None, num_threads: int | None = None,
-                 prefill_budget: int | None = None):
+                 prefill_budget: int | None = None, spinning: bool | None = None):
         """prefill_budget: at most this many prompt tokens per step (decodes not counted), which
         bounds TTFT and inter-token latency under a burst of prompts (see Scheduler); None: prompts
-        take whatever max_num_tokens leaves."""
+        take whatever max_num_tokens leaves. num_threads / spinning: ONNX Runtime's intra-op pool
+        (None: LLMC_ORT_THREADS / LLMC_ORT_SPINNING, else physical cores, spinning)."""
         from llmc.engine import load_engine
         from llmc.tokenizer import eos_token_ids, load_tokenizer
 
-        self.engine = load_engine(engine_dir, **({"num_threads": num_threads} if num_threads else {}))
+        self.engine = load_engine(engine_dir, threads=num_threads, spinning=spinning)
         cfg = self.engine.config
         self.max_batch_size = min(max_batch_size or cfg.max_batch_size, cfg.max_batch_size)
         self.max_num_tokens = min(max_num_tokens or cfg.max_num_tokens, cfg.max_num_tokens)

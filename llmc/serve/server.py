@@ -28,11 +28,11 @@ HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def serve(engine_dir: Path, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           max_queue: int | None = None, kv_cache_mb: float | None = None, api_key: str | None = None,
           drain_timeout: float = 30.0, log_level: str = "info", access_log: bool = False,
-          prefill_budget: int | None = None) -> None:
+          prefill_budget: int | None = None, threads: int | None = None, spinning: bool | None = None) -> None:
     from llmc.runtime.llm import LLM
     from llmc.serve.engine_loop import EngineLoop
 
-    llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, prefill_budget=prefill_budget)
+    llm = LLM(engine_dir, kv_cache_mb=kv_cache_mb, prefill_budget=prefill_budget, num_threads=threads, spinning=spinning)
     loop = EngineLoop(llm, max_queue=max_queue)
     own_tokenizer = copy.deepcopy(llm.tokenizer)  # not the instance the loop thread detokenises with
     state = ServerState(model_name or Path(engine_dir).resolve().name, api_key, own_tokenizer, llm.max_seq_len)

@@ -9,9 +9,9 @@
   output, so the in-graph ScatterND writes new K/V in place.
   Bindings persist across steps: a step binds only its small index arrays and the logits buffer.
 - FP8 pools are uint8 buffers handed to ORT as float8e4m3fn tensors (same bytes).
-- Session options: intra-op threads = physical cores and no spinning (LLMC_ORT_THREADS /
-  LLMC_ORT_SPINNING override them, see `thread_settings`), sequential execution, all graph
-  optimisations (QDQ -> int8 GEMM and blocked-int4 DequantizeLinear -> MatMulNBits fusions).
+- Session options: intra-op threads = physical cores, spinning workers (LLMC_ORT_THREADS /
+  LLMC_ORT_SPINNING or the CLI's --threads / --spin override them, see `thread_settings`),
+  sequential execution, all graph optimisations (QDQ -> int8 GEMM and blocked-int4 DequantizeLinear -> MatMulNBits fusions).
 """
 
 from __future__ import annotations
@@ -42,11 +42,10 @@ DISABLED_OPTIMIZERS = ["MatMulAddFusion"]
 def default_threads() -> int:
     """Intra-op threads when nothing is set: the machine's physical cores.
 
-    Measured on the 2-core VM (int4_awq SmolLM2, 128-token single-stream decodes, 3 interleaved
-    rounds): when the machine is quiet, 2 threads decode at 126 tok/s vs 108 with 1 (2 spinning:
-    143); when other jobs load both cores (load 5-11), 1 thread wins (77 vs 69; spinning 36-41).
-    llmc's measurements are for a dedicated machine, so the default uses every core; a shared
-    host sets LLMC_ORT_THREADS=1.
+    Measured on the 2-core VM (int4_awq SmolLM2, 128-token single-stream decodes, interleaved
+    rounds): quiet, 2 spinning threads decode at 169.9 tok/s vs 131.1 with 1; when other jobs load
+    both cores (load 5-11), 1 thread wins (77 vs 69 sleeping, 36-41 spinning). llmc's measurements
+    are for a dedicated machine, so the default uses every core; a shared host sets --threads 1.
     """
     return physical_cores()
 
@@ -62,12 +61,17 @@ def physical_cores() -> int:
 
 
 # Intra-op thread pool: LLMC_ORT_THREADS (default: `default_threads`) and LLMC_ORT_SPINNING (1: idle
-# workers busy-wait for the next kernel, ORT's default; 0: they sleep). A decode step is ~1000 small
-# kernels, so spinning saves a wake-up per kernel on an idle machine, but on a host whose cores are
-# shared with other processes a spinning worker burns the core its peer needs (see README, engine).
+# workers busy-wait for the next kernel, ORT's own default and what llama.cpp's and
+# onnxruntime-genai's workers do; 0: they sleep); `llmc run/serve/bench --threads N --spin/--no-spin`.
+# A decode step is ~1000 small kernels and a sleeping worker costs a wake-up (~20-30 us on this VM)
+# at every threaded one: measured on the quiet 2-core VM (SmolLM2 int4_awq, medians of 5 interleaved
+# 128-token decodes) 2 spinning threads 169.9 tok/s, 2 sleeping 124.4, 1 thread 131.1; the 32-request
+# serving workload 437 vs 363 output tok/s (3 rounds). On a host whose cores other processes keep
+# busy a spinning worker burns the core its peer needs (int4 decode 76.6 spinning vs 103.6 sleeping
+# and 112.8 with one thread, one CPU-bound process beside it): such a host sets --threads 1
+# (LLMC_ORT_THREADS=1), the fastest setting there (see README, engine).
 THREADS_ENV, SPINNING_ENV = "LLMC_ORT_THREADS", "LLMC_ORT_SPINNING"
-DEFAULT_SPINNING = False  # measured on the shared 2-core host: 2 spinning threads ran int4 decode at 0.5x
-# (with one thread there is no pool to spin: the setting only matters from two threads on)
+DEFAULT_SPINNING = True  # with one thread there is no pool to spin: it matters from two threads on
 
 
 def thread_settings(threads: int | None = None, spinning: bool | None = None) -> tuple[int, bool]:
@@ -174,10 +178,10 @@ def _model_at_level(model_path: Path, so, level: int | None) -> str | bytes:
 
 class OrtSession:
     def __init__(self, model_path: Path, vocab_size: int, threads: int | None = None,
-                 int4_accuracy_level: int | None = None):
+                 int4_accuracy_level: int | None = None, spinning: bool | None = None):
         import onnxruntime as ort
 
-        so = session_options(threads, int4_accuracy_level)
+        so = session_options(threads, int4_accuracy_level, spinning=spinning)
         try:
             model = _model_at_level(model_path, so, int4_accuracy_level)
             self.sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"],
