@@ -123,7 +123,9 @@ def test_int4_linears_are_the_matmulnbits_ort_fuses_from_blocked_dq(engines):
         nb = [n for n in body.node if n.op_type == "MatMulNBits"]
         assert len(nb) == 4 * layers  # qkv, dense, gate_up, proj
         assert not any(n.op_type == "DequantizeLinear" for n in body.node)
-        assert sum(1 for n in body.node if "_smooth" in n.name) == 4 * layers  # pre-quant scales
+        # pre-quant scales: dense's and proj's Mul; qkv's and gate_up's are folded into the norms
+        assert sum(1 for n in body.node if "_smooth" in n.name) == 2 * layers
+        assert not any(n.name.endswith(("qkv_smooth", "gate_up_smooth")) for n in body.node)
     rng = np.random.default_rng(0)
     for n in nb:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
@@ -253,3 +255,40 @@ def test_inspect_names_the_engine_by_its_qformat(engines):
         d = describe(engine_dir)
         assert d["quantization"].startswith(f"{name.split('-kv')[0]} ("), d["quantization"]
         assert "qformat" not in d and "quant_algo" not in d
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_residual_add_and_norm_match_numpy(backend):
+    """emit_add_rmsnorm: ORT's one SkipSimplifiedLayerNormalization kernel and TensorRT's Add +
+    norm pattern (run here on ORT, in float32) both give x + skip and RMSNorm(x + skip) * w to
+    float32 rounding, against a float64 numpy reference; and the norm weight folded with a
+    linear's pre-quant scale (`_fold_pre_scale`) is the two products to rounding."""
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from llmc.plugins.base import Target
+    from llmc.plugins.graph import GraphBuilder
+    from llmc.plugins.rmsnorm import emit_add_rmsnorm
+
+    t = Target.for_backend(backend, TensorProto.FLOAT)
+    rng = np.random.default_rng(0)
+    w = rng.normal(1, 0.2, 256).astype(np.float32)
+    s = rng.uniform(0.2, 3.0, 256).astype(np.float32)
+    g = GraphBuilder()
+    x = g.input("x", TensorProto.FLOAT, ["n", 256])
+    skip = g.input("skip", TensorProto.FLOAT, ["n", 256])
+    for out, (normed, total) in (("y", emit_add_rmsnorm(g, t, x, skip, w, 1e-5, "a")),
+                                 ("y_folded", emit_add_rmsnorm(g, t, x, skip, w * s, 1e-5, "b"))):
+        g.op("Identity", [normed], outputs=[out])
+        g.output(out, TensorProto.FLOAT, ["n", 256])
+    g.op("Identity", [total], outputs=["sum"])
+    g.output("sum", TensorProto.FLOAT, ["n", 256])
+    sess = ort.InferenceSession(g.model().SerializeToString(), providers=["CPUExecutionProvider"])
+    xv, sv = (rng.normal(0, 3, (7, 256)).astype(np.float32) for _ in range(2))
+    y, y_folded, total = sess.run(["y", "y_folded", "sum"], {"x": xv, "skip": sv})
+    ref_sum = xv.astype(np.float64) + sv
+    ref = ref_sum / np.sqrt((ref_sum ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_array_equal(total, xv + sv)
+    np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(y_folded, ref * s, rtol=3e-6, atol=1e-6)
+    assert (t.is_trt) == ("SkipSimplifiedLayerNormalization" not in {n.op_type for n in g.nodes})

@@ -17,24 +17,29 @@ Outputs:
 
 Per layer: RMSNorm -> ONE qkv MatMul (+bias) -> RoPE on q, k and v together (identity on v) ->
 paged attention (one KV write per pool tensor + grouped MatMul/Softmax or fused Attention) ->
-dense -> residual -> RMSNorm -> ONE gate+up MatMul -> SiLU*up -> proj -> residual. Logits are
-computed only for `logits_index` rows. On ONNX Runtime the layers are built twice, as the two
-bodies of one If per step (`step_variants`): steps whose rows all sit in bucket 0, in order, run a
-one-bucket body; others the general one, whose prefill bucket's attention runs inside
-If(rows > 0), so decode-only steps skip it.
-(ORT's SkipSimplifiedLayerNormalization and RotaryEmbedding contrib ops were measured and not
-adopted: they round differently from RMSNormalization + Add and the standard RoPE ops, which
-flips greedy tokens of int4 engines whose MatMulNBits quantizes activations to int8. Its
-GroupQueryAttention on the rows' gathered K/V, tried for the one-bucket body: 24 -> 16 kernels per
-layer but 0.93x single-stream int4 decode: its CPU kernel copies the past into a new present
-buffer every step and ran 41 us per layer where the grouped MatMul/Softmax nodes take ~38.)
+dense -> residual + RMSNorm -> ONE gate+up MatMul -> SiLU*up -> proj -> residual (added by the
+next layer's norm). On ONNX Runtime each residual add and the norm after it are one
+com.microsoft SkipSimplifiedLayerNormalization, and an AWQ / SmoothQuant pre-quant scale of qkv
+and gate_up is folded into the norm weight before it (`_fold_pre_scale`): two kernels fewer per
+layer each, exact to float32 rounding (1.04-1.11x single-stream decode across qformats, measured).
+Logits are computed only for `logits_index` rows. On ONNX Runtime the layers are built twice, as
+the two bodies of one If per step (`step_variants`): steps whose rows all sit in bucket 0, in
+order, run a one-bucket body; others the general one, whose prefill bucket's attention runs
+inside If(rows > 0), so decode-only steps skip it.
+(Measured and not adopted: ORT's RotaryEmbedding contrib op rotates every head of its input, so
+with V in the same QKV output it needs a Split before and a Concat after: more nodes than the
+four RoPE ops. Its GroupQueryAttention on the rows' gathered K/V, tried for the one-bucket body:
+24 -> 16 kernels per layer but 0.93x single-stream int4 decode: its CPU kernel copies the past
+into a new present buffer every step and ran 41 us per layer where the grouped MatMul/Softmax
+nodes take ~38.)
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from onnx import TensorProto
@@ -52,7 +57,7 @@ from llmc.plugins.base import Target
 from llmc.plugins.embedding import emit_embedding
 from llmc.plugins.gated_mlp import emit_gated_mlp
 from llmc.plugins.linear import Int8Blocks, emit_linear, exact_int8_blocks
-from llmc.plugins.rmsnorm import emit_rmsnorm
+from llmc.plugins.rmsnorm import emit_add_rmsnorm, emit_rmsnorm
 from llmc.plugins.rope import emit_head_tables, emit_rope, emit_rope_tables
 from llmc.quantize.layout import QLinear
 
@@ -151,12 +156,12 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
                rows_in_order: bool = False) -> tuple[str, list[str]]:
         """The decoder layers over the given attention buckets: (hidden, updated pool tensors)."""
         emit_step_masks(g, target, d, active)
-        updated = []
+        updated, skip = [], None
         for i in range(cfg.num_hidden_layers):
-            x, written = _emit_layer(g, target, d, cfg, reader.layer(i), i, x, pools[i], cos, sin, scatter_index,
-                                     active, out_index, out_names, rows_in_order)
+            x, skip, written = _emit_layer(g, target, d, cfg, reader.layer(i), i, x, skip, pools[i], cos, sin,
+                                           scatter_index, active, out_index, out_names, rows_in_order)
             updated += written
-        return x, updated
+        return g.op("Add", [x, skip], name="residual_last_layer"), updated
 
     variants = step_variants(target, buckets)
     if len(variants) == 1:
@@ -206,15 +211,18 @@ def step_bodies(model: onnx.ModelProto) -> list[onnx.GraphProto]:
 
 
 def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: CheckpointConfig, lw, i: int, x: str,
-                pool: KVPool, cos: str, sin: str, scatter_index: str, buckets, out_index,
-                out_names: bool = True, rows_in_order: bool = False) -> tuple[str, list[str]]:
-    """One decoder layer: pre-norm attention over the paged KV pool, then the gated MLP, each with
-    its residual. Q, K and V share one Reshape, one RoPE (the identity on V) and one Split (fewer,
-    fatter nodes per layer)."""
+                skip: str | None, pool: KVPool, cos: str, sin: str, scatter_index: str, buckets, out_index,
+                out_names: bool = True, rows_in_order: bool = False) -> tuple[str, str, list[str]]:
+    """One decoder layer: pre-norm attention over the paged KV pool, then the gated MLP. Returns
+    (residual stream, MLP output, updated pools): the MLP's residual add is left to the next
+    layer's norm (`emit_add_rmsnorm`: one kernel on ONNX Runtime), `skip` is the previous layer's.
+    Q, K and V share one Reshape, one RoPE (the identity on V) and one Split (fewer, fatter nodes
+    per layer)."""
     p = LAYER.format(i=i).rstrip(".")  # node names follow the checkpoint names
     kv_heads = 2 * d.num_kv_heads
-    h = emit_rmsnorm(g, target, x, lw.input_layernorm, cfg.norm_epsilon, f"{p}.input_layernorm")
-    qkv = emit_linear(g, target, h, lw.qkv, f"{p}.attention.qkv")
+    w_in, qkv_lin = _fold_pre_scale(target, lw.input_layernorm, lw.qkv)
+    h, x = emit_add_rmsnorm(g, target, x, skip, w_in, cfg.norm_epsilon, f"{p}.input_layernorm")
+    qkv = emit_linear(g, target, h, qkv_lin, f"{p}.attention.qkv")
     # Heads first: q, k, v stay [T, heads, hd] (no per-part reshapes); K and V stay adjacent.
     qkv3 = g.op("Reshape", [qkv, g.const([0, d.num_heads + kv_heads, d.head_dim])], name=f"l{i}_qkv_heads")
     qkv3 = emit_rope(g, qkv3, cos, sin, d.head_dim, f"l{i}_rope")
@@ -222,10 +230,19 @@ def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: Checkpoi
     attn, written = emit_paged_attention(g, target, d, pool, q3, kv3, scatter_index, buckets, out_index, out_names,
                                          rows_in_order)
     attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
-    x = g.op("Add", [x, attn], name=f"l{i}_residual_attn")
-    h = emit_rmsnorm(g, target, x, lw.post_layernorm, cfg.norm_epsilon, f"{p}.post_layernorm")
-    m = emit_gated_mlp(g, target, h, lw.gate_up, lw.proj, f"{p}.mlp")
-    return g.op("Add", [x, m], name=f"l{i}_residual_mlp"), written
+    w_post, gate_up = _fold_pre_scale(target, lw.post_layernorm, lw.gate_up)
+    h, x = emit_add_rmsnorm(g, target, x, attn, w_post, cfg.norm_epsilon, f"{p}.post_layernorm")
+    return x, emit_gated_mlp(g, target, h, gate_up, lw.proj, f"{p}.mlp"), written
+
+
+def _fold_pre_scale(target: Target, norm_weight: np.ndarray, lin: QLinear) -> tuple[np.ndarray, QLinear]:
+    """A linear's pre_quant_scale (AWQ, SmoothQuant) folded into the RMSNorm weight before it (its
+    only consumer): RMSNorm(x) * w * s == RMSNorm(x) * (w * s), one Mul per norm fewer; float
+    rounding differs from the two products by an ulp. ONNX Runtime only: TensorRT's graph keeps
+    the checkpoint's factors as they are."""
+    if target.is_trt or lin.pre_quant_scale is None:
+        return norm_weight, lin
+    return norm_weight * np32(lin.pre_quant_scale), replace(lin, pre_quant_scale=None)
 
 
 def _choose_lm_head(tensors, reader: WeightReader, emb_t,
