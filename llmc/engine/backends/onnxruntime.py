@@ -11,7 +11,8 @@
 - FP8 pools are uint8 buffers handed to ORT as float8e4m3fn tensors (same bytes).
 - Session options: intra-op threads = physical cores, spinning workers (LLMC_ORT_THREADS /
   LLMC_ORT_SPINNING or the CLI's --threads / --spin override them, see `thread_settings`),
-  sequential execution, all graph optimisations (QDQ -> int8 GEMM and blocked-int4 DequantizeLinear -> MatMulNBits fusions).
+  sequential execution, all graph optimisations (QDQ -> int8 GEMM and blocked-int4
+  DequantizeLinear -> MatMulNBits fusions).
 """
 
 from __future__ import annotations
