@@ -31,7 +31,7 @@ with V in the same QKV output it needs a Split before and a Concat after: more n
 four RoPE ops. Its GroupQueryAttention on the rows' gathered K/V, tried for the one-bucket body:
 24 -> 16 kernels per layer but 0.93x single-stream int4 decode: its CPU kernel copies the past
 into a new present buffer every step and ran 41 us per layer where the grouped MatMul/Softmax
-nodes take ~38.)
+nodes take ~38. The standard Attention node for that body's rows: 0.98x, same tokens.)
 """
 
 from __future__ import annotations
