@@ -261,24 +261,35 @@ def test_inspect_names_the_engine_by_its_qformat(engines):
 def test_residual_add_and_norm_match_numpy(backend):
     """emit_add_rmsnorm: ORT's one SkipSimplifiedLayerNormalization kernel and TensorRT's Add +
     norm pattern (run here on ORT, in float32) both give x + skip and RMSNorm(x + skip) * w to
-    float32 rounding, against a float64 numpy reference; and the norm weight folded with a
-    linear's pre-quant scale (`_fold_pre_scale`) is the two products to rounding."""
+    float32 rounding, against a float64 numpy reference; and with a linear's pre-quant scale folded
+    into the norm weight (`_fold_pre_scale`, ONNX Runtime only) the norm's output is the scaled
+    input that linear used to compute."""
     import onnxruntime as ort
+    import torch
     from onnx import TensorProto
 
+    from llmc.build.model_graph import _fold_pre_scale
     from llmc.plugins.base import Target
     from llmc.plugins.graph import GraphBuilder
     from llmc.plugins.rmsnorm import emit_add_rmsnorm
+    from llmc.quantize.layout import QLinear
 
     t = Target.for_backend(backend, TensorProto.FLOAT)
     rng = np.random.default_rng(0)
     w = rng.normal(1, 0.2, 256).astype(np.float32)
     s = rng.uniform(0.2, 3.0, 256).astype(np.float32)
+    lin = QLinear("l", "float", torch.zeros(8, 256), pre_quant_scale=torch.from_numpy(s))
+    folded_w, folded_lin = _fold_pre_scale(t, w, lin)
+    if t.is_trt:  # TensorRT keeps the Mul: nothing folded
+        assert folded_w is w and folded_lin is lin
+        folded_w = w * s
+    else:
+        assert folded_lin.pre_quant_scale is None
     g = GraphBuilder()
     x = g.input("x", TensorProto.FLOAT, ["n", 256])
     skip = g.input("skip", TensorProto.FLOAT, ["n", 256])
     for out, (normed, total) in (("y", emit_add_rmsnorm(g, t, x, skip, w, 1e-5, "a")),
-                                 ("y_folded", emit_add_rmsnorm(g, t, x, skip, w * s, 1e-5, "b"))):
+                                 ("y_folded", emit_add_rmsnorm(g, t, x, skip, folded_w, 1e-5, "b"))):
         g.op("Identity", [normed], outputs=[out])
         g.output(out, TensorProto.FLOAT, ["n", 256])
     g.op("Identity", [total], outputs=["sum"])
