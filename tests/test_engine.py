@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from llmc.build import BuildOptions, build_engine
-from llmc.build.model_graph import step_bodies
+from llmc.build.model_graph import contiguous_body, step_bodies
 from llmc.engine.onnx_graph import walk_nodes
 from llmc.engine import SeqSlice, StepBatch, load_engine
 from llmc.errors import LlmcError
@@ -31,16 +31,18 @@ def reference_logits(ckpt, seqs: list[list[int]]) -> list[np.ndarray]:
 
 
 def run_schedule(engine, seqs: list[list[int]], plan: list[dict[int, int]], seed: int = 0,
-                 num_blocks: int | None = None, check_all: bool = True) -> list[dict[int, np.ndarray]]:
+                 num_blocks: int | None = None, check_all: bool = True,
+                 in_order: bool = False) -> list[dict[int, np.ndarray]]:
     """Feed `seqs` through steps; plan[i] = {seq index: tokens fed this step}.
 
     Blocks are handed out from a shuffled free list so every sequence's KV is scattered through
-    the pool. Returns per sequence {position: logits row}.
+    the pool (in_order: 0, 1, 2, ... as the runtime gives a lone sequence). Returns per sequence
+    {position: logits row}.
     """
     bs = engine.block_size
     pool = engine.allocate_kv_pool(num_blocks)
     rng = np.random.default_rng(seed)
-    free = list(rng.permutation(pool.num_blocks))
+    free = list(range(pool.num_blocks))[::-1] if in_order else list(rng.permutation(pool.num_blocks))
     tables: dict[int, list[int]] = {i: [] for i in range(len(seqs))}
     done = {i: 0 for i in range(len(seqs))}
     out: list[dict[int, np.ndarray]] = [dict() for _ in seqs]
@@ -102,6 +104,42 @@ def test_single_sequence_matches_reference(family, built, tiny_checkpoints):
     assert max_err(ref, got) < TOL
 
 
+def _profiled_engine(out, tmp_path):
+    from llmc.engine.backends import onnxruntime as ob
+
+    orig = ob.session_options
+
+    def profiled(*a, **k):
+        so = orig(*a, **k)
+        so.enable_profiling, so.profile_file_prefix = True, str(tmp_path / "prof")
+        return so
+
+    ob.session_options = profiled
+    try:
+        return load_engine(out)
+    finally:
+        ob.session_options = orig
+
+
+def _ops_run(engine) -> list[str]:
+    events = json.loads(Path(engine._session.sess.end_profiling()).read_text())
+    return [e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})]
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2"])
+def test_contiguous_single_sequence_decode_matches_reference(family, built, tiny_checkpoints, tmp_path):
+    """A lone sequence on blocks 0, 1, 2, ... decodes through the GroupQueryAttention body (ORT
+    profile: it ran, one per layer per decode step) and still matches the reference model;
+    prefill chunks and scattered tables take the paged bodies (the other tests here)."""
+    engine = _profiled_engine(built[family], tmp_path)
+    seq = mixed_seqs(engine.config.vocab_size, seed=1)[2]
+    ref = reference_logits(tiny_checkpoints[family], [seq])
+    decodes = len(seq) - 20
+    got = run_schedule(engine, [seq], [{0: 11}, {0: 9}] + [{0: 1}] * decodes, in_order=True)
+    assert max_err(ref, got) < TOL
+    assert _ops_run(engine).count("GroupQueryAttention") == decodes * engine.config.num_layers
+
+
 @pytest.mark.parametrize("family", ["llama", "llama_tied", "mistral", "qwen2"])
 def test_packed_mixed_prefill_decode_matches_reference(family, built, tiny_checkpoints):
     engine = load_engine(built[family])
@@ -150,45 +188,25 @@ def _reverse_bucket0_rows(feeds: dict) -> dict:
     return feeds
 
 
-def test_step_variant_runs_only_when_its_rows_are_in_order(built, tiny_checkpoints, tmp_path):
-    """The one-bucket body skips the row Gathers, so the graph checks (not assumes) that bucket 0
-    holds every token in packed order: the same steps fed with bucket 0's rows reversed (valid,
-    but not in order) must take the general body and still match the reference; in-order
-    decode-only steps take the one-bucket body (no node of bucket 1 runs, ORT profile)."""
-    from llmc.engine.backends import onnxruntime as ob
-
+def test_contiguous_body_runs_only_for_one_sequence_on_blocks_in_order(built, tiny_checkpoints, tmp_path):
+    """The GroupQueryAttention body reads slots [0, position] as the sequence's cache, so the
+    graph checks (not assumes) that the step is one token of one sequence whose table is 0, 1,
+    ...: scattered tables, a second row beside it, or a table that stops being in order all take
+    the paged body, and every step matches the reference (ORT profile: it ran exactly once)."""
     ckpt, out = tiny_checkpoints["llama"], built["llama"]
-    vocab = load_engine(out).config.vocab_size
-    # equal contexts: the decode steps put all three rows in bucket 0 (no split by context)
-    plans = {"mixed": MIXED_PLAN, "equal": [{0: 8, 1: 8, 2: 8}, {0: 1, 1: 1, 2: 1}, {0: 1, 1: 1, 2: 1}]}
-    for name, plan in plans.items():
-        rng = np.random.default_rng(5)
-        seqs = [rng.integers(0, vocab, sum(s.get(i, 0) for s in plan)).tolist() for i in range(3)]
-        ref = reference_logits(ckpt, seqs)
-        engine = load_engine(out)
-        run = engine._session.run
-        engine._session.run = lambda feeds, n, run=run: run(_reverse_bucket0_rows(feeds), n)
-        assert max_err(ref, run_schedule(engine, seqs, plan, seed=2)) < TOL, name
-
-    orig = ob.session_options
-
-    def profiled(*a, **k):
-        so = orig(*a, **k)
-        so.enable_profiling, so.profile_file_prefix = True, str(tmp_path / "prof")
-        return so
-
-    ob.session_options = profiled
-    try:
-        engine = load_engine(out)
-    finally:
-        ob.session_options = orig
-    run_schedule(engine, seqs, plans["equal"], seed=2)
-    events = json.loads(Path(engine._session.sess.end_profiling()).read_text())
-    runs = [e for e in events if e.get("name") == "model_run"]
-    last = runs[-1]["ts"], runs[-1]["ts"] + runs[-1]["dur"]
-    names = [e["name"] for e in events if e.get("cat") == "Node" and last[0] <= e["ts"] <= last[1]
-             and not e["name"].startswith("variant_")]  # the per-step condition reads every bucket's shape
-    assert any("_b0_" in n for n in names) and not any("_b1_" in n or "_b2_" in n for n in names)
+    engine = _profiled_engine(out, tmp_path)
+    rng = np.random.default_rng(4)
+    seqs = [rng.integers(0, engine.config.vocab_size, n).tolist() for n in (9, 7)]
+    # 4-token blocks handed out in order: seq 0 gets 0 and 1, seq 1 gets 2 and 3, then seq 0's
+    # third block is 4; only the fourth step (seq 0 alone at position 7, table [0, 1]) qualifies
+    plan = [{0: 6}, {1: 5}, {0: 1, 1: 1}, {0: 1}, {0: 1, 1: 1}]
+    got = run_schedule(engine, seqs, plan, in_order=True)
+    assert max_err(reference_logits(ckpt, seqs), got) < TOL
+    assert _ops_run(engine).count("GroupQueryAttention") == engine.config.num_layers
+    engine = _profiled_engine(out, tmp_path)  # a lone sequence on scattered blocks
+    got = run_schedule(engine, seqs[:1], [{0: 4}] + [{0: 1}] * 5, seed=6)
+    assert max_err(reference_logits(ckpt, seqs[:1]), got) < TOL
+    assert "GroupQueryAttention" not in _ops_run(engine)
 
 
 def test_graph_has_one_qkv_and_one_gated_mlp_matmul_per_layer(built):
@@ -198,7 +216,8 @@ def test_graph_has_one_qkv_and_one_gated_mlp_matmul_per_layer(built):
     cfg = json.loads((built["llama"] / "config.json").read_text())
     layers = cfg["num_hidden_layers"]
     bodies = step_bodies(model)
-    assert len(bodies) == 2  # ORT: a body for steps whose rows all sit in bucket 0, one for any step
+    # ORT float cache: a GroupQueryAttention body for a lone sequence's decode, one for any step
+    assert len(bodies) == 1 and contiguous_body(model) is not None
     for body in bodies:
         mm = [n for n in body.node if n.op_type == "MatMul"]
         for i in range(layers):
@@ -207,60 +226,74 @@ def test_graph_has_one_qkv_and_one_gated_mlp_matmul_per_layer(built):
             assert len([n for n in mm if n.name.startswith(f"transformer.layers.{i}.mlp.")]) == 2  # gate_up, proj
     # default ORT buckets: decode rows (grouped-query MatMuls) + any rows (one fused Attention node)
     assert cfg["engine"]["graph"]["bucket_kinds"] == ["decode", "decode", "any"]
-    assert cfg["engine"]["graph"]["step_variants"] == [[0], [0, 1, 2]]
-    one, general = bodies
+    assert cfg["engine"]["graph"]["step_variants"] == [[0, 1, 2]]
+    general, contig = bodies[0], contiguous_body(model)
     # the general body's prefill bucket sits in an If(rows > 0) (no dummy row in decode steps);
-    # the one-bucket body has neither that If nor the fused Attention
+    # the contiguous body has neither that If nor the fused Attention
     assert sum(1 for n in walk_nodes(general) if n.op_type == "Attention") == layers
     assert sum(1 for n in general.node if n.op_type == "If") == layers
-    assert not any(n.op_type in ("If", "Attention") for n in walk_nodes(one))
+    assert not any(n.op_type in ("If", "Attention") for n in walk_nodes(contig))
     assert cfg["engine"]["graph"]["guarded_buckets"] == [False, False, True]
     nodes = list(walk_nodes(model.graph))
     # weights are stored once: both bodies read the outer graph's initializers
     assert not any(a.g.initializer for n in nodes for a in n.attribute if a.type == a.GRAPH)
-    # the only contrib op of a float graph: each residual add with the norm after it (the first
-    # layer's input norm has no residual before it)
-    assert {n.op_type for n in nodes if n.domain not in ("", "ai.onnx")} == {"SkipSimplifiedLayerNormalization"}
-    for body in bodies:
+    # contrib ops of a float graph: each residual add with the norm after it (the first layer's
+    # input norm has no residual before it), and the contiguous body's attention
+    assert {n.op_type for n in nodes if n.domain not in ("", "ai.onnx")} == {"SkipSimplifiedLayerNormalization",
+                                                                             "GroupQueryAttention"}
+    for body in bodies + [contiguous_body(model)]:
         assert sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in body.node) == 2 * layers - 1
     assert {imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")} == {23}
 
 
-def test_ort_graph_keeps_k_and_v_of_a_layer_in_one_pool_tensor(built):
-    """One pool input per layer ([kv_heads, 2 x blocks, block, head_dim]: a block's keys, then its
-    values), written by one ScatterND; q, k and v split once after RoPE; the decode buckets'
-    outputs turned back into rows once per layer."""
+def test_ort_graph_pool_is_a_shared_cache_and_contiguous_decode_is_one_kernel(built):
+    """ONNX Runtime pool tensors are [1, kv_heads, slots, head_dim] per layer and K/V (the BNSH
+    cache GroupQueryAttention appends to in place); the contiguous body runs each layer's RoPE,
+    KV write and attention as that one node; the paged bodies write K and V with one ScatterND
+    each, split q, k and v once after RoPE and turn the decode buckets' outputs back into rows
+    once per layer."""
     import onnx
 
     model = onnx.load(str(built["llama"] / "model.onnx"), load_external_data=False)
     cfg = json.loads((built["llama"] / "config.json").read_text())
     graph, layers = cfg["engine"]["graph"], cfg["num_hidden_layers"]
-    assert graph["kv_pool_layout"] == "paired"
+    assert graph["kv_pool_layout"] == "slots" and graph["contiguous_decode"] is True
     pools = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim]
              for i in model.graph.input if i.name.startswith("kv_pool.")}
-    assert pools == {f"kv_pool.{i}": [graph["num_kv_heads"], "pool_blocks", 4, graph["head_dim"]]
-                     for i in range(layers)}
+    assert pools == {f"kv_pool.{i}.{kind}": [1, graph["num_kv_heads"], "num_slots", graph["head_dim"]]
+                     for i in range(layers) for kind in ("key", "value")}
     assert sorted(o.name for o in model.graph.output if o.name.startswith("kv_pool.")) == \
         sorted(f"{name}.out" for name in pools)
-    for body, decode_buckets in zip(step_bodies(model), (1, 2)):
+    contig = contiguous_body(model)
+    gqa = [n for n in contig.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == layers
+    for i, n in enumerate(gqa):  # past and present are the layer's pool tensors (If outputs: the graph's)
+        assert list(n.input[3:5]) == [f"kv_pool.{i}.key", f"kv_pool.{i}.value"]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0
+    assert not any(n.op_type in ("ScatterND", "Softmax", "Where", "Transpose") for n in contig.node)
+    # per layer: 2 norms, 4 linears (+ their pre-scale Muls when quantized), the MLP's Split and
+    # SiLU * up (3), GroupQueryAttention and a reshape each side; per step 4 for its inputs
+    assert len(contig.node) == 13 * layers + 4
+    for body, decode_buckets in zip(step_bodies(model), (2,)):
         top = body.node
         count = lambda op, part="": sum(1 for n in top if n.op_type == op and part in n.name)  # noqa: E731
-        assert count("ScatterND") == layers
+        assert count("ScatterND") == 2 * layers
         # key and value gathers of the decode buckets (the prefill bucket is inside its If)
         assert count("Gather", "_key_gather") == count("Gather", "_value_gather") == decode_buckets * layers
-        assert count("Split", "_q_kv_split") == layers and count("Split", "_qk_split") == 0
+        assert count("Split", "_qkv_split") == layers
         # queries grouped and output rows once per layer; per bucket only K^T (ORT fuses it into its MatMul)
         assert count("Transpose") - count("Transpose", "_kt") == 2 * layers
 
 
 def test_ort_pool_views_alias_one_buffer():
-    """Both layouts wrap slices of the one pool buffer (no copies): paired per layer, or K and V;
-    key()/value() see the same elements either way."""
+    """Every layout wraps slices of the one pool buffer (no copies): paired per layer, or K and V
+    (slots: as [1, kv_heads, blocks * block_size, head_dim]); key()/value() see the same elements."""
     from onnx import TensorProto
 
     from llmc.engine.backends.onnxruntime import OrtKVPool
 
-    for layout in ("paired", "split"):
+    for layout in ("paired", "split", "slots"):
         pool = OrtKVPool(3, 5, 4, 2, 8, TensorProto.FLOAT, layout)
         base = pool.buffer.ctypes.data
         for layer in range(3):
@@ -276,7 +309,8 @@ def test_ort_pool_views_alias_one_buffer():
             else:
                 for kind, name in enumerate(("key", "value")):
                     ov = pool.ortvalues[f"kv_pool.{layer}.{name}"]
-                    assert ov.shape() == [2, 5, 4, 8] and ov.data_ptr() == pool.buffer[layer, kind].ctypes.data
+                    assert ov.shape() == ([1, 2, 20, 8] if layout == "slots" else [2, 5, 4, 8])
+                    assert ov.data_ptr() == pool.buffer[layer, kind].ctypes.data
         assert len(pool.ortvalues) == (3 if layout == "paired" else 6) and base == pool.buffer.ctypes.data
     with pytest.raises(LlmcError, match="unknown KV pool layout"):
         OrtKVPool(1, 1, 4, 2, 8, TensorProto.FLOAT, "interleaved")

@@ -12,6 +12,7 @@ Tolerances (engine logits vs `llmc.quantize.simulate.build_simulated_model`, flo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -156,6 +157,42 @@ def test_int8_sq_uses_integer_gemm_on_ort(engines):
 
     for body in step_bodies(model):
         assert sum(1 for n in body.node if n.op_type == "MatMulInteger") == 4 * layers
+
+
+def test_quantized_kv_engines_keep_the_one_bucket_body_when_rows_are_in_order(engines, tmp_path):
+    """A quantized KV cache is not a cache GroupQueryAttention can share, so those engines keep
+    the one-bucket step variant: it skips the row Gathers, so the graph checks (not assumes) that
+    bucket 0 holds every token in packed order. The same steps fed with bucket 0's rows reversed
+    (valid, but not in order) take the general body and give the same logits; in-order decode-only
+    steps take the one-bucket body (ORT profile: no node of bucket 1 or 2 runs)."""
+    from test_engine import _profiled_engine, _reverse_bucket0_rows
+
+    from llmc.build.model_graph import contiguous_body, step_bodies
+
+    out = engines["int8_sq-kvint8"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert contiguous_body(model) is None and len(step_bodies(model)) == 2
+    vocab = load_engine(out).config.vocab_size
+    # equal contexts: the decode steps put all three rows in bucket 0 (no split by context)
+    plan = [{0: 8, 1: 8, 2: 8}, {0: 1, 1: 1, 2: 1}, {0: 1, 1: 1, 2: 1}]
+    rng = np.random.default_rng(5)
+    seqs = [rng.integers(0, vocab, 10).tolist() for _ in range(3)]
+    in_order = run_schedule(load_engine(out), seqs, plan, seed=2)
+    engine = load_engine(out)
+    run = engine._session.run
+    engine._session.run = lambda feeds, n, run=run: run(_reverse_bucket0_rows(feeds), n)
+    reversed_rows = run_schedule(engine, seqs, plan, seed=2)
+    for a, b in zip(in_order, reversed_rows):
+        for p in a:
+            np.testing.assert_allclose(a[p], b[p], atol=1e-5)
+    engine = _profiled_engine(out, tmp_path)
+    run_schedule(engine, seqs, plan[:2], seed=2)
+    events = json.loads(Path(engine._session.sess.end_profiling()).read_text())
+    runs = [e for e in events if e.get("name") == "model_run"]
+    last = runs[-1]["ts"], runs[-1]["ts"] + runs[-1]["dur"]
+    names = [e["name"] for e in events if e.get("cat") == "Node" and last[0] <= e["ts"] <= last[1]
+             and not e["name"].startswith("variant_")]  # the per-step condition reads every bucket's shape
+    assert any("_b0_" in n for n in names) and not any("_b1_" in n or "_b2_" in n for n in names)
 
 
 def test_quantized_kv_pool_is_stored_quantized(engines):
@@ -303,3 +340,4 @@ def test_residual_add_and_norm_match_numpy(backend):
     np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(y_folded, ref * s, rtol=3e-6, atol=1e-6)
     assert (t.is_trt) == ("SkipSimplifiedLayerNormalization" not in {n.op_type for n in g.nodes})
+

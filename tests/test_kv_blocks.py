@@ -107,7 +107,9 @@ def test_freed_blocks_stay_cached_until_evicted_lru():
 
 
 def test_eviction_takes_least_recently_used_first():
-    bm, kv = BlockManager(num_blocks=4, block_size=1), {}
+    bm, kv = BlockManager(num_blocks=5, block_size=1), {}
+    bm.allocate_prompt("w", [9])
+    bm.append_slots("w", 1)  # w holds block 0 throughout: nobody below is a lone sequence
     for sid, tok in (("x", 1), ("y", 2)):  # x's blocks become evictable first
         bm.allocate_prompt(sid, [tok, 0])
         bm.append_slots(sid, 2)
@@ -118,6 +120,35 @@ def test_eviction_takes_least_recently_used_first():
     assert bm.append_slots("z", 2)  # free list is empty: evicts the two oldest (x's)
     assert bm.allocate_prompt("y2", [2, 0]) == 1  # y's prefix survived
     assert bm.allocate_prompt("x2", [1, 0]) == 0  # x's was reclaimed
+    bm.check_invariants()
+
+
+def test_lone_sequence_gets_contiguous_blocks_from_zero():
+    """A lone sequence's table reads 0, 1, 2, ... (the engines' GroupQueryAttention fast path):
+    from the free list, and from cached blocks it did not hit when nothing else runs; a prefix it
+    hits stays and the table continues after it. With another sequence running, cached blocks are
+    evicted in LRU order only (see test_eviction_takes_least_recently_used_first)."""
+    bm, kv = BlockManager(num_blocks=8, block_size=2), {}
+    a = [1, 2, 3, 4, 5]
+    bm.allocate_prompt("a", a)
+    bm.append_slots("a", 5)
+    assert bm.block_table("a") == [0, 1, 2]
+    compute(bm, kv, "a", a, 0)
+    bm.free("a")  # blocks 0 and 1 stay cached (full), block 2 goes back to the free list
+    assert bm.num_cached_blocks == 2
+    b = [7, 8, 9]  # hits nothing: takes block 0 and 1 back, evicting a's prefix
+    bm.allocate_prompt("b", b)
+    bm.append_slots("b", 3)
+    assert bm.block_table("b") == [0, 1]
+    compute(bm, kv, "b", b, 0)
+    assert bm.allocate_prompt("a2", a) == 0
+    bm.free("a2")
+    bm.free("b")
+    c = [7, 8, 9, 10, 11, 12]  # hits b's first block and continues after it
+    assert bm.allocate_prompt("c", c) == 2
+    bm.append_slots("c", 4)
+    assert bm.block_table("c") == [0, 1, 2]
+    assert read_back(bm, kv, "c", 2) == [7, 8]
     bm.check_invariants()
 
 

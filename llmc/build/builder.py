@@ -200,7 +200,8 @@ def _emit_graph(b: _Build, tmp: Path, log) -> tuple[Any, list[str], dict[str, An
     onnx.save_model(model, str(onnx_path))
     onnx.checker.check_model(str(onnx_path))
     files = ["config.json", "model.onnx", "model.onnx.data"]
-    bodies = f" in {len(spec.step_variants)} step bodies" if spec.step_variants else ""
+    n_bodies = len(spec.step_variants) + spec.contiguous_decode
+    bodies = f" in {n_bodies} step bodies" if n_bodies > 1 else ""
     log(f"graph: {spec.node_count} nodes{bodies}, {spec.weight_bytes / 2**20:.1f} MiB of weights")
     extra: dict[str, Any] = {}
     if b.backend == "tensorrt":

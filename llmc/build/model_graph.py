@@ -23,15 +23,18 @@ com.microsoft SkipSimplifiedLayerNormalization, and an AWQ / SmoothQuant pre-qua
 and gate_up is folded into the norm weight before it (`_fold_pre_scale`): two kernels fewer per
 layer each, exact to float32 rounding (1.04-1.11x single-stream decode across qformats, measured).
 Logits are computed only for `logits_index` rows. On ONNX Runtime the layers are built twice, as
-the two bodies of one If per step (`step_variants`): steps whose rows all sit in bucket 0, in
-order, run a one-bucket body; others the general one, whose prefill bucket's attention runs
-inside If(rows > 0), so decode-only steps skip it.
+the two bodies of one If per step: with a float KV cache, one token of one sequence whose
+blocks are 0, 1, ... (every single-stream decode step: `llmc.runtime.kv_blocks` hands a lone
+sequence such a table) runs a body whose attention is one GroupQueryAttention per layer on the
+pool itself (`emit_contiguous_attention`); with a quantized cache, steps whose rows all sit in
+bucket 0, in order, run a one-bucket body (`step_variants`). Others run the general body, whose
+prefill bucket's attention runs inside If(rows > 0), so decode-only steps skip it.
 (Measured and not adopted: ORT's RotaryEmbedding contrib op rotates every head of its input, so
 with V in the same QKV output it needs a Split before and a Concat after: more nodes than the
-four RoPE ops. Its GroupQueryAttention on the rows' gathered K/V, tried for the one-bucket body:
-24 -> 16 kernels per layer but 0.93x single-stream int4 decode: its CPU kernel copies the past
-into a new present buffer every step and ran 41 us per layer where the grouped MatMul/Softmax
-nodes take ~38. The standard Attention node for that body's rows: 0.98x, same tokens.)
+four RoPE ops. Its GroupQueryAttention on the rows' K/V gathered from the pool (not shared with
+it), tried for the one-bucket body: 0.93x single-stream int4 decode, its CPU kernel copies the
+past into a new present buffer every step. The standard Attention node for that body's rows:
+0.98x, same tokens.)
 """
 
 from __future__ import annotations
@@ -50,15 +53,16 @@ from llmc.engine.onnx_graph import walk_nodes
 from llmc.plugins.graph import DATA_FILE, GraphBuilder
 from llmc.build.weights import WeightReader, kv_quant, np32
 from llmc.errors import UnsupportedError
-from llmc.plugins.attention import (AttentionDims, BucketInputs, KVPool, bucket_kinds, emit_paged_attention,
-                                    emit_step_masks, emit_variant_cond, emit_write_index, kv_pool_paired,
-                                    step_inputs, step_variants)
+from llmc.plugins.attention import (AttentionDims, BucketInputs, ContiguousStep, KVPool, bucket_kinds,
+                                    contiguous_decode, emit_contiguous_attention, emit_contiguous_cond,
+                                    emit_contiguous_step, emit_paged_attention, emit_step_masks, emit_variant_cond,
+                                    emit_write_index, kv_pool_layout, step_inputs, step_variants)
 from llmc.plugins.base import Target
 from llmc.plugins.embedding import emit_embedding
 from llmc.plugins.gated_mlp import emit_gated_mlp
 from llmc.plugins.linear import Int8Blocks, emit_linear, exact_int8_blocks
 from llmc.plugins.rmsnorm import emit_add_rmsnorm, emit_rmsnorm
-from llmc.plugins.rope import emit_head_tables, emit_rope, emit_rope_tables
+from llmc.plugins.rope import emit_head_tables, emit_rope, emit_rope_tables, rope_tables
 from llmc.quantize.layout import QLinear
 
 
@@ -83,8 +87,9 @@ class GraphSpec:
     lm_head: str = "float"      # how the logits GEMM is stored: "float" | "int8-blocks" | "quantized"
     empty_buckets: bool = True  # explicit reshape targets: an unused bucket may have zero rows
     guarded_buckets: list = field(default_factory=list)  # per bucket: attention inside If(rows > 0)
-    kv_pool_layout: str = "split"  # "paired": one pool tensor per layer (block b's K at 2b, V at 2b+1) | "split"
-    step_variants: list = field(default_factory=list)  # bucket indices of each body (ORT: [[0], all]); [] = flat
+    kv_pool_layout: str = "split"  # "slots" (ORT) | "split" (TRT) | "paired" (ORT engines before 0.20); see kv_pool_layout
+    step_variants: list = field(default_factory=list)  # bucket indices of each paged body (ORT: [[0], all] or [all]); [] = flat
+    contiguous_decode: bool = False  # a GroupQueryAttention body for one sequence on blocks 0, 1, ...
     node_count: int = 0
     op_counts: dict = field(default_factory=dict)
 
@@ -140,7 +145,7 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     # Step-level values shared by every layer.
     cos, sin = emit_rope_tables(g, target, cfg, positions, max_positions)
     cos, sin = emit_head_tables(g, target, cos, sin, d.num_heads + d.num_kv_heads, d.num_heads + 2 * d.num_kv_heads)
-    scatter_index = emit_write_index(g, d, write_index, kv_pool_paired(target))
+    scatter_index = emit_write_index(g, d, write_index, kv_pool_layout(target))
 
     emb_t = tensors["transformer.vocab_embedding.weight"]
     lm_lin, tied, lm_kind, tied_blocks = _choose_lm_head(tensors, reader, emb_t, lm_head)
@@ -152,33 +157,50 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     pools = [KVPool(g, target, d, i, kvq or "float", reader.layer(i).kv_cache_scale)
              for i in range(cfg.num_hidden_layers)]
 
-    def layers(active: list[BucketInputs], x: str, out_names: bool,
-               rows_in_order: bool = False) -> tuple[str, list[str]]:
-        """The decoder layers over the given attention buckets: (hidden, updated pool tensors)."""
-        emit_step_masks(g, target, d, active)
+    def layers(active: list[BucketInputs], x: str, out_names: bool, rows_in_order: bool = False,
+               contig: ContiguousStep | None = None) -> tuple[str, list[str]]:
+        """The decoder layers over the given attention buckets (or, with `contig`, over one
+        sequence's contiguous cache): (hidden, updated pool tensors)."""
+        if contig is None:
+            emit_step_masks(g, target, d, active)
         updated, skip = [], None
         for i in range(cfg.num_hidden_layers):
             x, skip, written = _emit_layer(g, target, d, cfg, reader.layer(i), i, x, skip, pools[i], cos, sin,
-                                           scatter_index, active, out_index, out_names, rows_in_order)
+                                           scatter_index, active, out_index, out_names, rows_in_order, contig)
             updated += written
         return g.op("Add", [x, skip], name="residual_last_layer"), updated
 
     variants = step_variants(target, buckets)
+    cos_np, sin_np = rope_tables(cfg, max_positions)
+    contiguous = len(variants) > 1 and contiguous_decode(target, pools[0], cos_np, sin_np, d.sliding_window)
     if len(variants) == 1:
         x, _ = layers(buckets, x, out_names=True)
     else:
-        # ONNX Runtime: one If per step picks the body built for the buckets in use (see
-        # `step_variants`); weights and step-level tables live in the outer graph, shared.
-        cond = emit_variant_cond(g, buckets, variants[0], input_ids)
-        with g.branch() as then_nodes:
-            then_x, then_pools = layers(variants[0], x, out_names=False, rows_in_order=True)
-        with g.branch() as else_nodes:
-            else_x, else_pools = layers(variants[1], x, out_names=False)
+        # ONNX Runtime: one If per step picks one of two bodies; weights and step-level tables live
+        # in the outer graph, shared. The first body: one token of one sequence whose cache is
+        # slots [0, position], each layer's attention one GroupQueryAttention on the shared cache
+        # (`emit_contiguous_attention`), when the pool is a float cache; else steps whose rows all
+        # sit in bucket 0 (`step_variants`). The second: any step. (A third body, the one-bucket
+        # one inside the first's If or the second's, ran 10x slower: ORT then copied every pool
+        # tensor through the inner If's outputs, measured, ORT 1.32.)
+        if contiguous:
+            variants = [buckets]
+            cond = emit_contiguous_cond(g, buckets, input_ids)
+        else:
+            cond = emit_variant_cond(g, buckets, variants[0], input_ids)
+        with g.branch() as first_nodes:
+            if contiguous:
+                step = emit_contiguous_step(g, target, positions, cos_np, sin_np)
+                first_x, first_pools = layers([], x, out_names=False, contig=step)
+            else:
+                first_x, first_pools = layers(variants[0], x, out_names=False, rows_in_order=True)
+        with g.branch() as any_nodes:
+            any_x, any_pools = layers(buckets, x, out_names=False)
         pool_outs = [dst for pool in pools for _, dst in pool.names.values()]
-        outs = g.if_multi(cond, then_nodes, [then_x, *then_pools], else_nodes, [else_x, *else_pools],
-                          [target.dtype] + [pools[0].pool_type] * len(pool_outs), VARIANT_IF,
-                          outputs=[g.fresh("hidden_last_layer"), *pool_outs])
-        x = outs[0]
+        x = g.if_multi(cond, first_nodes, [first_x, *first_pools], any_nodes, [any_x, *any_pools],
+                       [target.dtype] + [pools[0].pool_type] * len(pool_outs),
+                       CONTIGUOUS_IF if contiguous else VARIANT_IF,
+                       outputs=[g.fresh("hidden_last_layer"), *pool_outs])[0]
     pool = pools[-1]
 
     last = g.op("Gather", [x, logits_index], name="logits_rows", axis=0)
@@ -194,41 +216,64 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     read_bytes = g.weight_bytes - (0 if tied and lm_kind == "float" else emb_bytes)
     return model, _graph_spec(model, cfg, target, d, kvq, pool, buckets, num_buckets, block_size,
                               max_positions, g.weight_bytes, read_bytes, lm_kind,
-                              [[buckets.index(bk) for bk in v] for v in variants] if len(variants) > 1 else [])
+                              [[buckets.index(bk) for bk in v] for v in variants] if len(variants) > 1 or contiguous
+                              else [], contiguous)
 
 
 VARIANT_IF = "step_variant_if"
+CONTIGUOUS_IF = "contiguous_decode_if"
+
+
+def _if_branches(graph: onnx.GraphProto, prefix: str) -> tuple[onnx.GraphProto, onnx.GraphProto] | None:
+    for n in graph.node:
+        if n.op_type == "If" and n.name.startswith(prefix):
+            branches = {a.name: a.g for a in n.attribute}
+            return branches["then_branch"], branches["else_branch"]
+    return None
 
 
 def step_bodies(model: onnx.ModelProto) -> list[onnx.GraphProto]:
-    """The decoder-layer bodies of a built graph, in `step_variants` order: [one decode bucket, all
-    buckets] for ONNX Runtime graphs with step variants, else [the (flat) graph itself]."""
-    for n in model.graph.node:
-        if n.op_type == "If" and n.name.startswith(VARIANT_IF):
-            branches = {a.name: a.g for a in n.attribute}
-            return [branches["then_branch"], branches["else_branch"]]
-    return [model.graph]
+    """The paged decoder-layer bodies of a built graph, in `step_variants` order: [one decode
+    bucket, all buckets] or [all buckets] (the other body is the contiguous one, `contiguous_body`)
+    for ONNX Runtime graphs, [the (flat) graph itself] for TensorRT ones."""
+    contig = _if_branches(model.graph, CONTIGUOUS_IF)
+    if contig:
+        return [contig[1]]
+    variants = _if_branches(model.graph, VARIANT_IF)
+    return list(variants) if variants else [model.graph]
+
+
+def contiguous_body(model: onnx.ModelProto) -> onnx.GraphProto | None:
+    """The GroupQueryAttention body of a built graph (`emit_contiguous_attention`), if it has one."""
+    contig = _if_branches(model.graph, CONTIGUOUS_IF)
+    return contig[0] if contig else None
 
 
 def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: CheckpointConfig, lw, i: int, x: str,
                 skip: str | None, pool: KVPool, cos: str, sin: str, scatter_index: str, buckets, out_index,
-                out_names: bool = True, rows_in_order: bool = False) -> tuple[str, str, list[str]]:
+                out_names: bool = True, rows_in_order: bool = False,
+                contig: ContiguousStep | None = None) -> tuple[str, str, list[str]]:
     """One decoder layer: pre-norm attention over the paged KV pool, then the gated MLP. Returns
     (residual stream, MLP output, updated pools): the MLP's residual add is left to the next
     layer's norm (`emit_add_rmsnorm`: one kernel on ONNX Runtime), `skip` is the previous layer's.
     Q, K and V share one Reshape, one RoPE (the identity on V) and one Split (fewer, fatter nodes
-    per layer)."""
+    per layer). With `contig` (the contiguous single-sequence body) RoPE, the KV write and attention
+    are one GroupQueryAttention."""
     p = LAYER.format(i=i).rstrip(".")  # node names follow the checkpoint names
     kv_heads = 2 * d.num_kv_heads
     w_in, qkv_lin = _fold_pre_scale(target, lw.input_layernorm, lw.qkv)
     h, x = emit_add_rmsnorm(g, target, x, skip, w_in, cfg.norm_epsilon, f"{p}.input_layernorm")
     qkv = emit_linear(g, target, h, qkv_lin, f"{p}.attention.qkv")
-    # Heads first: q, k, v stay [T, heads, hd] (no per-part reshapes); K and V stay adjacent.
-    qkv3 = g.op("Reshape", [qkv, g.const([0, d.num_heads + kv_heads, d.head_dim])], name=f"l{i}_qkv_heads")
-    qkv3 = emit_rope(g, qkv3, cos, sin, d.head_dim, f"l{i}_rope")
-    q3, kv3 = g.op("Split", [qkv3, g.const([d.num_heads, kv_heads])], n_out=2, name=f"l{i}_q_kv_split", axis=1)
-    attn, written = emit_paged_attention(g, target, d, pool, q3, kv3, scatter_index, buckets, out_index, out_names,
-                                         rows_in_order)
+    if contig is not None:
+        attn, written = emit_contiguous_attention(g, d, pool, qkv, contig, out_names)
+    else:
+        # Heads first: q, k, v stay [T, heads, hd] (no per-part reshapes), one RoPE for all three.
+        qkv3 = g.op("Reshape", [qkv, g.const([0, d.num_heads + kv_heads, d.head_dim])], name=f"l{i}_qkv_heads")
+        qkv3 = emit_rope(g, qkv3, cos, sin, d.head_dim, f"l{i}_rope")
+        q3, k3, v3 = g.op("Split", [qkv3, g.const([d.num_heads, d.num_kv_heads, d.num_kv_heads])], n_out=3,
+                          name=f"l{i}_qkv_split", axis=1)
+        attn, written = emit_paged_attention(g, target, d, pool, q3, k3, v3, scatter_index, buckets, out_index,
+                                             out_names, rows_in_order)
     attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
     w_post, gate_up = _fold_pre_scale(target, lw.post_layernorm, lw.gate_up)
     h, x = emit_add_rmsnorm(g, target, x, attn, w_post, cfg.norm_epsilon, f"{p}.post_layernorm")
@@ -275,7 +320,7 @@ def _emit_lm_head(g: GraphBuilder, target: Target, lm_lin: QLinear, tied: bool, 
 
 def _graph_spec(model: onnx.ModelProto, cfg: CheckpointConfig, target: Target, d: AttentionDims, kvq: str | None,
                 pool: KVPool, buckets, num_buckets: int, block_size: int, max_positions: int,
-                weight_bytes: int, read_bytes: int, lm_kind: str, variants: list) -> GraphSpec:
+                weight_bytes: int, read_bytes: int, lm_kind: str, variants: list, contiguous: bool) -> GraphSpec:
     """What the runtime must know about the graph it loads (KV layout, buckets, dtypes) and what
     the benchmarks report (bytes read per decode step, op counts)."""
     counts: dict[str, int] = {}
@@ -287,4 +332,4 @@ def _graph_spec(model: onnx.ModelProto, cfg: CheckpointConfig, target: Target, d
                      int(pool.pool_type), DTYPE_OF[target.dtype], max_positions,
                      [bk.impl for bk in buckets], bucket_kinds(num_buckets), target.backend,
                      weight_bytes, read_bytes, lm_kind, True, [bk.guarded for bk in buckets],
-                     "paired" if pool.paired else "split", variants, len(nodes), counts)
+                     pool.layout, variants, contiguous, len(nodes), counts)

@@ -161,6 +161,8 @@ def describe_engine(path: str | Path, verify: bool = False) -> dict[str, Any]:
         "source": data.get("source"),
         "graph_nodes": graph.get("node_count"),  # every step body's (see engine.graph.step_variants)
         "step_variants": graph.get("step_variants") or None,
+        "contiguous_decode": bool(graph.get("contiguous_decode")),  # the GroupQueryAttention body
+        "kv_pool_layout": graph.get("kv_pool_layout", "split"),
         "size_on_disk_bytes": dir_size(path),
         "integrity": ("no record (built by an older llmc)" if checked is None else
                       f"{len(checked)} files {'verified (full xxh3-128 digests)' if verify else 'present, sizes match (--verify hashes them)'}"),

@@ -1,23 +1,23 @@
 """Paged attention over packed tokens of many sequences, from standard ONNX ops.
 
-KV pool (owned by the runtime, bound once), head-major (see KVPool): on ONNX Runtime one tensor
-per layer, [kv_heads, 2 * num_blocks, block_size, head_dim], block b's keys at 2b and its values
-at 2b + 1 (K and V are written by one ScatterND); on TensorRT two, key and value, each
-[kv_heads, num_blocks, block_size, head_dim]. Position p of a sequence lives at block
-block_table[p // block_size], offset p % block_size.
+KV pool (owned by the runtime, bound once), head-major (see KVPool), two tensors per layer, key
+and value: on ONNX Runtime each [1, kv_heads, num_blocks * block_size, head_dim] ("slots" layout:
+token slot s = block * block_size + offset, the BNSH cache layout of its GroupQueryAttention
+kernel); on TensorRT each [kv_heads, num_blocks, block_size, head_dim] ("split"), the same bytes.
+Position p of a sequence lives at block block_table[p // block_size], offset p % block_size.
 
 Per step and per layer:
 1. Write: the new K (after RoPE) and V of every packed token go to their slots with one ScatterND
-   per pool tensor (indices [T, heads, 3] = (head, block, offset), built once per step). The
-   ScatterND output is a graph output that the runtime binds to the same buffer as the input
-   pool, so ONNX Runtime updates it in place (its ScatterND skips the copy when input and output
-   alias): ~10-30 us, independent of the pool size (measured up to 100 MB per tensor).
+   per pool tensor (indices [T, kvH, 3], built once per step). The ScatterND output is a graph
+   output that the runtime binds to the same buffer as the input pool, so ONNX Runtime updates
+   it in place (its ScatterND skips the copy when input and output alias): ~10-30 us,
+   independent of the pool size (measured up to 100 MB per tensor).
 2. Read: query tokens are grouped into "rows" of Qt tokens of one sequence, and rows into a fixed
    number of buckets, each with its own row count R, Qt and block count MB chosen per step by
    the runtime (llmc.engine.step): decode buckets take 1-token rows, split by context length so
    short sequences do not pay for the longest one; the last bucket takes prefill chunks. A
-   bucket gathers its rows' blocks ([R, MB] block ids -> K/V [kvH, R, MB*bs, hd], one copy)
-   and runs attention with a boolean mask key_pos <= query_pos (and > query_pos - window for
+   bucket gathers its rows' blocks -> K/V [kvH, R, MB*bs, hd], one copy, and runs
+   attention with a boolean mask key_pos <= query_pos (and > query_pos - window for
    sliding-window models). A row costs Qt x its bucket's context, not batch x total context.
 3. The buckets' outputs are concatenated and gathered back to packed token order.
 
@@ -25,6 +25,13 @@ Attention itself: the standard `Attention` node (opset 23) for prefill rows (and
 TensorRT >= 10.14); for decode rows on ONNX Runtime CPU an exact MatMul/Softmax form in which the
 G query heads of a group share their K/V head, so K/V are read once (ORT's Attention kernel runs
 one GEMV per query head: 1.8x slower at 16 rows x 576 keys, measured).
+
+Single-sequence decode over a contiguous table (`emit_contiguous_attention`, ONNX Runtime, float
+KV): when the step is one token of one sequence whose block table is 0, 1, ..., its cache is
+slots [0, position] of the pool, which is exactly the shared past/present buffer that ORT's
+GroupQueryAttention reads and appends to in place, so RoPE, the KV write and grouped attention
+are one kernel per layer instead of ~18 (`llmc.runtime.kv_blocks` hands a lone sequence such a
+table).
 """
 
 from __future__ import annotations
@@ -114,8 +121,6 @@ class BucketInputs:
     impl: str = "fused"  # "fused" | "decomposed"
     q_shape: str = ""    # int64 [4] = (R, Qt, H, hd), computed once per step
     kv_shape: str = ""   # (kvH, R, MB*bs, hd): gathered K/V
-    k_blocks: str = ""   # paired pool: 2 * kv_blocks, the rows' key blocks (computed once per step)
-    v_blocks: str = ""   # paired pool: 2 * kv_blocks + 1, the value blocks
     qg_shape: str = ""   # (kvH, R, G*Qt, hd): grouped queries (decomposed form)
     o5_shape: str = ""   # (kvH, R, G, Qt, hd): grouped output (decomposed form)
     rows_shape: str = "" # output rows: (R*Qt, H*hd), or (kvH, R*Qt, G, hd) in the grouped output layout
@@ -205,9 +210,6 @@ def emit_step_masks(g: GraphBuilder, t: Target, d: AttentionDims, buckets: list[
                   name=f"bucket{b}_mb", axis=0)
         keys1 = g.op("Mul", [mb, g.const(d.block_size)], name=f"bucket{b}_num_keys1")
         bk.kv_shape = g.op("Concat", [kvh, rows, keys1, hd], name=f"bucket{b}_kv_gathered_shape", axis=0)
-        if kv_pool_paired(t):
-            bk.k_blocks = g.op("Mul", [bk.kv_blocks, g.const(2)], name=f"bucket{b}_k_blocks")
-            bk.v_blocks = g.op("Add", [bk.k_blocks, g.const(1)], name=f"bucket{b}_v_blocks")
         gqt = g.op("Mul", [qt, g.const(d.groups)], name=f"bucket{b}_g_qt")
         bk.qg_shape = g.op("Concat", [kvh, rows, gqt, hd], name=f"bucket{b}_qg_shape", axis=0)
         bk.o5_shape = g.op("Concat", [kvh, rows, g.const([d.groups]), qt, hd], name=f"bucket{b}_o5_shape", axis=0)
@@ -280,51 +282,52 @@ def emit_variant_cond(g: GraphBuilder, buckets: list[BucketInputs], first: list[
     return cond
 
 
-def kv_pool_paired(t: Target) -> bool:
-    """K and V of a layer in one pool tensor (ONNX Runtime), a block's keys and values side by side
-    along the block axis: one ScatterND per layer writes both, and each of the two Gathers per
-    bucket still yields K or V alone (no copy to split them). TensorRT keeps two tensors per layer:
-    its runtime ping-pongs every pool tensor between two buffers and its profiles name each one."""
-    return not t.is_trt
+def kv_pool_layout(t: Target) -> str:
+    """"slots" on ONNX Runtime: K and V of a layer each [1, kvH, num_blocks * bs, hd], the cache
+    layout GroupQueryAttention shares in place (`emit_contiguous_attention`); "split" on TensorRT:
+    [kvH, num_blocks, bs, hd], the same bytes. (Older ONNX Runtime engines kept a layer's K and V
+    in one "paired" tensor: one ScatterND per layer instead of two, but no kernel can read it as a
+    cache; the runtime still runs them.)"""
+    return "split" if t.is_trt else "slots"
 
 
-def emit_write_index(g: GraphBuilder, d: AttentionDims, write_index: str, paired: bool) -> str:
-    """[T, 2] (block, offset) -> ScatterND indices (head, block, offset), once per step:
-    [T, kvH, 3] for a key or value pool tensor; [T, 2 * kvH, 3] for a paired pool, whose updates
-    are the K heads then the V heads (K of block b at pool block 2b, V at 2b + 1)."""
+def emit_write_index(g: GraphBuilder, d: AttentionDims, write_index: str, layout: str) -> str:
+    """[T, 2] (block, offset) -> ScatterND indices [T, kvH, 3] for a key or value pool tensor, once
+    per step: (0, head, block * bs + offset) for the "slots" layout, (head, block, offset) for
+    "split"."""
     kvh = d.num_kv_heads
-    heads = 2 * kvh if paired else kvh
     t_len = g.op("Gather", [g.op("Shape", [write_index], name="kv_write_shape"), g.const([0])],
                  name="kv_write_T", axis=0)
-    shape = g.op("Concat", [t_len, g.const([heads, 1])], name="kv_write_col_shape", axis=0)
-    head_ids = g.const(np.arange(heads, dtype=np.int64).reshape(1, -1, 1) % kvh)
-    hcol = g.op("Expand", [head_ids, shape], name="kv_write_heads")                         # [T, heads, 1]
-    wi = g.op("Unsqueeze", [write_index, g.const([1])], name="kv_write_bo")                 # [T, 1, 2]
-    if not paired:
-        shape_bo = g.op("Concat", [t_len, g.const([heads, 2])], name="kv_write_bo_shape", axis=0)
-        bo = g.op("Expand", [wi, shape_bo], name="kv_write_bo_heads")                       # [T, heads, 2]
-        return g.op("Concat", [hcol, bo], name="kv_write_index_hbo", axis=-1)               # [T, heads, 3]
-    blk, off = g.op("Split", [wi, g.const([1, 1])], n_out=2, name="kv_write_b_o", axis=-1)  # [T, 1, 1] each
-    kind = g.const(np.repeat(np.arange(2, dtype=np.int64), kvh).reshape(1, -1, 1))          # 0 = K, 1 = V
-    bcol = g.op("Add", [g.op("Mul", [blk, g.const(2)], name="kv_write_2b"), kind], name="kv_write_blocks")
-    ocol = g.op("Expand", [off, shape], name="kv_write_offsets")
-    return g.op("Concat", [hcol, bcol, ocol], name="kv_write_index_hbo", axis=-1)           # [T, 2kvH, 3]
+    shape = g.op("Concat", [t_len, g.const([kvh, 1])], name="kv_write_col_shape", axis=0)
+    head_ids = g.const(np.arange(kvh, dtype=np.int64).reshape(1, -1, 1))
+    hcol = g.op("Expand", [head_ids, shape], name="kv_write_heads")                         # [T, kvH, 1]
+    if layout == "split":
+        wi = g.op("Unsqueeze", [write_index, g.const([1])], name="kv_write_bo")             # [T, 1, 2]
+        shape_bo = g.op("Concat", [t_len, g.const([kvh, 2])], name="kv_write_bo_shape", axis=0)
+        bo = g.op("Expand", [wi, shape_bo], name="kv_write_bo_heads")                       # [T, kvH, 2]
+        return g.op("Concat", [hcol, bo], name="kv_write_index_hbo", axis=-1)               # [T, kvH, 3]
+    blk, off = g.op("Split", [write_index, g.const([1, 1])], n_out=2, name="kv_write_b_o", axis=-1)  # [T, 1] each
+    slot = g.op("Add", [g.op("Mul", [blk, g.const(d.block_size)], name="kv_write_block_slot0"), off],
+                name="kv_write_slot")                                                       # [T, 1]
+    scol = g.op("Expand", [g.op("Unsqueeze", [slot, g.const([1])], name="kv_write_slot3"), shape],
+                name="kv_write_slots")                                                      # [T, kvH, 1]
+    return g.op("Concat", [g.op("Mul", [hcol, g.const(0)], name="kv_write_batch"), hcol, scol],
+                name="kv_write_index_0hs", axis=-1)                                         # [T, kvH, 3]
 
 
 class KVPool:
-    """Declares one layer's pool tensor(s) and emits the quantize-on-write / dequantize-on-read.
+    """Declares one layer's pool tensors (`kv_pool.{l}.key` and `.value`, see `kv_pool_layout`) and
+    emits the quantize-on-write / dequantize-on-read.
 
-    Layout: [kv_heads, blocks, block_size, head_dim] (head-major): gathering a row's blocks along
-    axis 1 yields [kvH, R, MB*bs, hd] directly, the operand layout of the grouped-query MatMuls,
-    so a K/V element is copied exactly once per step (by the Gather). Paired (`kv_pool_paired`): one
-    tensor `kv_pool.{l}` of 2 * num_blocks blocks (keys of block b at 2b, values at 2b + 1); else
-    `kv_pool.{l}.key` and `kv_pool.{l}.value` of num_blocks each.
+    Head-major: gathering a row's blocks (from `block_views`) yields [kvH, R, MB*bs, hd]
+    directly, the operand layout of the grouped-query MatMuls, so a K/V element is copied exactly
+    once per step (by the Gather).
     """
 
     def __init__(self, g: GraphBuilder, t: Target, d: AttentionDims, layer: int, kv_dtype: str,
                  kv_scale: float | None):
         self.g, self.t, self.d, self.layer = g, t, d, layer
-        self.paired = kv_pool_paired(t)
+        self.layout = kv_pool_layout(t)
         self.quant = kv_dtype if kv_dtype in KV_ONNX_TYPES else None
         if self.quant and kv_scale is None:
             raise ValueError(f"layer {layer}: quantized KV cache without kv_cache_scaling_factor")
@@ -338,49 +341,59 @@ class KVPool:
             self.scale = g.const(np.float32(kv_scale), t.dtype, hint=f"kv_scale_{layer}")
             self.zp = g.const(np.zeros((), np.float32) if self.quant == "fp8" else np.int8(0),
                               KV_ONNX_TYPES[self.quant], hint=f"kv_zp_{self.quant}")
-        self.kinds = ("kv",) if self.paired else ("key", "value")
-        shape = [d.num_kv_heads, "pool_blocks" if self.paired else "num_blocks", d.block_size, d.head_dim]
+        shape = ([1, d.num_kv_heads, "num_slots", d.head_dim] if self.layout == "slots" else
+                 [d.num_kv_heads, "num_blocks", d.block_size, d.head_dim])
         self.names = {}
-        for kind in self.kinds:
-            src = g.input(f"kv_pool.{layer}" if self.paired else f"kv_pool.{layer}.{kind}", self.pool_type, shape)
+        for kind in ("key", "value"):
+            src = g.input(f"kv_pool.{layer}.{kind}", self.pool_type, shape)
             dst = f"{src}.out"
             g.output(dst, self.pool_type, shape)
             self.names[kind] = (src, dst)
 
-    def write(self, kv_new: str, write_index: str, out_names: bool = True) -> dict[str, str]:
-        """Store the new rows kv_new [T, 2 * kvH, hd] (K heads, then V heads); returns the updated
-        pool tensor per kind (ScatterND outputs, bound to the input buffers: written in place).
+    @property
+    def as_cache(self) -> bool:
+        """The pool tensors are a float BNSH cache that GroupQueryAttention can share in place."""
+        return self.layout == "slots" and self.quant is None
+
+    def write(self, new: dict[str, str], write_index: str, out_names: bool = True) -> dict[str, str]:
+        """Store the new rows {"key": [T, kvH, hd], "value": [T, kvH, hd]}; returns the updated pool
+        tensor per kind (ScatterND outputs, bound to the input buffers: written in place).
         out_names: the ScatterND outputs are the graph outputs themselves (else fresh names, for a
         step variant's body whose If node carries the graph outputs)."""
         g, layer = self.g, self.layer
-        parts = {"kv": kv_new} if self.paired else dict(zip(self.kinds, g.op(
-            "Split", [kv_new, g.const([self.d.num_kv_heads] * 2)], n_out=2, name=f"l{layer}_kv_split", axis=1)))
         out = {}
-        for kind, new in parts.items():
+        for kind, rows in new.items():
             if self.fp8_bits:
-                new = emit_fp8_bits(g, self.t, new, self.scale, f"l{layer}_{kind}_kvq")
+                rows = emit_fp8_bits(g, self.t, rows, self.scale, f"l{layer}_{kind}_kvq")
             elif self.quant:
-                q = g.op("QuantizeLinear", [new, self.scale, self.zp], name=f"l{layer}_{kind}_kvq")
-                new = q if self.native else g.op("DequantizeLinear", [q, self.scale, self.zp],
+                q = g.op("QuantizeLinear", [rows, self.scale, self.zp], name=f"l{layer}_{kind}_kvq")
+                rows = q if self.native else g.op("DequantizeLinear", [q, self.scale, self.zp],
                                                   name=f"l{layer}_{kind}_kvfq")
             src, dst = self.names[kind]
-            out[kind] = g.op("ScatterND", [src, write_index, new], name=f"l{layer}_{kind}_write",
+            out[kind] = g.op("ScatterND", [src, write_index, rows], name=f"l{layer}_{kind}_write",
                              outputs=[dst] if out_names else None)
         return out
 
-    def read(self, pools: dict[str, str], bk: BucketInputs, b: int) -> tuple[str, str]:
-        """Gather a bucket's blocks: (K, V), each [kvH, R, MB*bs, hd] in the compute dtype."""
-        if self.paired:
-            return (self._read_one(pools["kv"], bk.k_blocks, "key", bk, b),
-                    self._read_one(pools["kv"], bk.v_blocks, "value", bk, b))
-        return (self._read_one(pools["key"], bk.kv_blocks, "key", bk, b),
-                self._read_one(pools["value"], bk.kv_blocks, "value", bk, b))
+    def block_views(self, pools: dict[str, str]) -> dict[str, str]:
+        """The updated pool tensors as [kvH, num_blocks, bs, hd], once per layer: a "slots" tensor
+        through a Reshape, which ONNX Runtime runs as a view of the same buffer (measured: 4 us on
+        a 50 MB pool), so buckets gather whole blocks (slot-by-slot gathers, 256-byte copies,
+        measured 0.93x in-flight throughput)."""
+        if self.layout != "slots":
+            return pools
+        shape = self.g.const([self.d.num_kv_heads, -1, self.d.block_size, self.d.head_dim])
+        return {kind: self.g.op("Reshape", [t, shape], name=f"l{self.layer}_{kind}_blocks")
+                for kind, t in pools.items()}
 
-    def _read_one(self, pool: str, block_ids: str, kind: str, bk: BucketInputs, b: int) -> str:
+    def read(self, views: dict[str, str], bk: BucketInputs, b: int) -> tuple[str, str]:
+        """Gather a bucket's blocks from `block_views`: (K, V), each [kvH, R, MB*bs, hd] in the
+        compute dtype."""
+        return self._read_one(views["key"], "key", bk, b), self._read_one(views["value"], "value", bk, b)
+
+    def _read_one(self, view: str, kind: str, bk: BucketInputs, b: int) -> str:
         g = self.g
-        blocks = g.op("Gather", [pool, block_ids], name=f"l{self.layer}_b{b}_{kind}_gather", axis=1)
-        flat = g.op("Reshape", [blocks, bk.kv_shape],
-                    name=f"l{self.layer}_b{b}_{kind}")
+        blocks = g.op("Gather", [view, bk.kv_blocks], name=f"l{self.layer}_b{b}_{kind}_gather", axis=1)
+        flat = g.op("Reshape", [blocks, bk.kv_shape], name=f"l{self.layer}_b{b}_{kind}")
         if self.fp8_bits:
             flat = emit_fp8_decode(g, self.t, flat, self.scale, f"l{self.layer}_b{b}_{kind}_dq")
         elif self.native:  # int8: Cast * scale is DequantizeLinear's arithmetic; a DQ here would be
@@ -388,6 +401,83 @@ class KVPool:
             f = g.op("Cast", [flat], name=f"l{self.layer}_b{b}_{kind}_f", to=self.t.dtype)
             flat = g.op("Mul", [f, self.scale], name=f"l{self.layer}_b{b}_{kind}_dq")
         return flat
+
+
+@dataclass
+class ContiguousStep:
+    """Step-level GroupQueryAttention inputs of the contiguous single-sequence body, computed once
+    per step inside that body (`emit_contiguous_step`)."""
+
+    seqlens_k: str   # int32 [1]: tokens cached before this one (= its position)
+    total: str       # int32 scalar: tokens in the cache after it
+    cos_cache: str   # [max_positions, hd / 2]
+    sin_cache: str
+
+
+def contiguous_decode(t: Target, pool: KVPool, cos: np.ndarray, sin_signed: np.ndarray, sliding_window) -> bool:
+    """Whether a graph gets the contiguous single-sequence body: ONNX Runtime, a float cache, no
+    sliding window, and rotate-half RoPE tables whose halves repeat (what GroupQueryAttention's
+    cos/sin caches of head_dim / 2 columns express)."""
+    half = cos.shape[1] // 2
+    return (pool.as_cache and not sliding_window and np.array_equal(cos[:, :half], cos[:, half:])
+            and np.array_equal(-sin_signed[:, :half], sin_signed[:, half:]))
+
+
+def emit_contiguous_cond(g: GraphBuilder, buckets: list[BucketInputs], input_ids: str) -> str:
+    """bool scalar, once per step: the step is one token of one sequence (bucket 0's only row; every
+    other bucket empty) whose block table is 0, 1, ..., MB - 1, so its cache is slots [0, position]
+    of every pool tensor. Checked, not assumed: any other step runs the paged bodies."""
+    def rows_of(b: int, bk: BucketInputs) -> str:
+        return g.op("Gather", [g.op("Shape", [bk.kv_blocks], name=f"contig_b{b}_shape"), g.const(0)],
+                    name=f"contig_b{b}_rows", axis=0)
+
+    tokens = g.op("Gather", [g.op("Shape", [input_ids], name="contig_t_shape"), g.const(0)], name="contig_tokens",
+                  axis=0)
+    conds = [g.op("Equal", [tokens, g.const(1)], name="contig_one_token"),
+             g.op("Equal", [rows_of(0, buckets[0]), g.const(1)], name="contig_one_row")]
+    conds += [g.op("Equal", [rows_of(b, bk), g.const(0)], name=f"contig_b{b}_empty")
+              for b, bk in enumerate(buckets) if b]
+    blocks = buckets[0].kv_blocks
+    mb = g.op("Gather", [g.op("Shape", [blocks], name="contig_mb_shape"), g.const(1)], name="contig_mb", axis=0)
+    off = g.op("Abs", [g.op("Sub", [blocks, g.op("Range", [g.const(0), mb, g.const(1)], name="contig_order")],
+                            name="contig_diff")], name="contig_absdiff")
+    conds.append(g.op("Equal", [g.op("ReduceSum", [off], name="contig_offsum", keepdims=0), g.const(0)],
+                      name="contig_in_order"))
+    cond = conds[0]
+    for i, c in enumerate(conds[1:]):
+        cond = g.op("And", [cond, c], name=f"contig_cond_{i}")
+    return cond
+
+
+def emit_contiguous_step(g: GraphBuilder, t: Target, positions: str, cos: np.ndarray,
+                         sin_signed: np.ndarray) -> ContiguousStep:
+    """The contiguous body's step inputs (`ContiguousStep`) from the one token's position."""
+    half = cos.shape[1] // 2
+    pos32 = g.op("Cast", [positions], name="contig_seqlens_k", to=TensorProto.INT32)   # [1]
+    total = g.op("Squeeze", [g.op("Add", [pos32, g.const(np.int32(1), TensorProto.INT32)], name="contig_total1")],
+                 name="contig_total")
+    return ContiguousStep(pos32, total, g.weight("rope.cos_half", np.ascontiguousarray(cos[:, :half]), t.dtype),
+                          g.weight("rope.sin_half", np.ascontiguousarray(sin_signed[:, half:]), t.dtype))
+
+
+def emit_contiguous_attention(g: GraphBuilder, d: AttentionDims, pool: KVPool, qkv: str, step: ContiguousStep,
+                              out_names: bool = True) -> tuple[str, list[str]]:
+    """qkv [1, (H + 2 kvH) * hd] (one token, before RoPE) -> (attention output [1, H * hd], the
+    updated pool tensors): one com.microsoft GroupQueryAttention over the packed QKV with RoPE
+    (do_rotary), reading slots [0, position] of the pool tensors as its past and writing the new
+    K/V at slot `position` of the same buffers (past and present bound to one buffer: ORT appends
+    in place instead of copying the past)."""
+    layer = pool.layer
+    q3 = g.op("Unsqueeze", [qkv, g.const([0])], name=f"l{layer}_qkv_bsd")                 # [1, 1, D]
+    (k_src, k_dst), (v_src, v_dst) = pool.names["key"], pool.names["value"]
+    outs = [g.fresh(f"l{layer}_gqa")] + ([k_dst, v_dst] if out_names else
+                                          [g.fresh(f"l{layer}_key_present"), g.fresh(f"l{layer}_value_present")])
+    y, k_out, v_out = g.op("GroupQueryAttention", [q3, "", "", k_src, v_src, step.seqlens_k, step.total,
+                                                   step.cos_cache, step.sin_cache],
+                           name=f"l{layer}_gqa", outputs=outs, domain="com.microsoft",
+                           num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+                           scale=float(1.0 / np.sqrt(d.head_dim)))
+    return g.op("Squeeze", [y, g.const([0])], name=f"l{layer}_gqa_rows"), [k_out, v_out]
 
 
 def _attend_fused(g: GraphBuilder, d: AttentionDims, q4: str, k: str, v: str, bk: BucketInputs, name: str) -> str:
@@ -447,10 +537,10 @@ def _attend_decode_rows(g: GraphBuilder, t: Target, d: AttentionDims, qt: str, k
     return g.op("MatMul", [probs, v], name=f"{name}_pv")                           # [kvH, R, G, hd]
 
 
-def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVPool, q: str, kv_new: str,
-                         write_index: str, buckets: list[BucketInputs], out_index: str,
+def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVPool, q: str, k_new: str,
+                         v_new: str, write_index: str, buckets: list[BucketInputs], out_index: str,
                          out_names: bool = True, rows_in_order: bool = False) -> tuple[str, list[str]]:
-    """q [T, H, hd], kv_new [T, 2*kvH, hd] (K heads, then V heads) -> (attention output [T, H*hd]
+    """q [T, H, hd], k_new and v_new [T, kvH, hd] -> (attention output [T, H*hd]
     in packed order, the updated pool tensors).
 
     write_index: the ScatterND indices from `emit_write_index` (for the pool's head count).
@@ -458,15 +548,16 @@ def emit_paged_attention(g: GraphBuilder, t: Target, d: AttentionDims, pool: KVP
     one-bucket step variant): no query or output row Gather.
     """
     layer = pool.layer
-    pools = pool.write(kv_new, write_index, out_names)
+    pools = pool.write({"key": k_new, "value": v_new}, write_index, out_names)
     written = list(pools.values())
+    views = pool.block_views(pools)
     outs = []
     grouped = [grouped_decode(bk) for bk in buckets]
     grouped_out = any(grouped)  # grouped_output(buckets)
     q_grouped = _grouped_queries(g, d, q, layer) if grouped_out else None
     for b, bk in enumerate(buckets):
         def attend(b=b, bk=bk) -> str:
-            kb, vb = pool.read(pools, bk, b)
+            kb, vb = pool.read(views, bk, b)
             name = f"l{layer}_b{b}_attention"
             if grouped[b] and rows_in_order:
                 return _attend_decode_rows(g, t, d, q_grouped, kb, vb, bk, name)

@@ -1,12 +1,14 @@
 """ONNX Runtime (CPU) execution of an engine graph, with the KV pool bound once.
 
 - The pool is one numpy allocation, zero-filled and pre-faulted at allocation (first-touch page
-  faults cost more than the writes). "paired" graphs (ONNX Runtime builds): [layers, kv_heads,
-  num_blocks, 2 (K/V), block_size, head_dim], one OrtValue per layer viewed as [kv_heads,
-  2 * num_blocks, block_size, head_dim]; "split" graphs (older builds): [layers, 2, kv_heads,
-  num_blocks, block_size, head_dim], one OrtValue per layer's keys and one per its values. Each
-  is wrapped without copying and bound both as the graph's pool input and as the matching `.out`
-  output, so the in-graph ScatterND writes new K/V in place.
+  faults cost more than the writes): [layers, 2 (K/V), kv_heads, num_blocks, block_size,
+  head_dim], one OrtValue per layer's keys and one per its values, viewed as [1, kv_heads,
+  num_blocks * block_size, head_dim] for "slots" graphs (ONNX Runtime builds) and as [kv_heads,
+  num_blocks, block_size, head_dim] for "split" ones; "paired" graphs (ONNX Runtime engines
+  built before the "slots" layout) take [layers, kv_heads, num_blocks, 2, block_size, head_dim],
+  one OrtValue per layer. Each is wrapped without copying and bound both as the graph's pool input
+  and as the matching `.out` output, so the in-graph ScatterND (or GroupQueryAttention) writes
+  new K/V in place.
   Bindings persist across steps: a step binds only its small index arrays and the logits buffer.
 - FP8 pools are uint8 buffers handed to ORT as float8e4m3fn tensors (same bytes).
 - Session options: intra-op threads = physical cores, spinning workers (LLMC_ORT_THREADS /
@@ -110,6 +112,9 @@ def session_options(threads: int | None = None, int4_accuracy_level: int | None 
     return so
 
 
+KV_POOL_LAYOUTS = ("slots", "split", "paired")  # see llmc.plugins.attention.kv_pool_layout
+
+
 class OrtKVPool:
     """The runtime-owned KV pool: one buffer, per-layer key/value views, OrtValues over them."""
 
@@ -117,8 +122,9 @@ class OrtKVPool:
                  onnx_type: int, layout: str = "split"):
         import onnxruntime as ort
 
-        if layout not in ("split", "paired"):
-            raise LlmcError(f"unknown KV pool layout {layout!r} (this llmc knows split and paired); rebuild the engine")
+        if layout not in KV_POOL_LAYOUTS:
+            raise LlmcError(f"unknown KV pool layout {layout!r} (this llmc knows {', '.join(KV_POOL_LAYOUTS)}); "
+                            "rebuild the engine")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.onnx_type = onnx_type
@@ -142,7 +148,10 @@ class OrtKVPool:
                 self.ortvalues[f"kv_pool.{layer}"] = wrap(self.buffer[layer].reshape(paired_shape))
             else:
                 for kind, name in enumerate(("key", "value")):
-                    self.ortvalues[f"kv_pool.{layer}.{name}"] = wrap(self.buffer[layer, kind])
+                    view = self.buffer[layer, kind]
+                    if layout == "slots":  # the same bytes as one BNSH cache of num_blocks * block_size slots
+                        view = view.reshape(1, num_kv_heads, num_blocks * block_size, head_dim)
+                    self.ortvalues[f"kv_pool.{layer}.{name}"] = wrap(view)
 
     @property
     def nbytes(self) -> int:
