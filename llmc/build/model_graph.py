@@ -87,7 +87,7 @@ class GraphSpec:
     lm_head: str = "float"      # how the logits GEMM is stored: "float" | "int8-blocks" | "quantized"
     empty_buckets: bool = True  # explicit reshape targets: an unused bucket may have zero rows
     guarded_buckets: list = field(default_factory=list)  # per bucket: attention inside If(rows > 0)
-    kv_pool_layout: str = "split"  # "slots" (ORT) | "split" (TRT) | "paired" (ORT engines before 0.20); see kv_pool_layout
+    kv_pool_layout: str = "split"  # "slots" (ORT) | "split" (TRT) | "paired" (older ORT engines); see kv_pool_layout
     step_variants: list = field(default_factory=list)  # bucket indices of each paged body (ORT: [[0], all] or [all]); [] = flat
     contiguous_decode: bool = False  # a GroupQueryAttention body for one sequence on blocks 0, 1, ...
     node_count: int = 0

@@ -254,6 +254,26 @@ def step_variants(t: Target, buckets: list[BucketInputs]) -> list[list[BucketInp
     return [buckets[:1], buckets]
 
 
+def _dim(g: GraphBuilder, x: str, axis: int, name: str) -> str:
+    """int64 scalar: x.shape[axis]."""
+    return g.op("Gather", [g.op("Shape", [x], name=f"{name}_shape"), g.const(axis)], name=name, axis=0)
+
+
+def _is_range(g: GraphBuilder, ids: str, n: str, name: str) -> str:
+    """bool scalar: ids (the last axis, n long; any leading axes) is 0, 1, ..., n - 1."""
+    off = g.op("Abs", [g.op("Sub", [ids, g.op("Range", [g.const(0), n, g.const(1)], name=f"{name}_range")],
+                            name=f"{name}_diff")], name=f"{name}_absdiff")
+    total = g.op("ReduceSum", [off], name=f"{name}_offsum", keepdims=0)
+    return g.op("Equal", [total, g.const(0)], name=name)
+
+
+def _all(g: GraphBuilder, conds: list[str], name: str) -> str:
+    cond = conds[0]
+    for i, c in enumerate(conds[1:]):
+        cond = g.op("And", [cond, c], name=f"{name}_{i}")
+    return cond
+
+
 def emit_variant_cond(g: GraphBuilder, buckets: list[BucketInputs], first: list[BucketInputs],
                       input_ids: str) -> str:
     """bool scalar, once per step: the one-bucket body (`step_variants`) can run this step: every
@@ -261,25 +281,13 @@ def emit_variant_cond(g: GraphBuilder, buckets: list[BucketInputs], first: list[
     which `llmc.engine.step.plan_rows` gives a decode-only step it does not split), so that body
     reads queries and writes outputs without the row Gathers. Checked, not assumed: any other feed
     runs the general body."""
-    conds = []
-    for b, bk in enumerate(buckets):
-        if any(bk is f for f in first):
-            continue
-        rows = g.op("Gather", [g.op("Shape", [bk.kv_blocks], name=f"variant_b{b}_shape"), g.const(0)],
-                    name=f"variant_b{b}_rows", axis=0)
-        conds.append(g.op("Equal", [rows, g.const(0)], name=f"variant_b{b}_empty"))
+    conds = [g.op("Equal", [_dim(g, bk.kv_blocks, 0, f"variant_b{b}_rows"), g.const(0)], name=f"variant_b{b}_empty")
+             for b, bk in enumerate(buckets) if not any(bk is f for f in first)]
     q0 = first[0].q_index
-    rows0 = g.op("Gather", [g.op("Shape", [q0], name="variant_q0_shape"), g.const(0)], name="variant_q0_rows", axis=0)
-    tokens = g.op("Gather", [g.op("Shape", [input_ids], name="variant_t_shape"), g.const(0)], name="variant_tokens", axis=0)
-    conds.append(g.op("Equal", [rows0, tokens], name="variant_q0_all_tokens"))
-    off = g.op("Abs", [g.op("Sub", [q0, g.op("Range", [g.const(0), rows0, g.const(1)], name="variant_q0_order")],
-                            name="variant_q0_diff")], name="variant_q0_absdiff")
-    total = g.op("ReduceSum", [off, g.const([0])], name="variant_q0_offsum", keepdims=0)
-    conds.append(g.op("Equal", [total, g.const(0)], name="variant_q0_in_order"))
-    cond = conds[0]
-    for i, c in enumerate(conds[1:]):
-        cond = g.op("And", [cond, c], name=f"variant_cond_{i}")
-    return cond
+    rows0 = _dim(g, q0, 0, "variant_q0_rows")
+    conds.append(g.op("Equal", [rows0, _dim(g, input_ids, 0, "variant_tokens")], name="variant_q0_all_tokens"))
+    conds.append(_is_range(g, q0, rows0, "variant_q0_in_order"))
+    return _all(g, conds, "variant_cond")
 
 
 def kv_pool_layout(t: Target) -> str:
@@ -426,27 +434,14 @@ def contiguous_decode(t: Target, pool: KVPool, cos: np.ndarray, sin_signed: np.n
 def emit_contiguous_cond(g: GraphBuilder, buckets: list[BucketInputs], input_ids: str) -> str:
     """bool scalar, once per step: the step is one token of one sequence (bucket 0's only row; every
     other bucket empty) whose block table is 0, 1, ..., MB - 1, so its cache is slots [0, position]
-    of every pool tensor. Checked, not assumed: any other step runs the paged bodies."""
-    def rows_of(b: int, bk: BucketInputs) -> str:
-        return g.op("Gather", [g.op("Shape", [bk.kv_blocks], name=f"contig_b{b}_shape"), g.const(0)],
-                    name=f"contig_b{b}_rows", axis=0)
-
-    tokens = g.op("Gather", [g.op("Shape", [input_ids], name="contig_t_shape"), g.const(0)], name="contig_tokens",
-                  axis=0)
-    conds = [g.op("Equal", [tokens, g.const(1)], name="contig_one_token"),
-             g.op("Equal", [rows_of(0, buckets[0]), g.const(1)], name="contig_one_row")]
-    conds += [g.op("Equal", [rows_of(b, bk), g.const(0)], name=f"contig_b{b}_empty")
-              for b, bk in enumerate(buckets) if b]
+    of every pool tensor. Checked, not assumed: any other step runs the paged body."""
     blocks = buckets[0].kv_blocks
-    mb = g.op("Gather", [g.op("Shape", [blocks], name="contig_mb_shape"), g.const(1)], name="contig_mb", axis=0)
-    off = g.op("Abs", [g.op("Sub", [blocks, g.op("Range", [g.const(0), mb, g.const(1)], name="contig_order")],
-                            name="contig_diff")], name="contig_absdiff")
-    conds.append(g.op("Equal", [g.op("ReduceSum", [off], name="contig_offsum", keepdims=0), g.const(0)],
-                      name="contig_in_order"))
-    cond = conds[0]
-    for i, c in enumerate(conds[1:]):
-        cond = g.op("And", [cond, c], name=f"contig_cond_{i}")
-    return cond
+    conds = [g.op("Equal", [_dim(g, input_ids, 0, "contig_tokens"), g.const(1)], name="contig_one_token"),
+             g.op("Equal", [_dim(g, blocks, 0, "contig_b0_rows"), g.const(1)], name="contig_one_row")]
+    conds += [g.op("Equal", [_dim(g, bk.kv_blocks, 0, f"contig_b{b}_rows"), g.const(0)], name=f"contig_b{b}_empty")
+              for b, bk in enumerate(buckets) if b]
+    conds.append(_is_range(g, blocks, _dim(g, blocks, 1, "contig_mb"), "contig_in_order"))
+    return _all(g, conds, "contig_cond")
 
 
 def emit_contiguous_step(g: GraphBuilder, t: Target, positions: str, cos: np.ndarray,
