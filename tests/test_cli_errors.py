@@ -140,3 +140,12 @@ def test_help_is_instant_and_lists_every_command():
              if f"| {m}\n" in r.stderr or f" {m}\n" in r.stderr]
     assert not heavy, f"heavy modules imported at start-up: {heavy}"
     assert elapsed < 3.0
+
+
+def test_bfloat16_onnxruntime_engine_is_refused_before_building(tmp_path, capsys, tiny_checkpoints):
+    """ONNX Runtime's CPU kernels have no bfloat16 (Where, GroupQueryAttention, ...): the build says
+    so at once instead of writing an engine that cannot load."""
+    code, err = run_cli(["build", str(tiny_checkpoints["llama"]), "-o", str(tmp_path / "e"), "--dtype", "bfloat16"],
+                        capsys)
+    assert_user_error(code, err, "bfloat16", "float16")
+    assert not (tmp_path / "e").exists()

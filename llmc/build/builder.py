@@ -61,6 +61,11 @@ def resolve_backend(requested: str, graph_only: bool = False) -> str:
 
 
 def compute_dtype(backend: str, requested: str, ckpt_dtype: str) -> str:
+    if requested == "bfloat16" and backend == "onnxruntime":
+        # ORT 1.32's CPU kernels have no bfloat16 for Where, GroupQueryAttention and others: such an
+        # engine would build and then fail to load.
+        raise UnsupportedError("--dtype bfloat16: ONNX Runtime's CPU kernels do not run bfloat16 graphs; "
+                               "use float32 (the default) or float16")
     if requested != "auto":
         return requested
     if backend == "tensorrt":

@@ -360,8 +360,10 @@ class KVPool:
 
     @property
     def as_cache(self) -> bool:
-        """The pool tensors are a float BNSH cache that GroupQueryAttention can share in place."""
-        return self.layout == "slots" and self.quant is None
+        """The pool tensors are a float BNSH cache that GroupQueryAttention can share in place (its
+        CPU kernel takes float32 and float16, ORT 1.32; not bfloat16)."""
+        return (self.layout == "slots" and self.quant is None
+                and self.pool_type in (TensorProto.FLOAT, TensorProto.FLOAT16))
 
     def write(self, new: dict[str, str], write_index: str, out_names: bool = True) -> dict[str, str]:
         """Store the new rows {"key": [T, kvH, hd], "value": [T, kvH, hd]}; returns the updated pool
