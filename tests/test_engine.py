@@ -275,15 +275,14 @@ def test_ort_graph_pool_is_a_shared_cache_and_contiguous_decode_is_one_kernel(bu
     # per layer: 2 norms, 4 linears (+ their pre-scale Muls when quantized), the MLP's Split and
     # SiLU * up (3), GroupQueryAttention and a reshape each side; per step 4 for its inputs
     assert len(contig.node) == 13 * layers + 4
-    for body, decode_buckets in zip(step_bodies(model), (2,)):
-        top = body.node
-        count = lambda op, part="": sum(1 for n in top if n.op_type == op and part in n.name)  # noqa: E731
-        assert count("ScatterND") == 2 * layers
-        # key and value gathers of the decode buckets (the prefill bucket is inside its If)
-        assert count("Gather", "_key_gather") == count("Gather", "_value_gather") == decode_buckets * layers
-        assert count("Split", "_qkv_split") == layers
-        # queries grouped and output rows once per layer; per bucket only K^T (ORT fuses it into its MatMul)
-        assert count("Transpose") - count("Transpose", "_kt") == 2 * layers
+    (general,) = step_bodies(model)
+    count = lambda op, part="": sum(1 for n in general.node if n.op_type == op and part in n.name)  # noqa: E731
+    assert count("ScatterND") == 2 * layers
+    # key and value gathers of the two decode buckets (the prefill bucket is inside its If)
+    assert count("Gather", "_key_gather") == count("Gather", "_value_gather") == 2 * layers
+    assert count("Split", "_qkv_split") == layers
+    # queries grouped and output rows once per layer; per bucket only K^T (ORT fuses it into its MatMul)
+    assert count("Transpose") - count("Transpose", "_kt") == 2 * layers
 
 
 def test_ort_pool_views_alias_one_buffer():

@@ -340,4 +340,3 @@ def test_residual_add_and_norm_match_numpy(backend):
     np.testing.assert_allclose(y, ref, rtol=2e-6, atol=1e-6)
     np.testing.assert_allclose(y_folded, ref * s, rtol=3e-6, atol=1e-6)
     assert (t.is_trt) == ("SkipSimplifiedLayerNormalization" not in {n.op_type for n in g.nodes})
-

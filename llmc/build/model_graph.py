@@ -143,7 +143,8 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     logits_index = g.input("logits_index", i64, ["num_logits"])
 
     # Step-level values shared by every layer.
-    cos, sin = emit_rope_tables(g, target, cfg, positions, max_positions)
+    cos_np, sin_np = rope_tables(cfg, max_positions)
+    cos, sin = emit_rope_tables(g, target, cos_np, sin_np, positions)
     cos, sin = emit_head_tables(g, target, cos, sin, d.num_heads + d.num_kv_heads, d.num_heads + 2 * d.num_kv_heads)
     scatter_index = emit_write_index(g, d, write_index, kv_pool_layout(target))
 
@@ -171,7 +172,6 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
         return g.op("Add", [x, skip], name="residual_last_layer"), updated
 
     variants = step_variants(target, buckets)
-    cos_np, sin_np = rope_tables(cfg, max_positions)
     contiguous = len(variants) > 1 and contiguous_decode(target, pools[0], cos_np, sin_np, d.sliding_window)
     if len(variants) == 1:
         x, _ = layers(buckets, x, out_names=True)

@@ -44,10 +44,9 @@ def rope_tables(cfg: CheckpointConfig, max_positions: int) -> tuple[np.ndarray, 
     return np.ascontiguousarray(cos), np.ascontiguousarray(sin_signed)
 
 
-def emit_rope_tables(g: GraphBuilder, t: Target, cfg: CheckpointConfig, positions: str,
-                     max_positions: int) -> tuple[str, str]:
-    """Per-step cos/sin [T, 1, hd] gathered by the packed positions (shared by every layer)."""
-    cos, sin = rope_tables(cfg, max_positions)
+def emit_rope_tables(g: GraphBuilder, t: Target, cos: np.ndarray, sin: np.ndarray, positions: str) -> tuple[str, str]:
+    """Per-step cos/sin [T, 1, hd] gathered by the packed positions (shared by every layer) from
+    `rope_tables`' (cos, sin_signed)."""
     cos_w = g.weight("rope.cos", cos, t.dtype)
     sin_w = g.weight("rope.sin_signed", sin, t.dtype)
     axes = g.const([1])

@@ -17,9 +17,10 @@ Contiguity: a sequence's next block is, when it can be, the block after its last
 its first), so a lone sequence's table reads 0, 1, 2, ...: its cache is then one run of slots
 from slot 0, which ONNX Runtime engines decode with one GroupQueryAttention kernel per layer
 instead of the paged gathers (`llmc.plugins.attention.emit_contiguous_attention`; single-stream
-decode 1.08x fp32 and int8_sq, 1.19x int4_awq on SmolLM2, measured). The wanted block is taken from the free list, or, when the sequence is the
-only one holding blocks, even from the cached (evictable) set: a lone request, the single-stream
-case, gives up cached prefixes it did not hit rather than its fast path.
+decode 1.08x fp32 and int8_sq, 1.19x int4_awq on SmolLM2, measured). The wanted block is taken
+from the free list, or, when the sequence is the only one holding blocks, even from the cached
+(evictable) set: a lone request, the single-stream case, gives up cached prefixes it did not hit
+rather than its fast path.
 
 This module imports nothing heavy (no torch/onnxruntime) so the scheduler and its tests stay fast.
 """
