@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -70,6 +71,7 @@ def profile(engine_dir: Path, tokens: int = 32, threads: int | None = None) -> d
     graph_s = [s.seconds for s in llm.step_stats if s.num_decode == s.num_seqs]
     path = llm.engine._session.sess.end_profiling()
     events = json.loads(Path(path).read_text())
+    shutil.rmtree(tmp, ignore_errors=True)  # ORT's trace is hundreds of MB over a long run
     runs = [e for e in events if e.get("name") == "model_run"]
     # The last `tokens - 1` runs are the measured request's decode steps.
     dec = runs[-(tokens - 1):]
