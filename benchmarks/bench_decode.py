@@ -10,7 +10,8 @@ tokens. Rows:
   - onnxruntime-genai fp32 and int4 graphs from its model builder, run on an HF folder of the
     dequantized SmolLM2 (written with transformers from the GGUF).
 The systems take turns per run (run 1 of every row, then run 2 ...), so a shared host's speed
-drift hits them alike; figures are medians of --runs runs. Per row: decode tok/s (after the first
+drift hits them alike, with a short pause before each run (the previous system's spinning
+thread-pool workers otherwise hold a core into the next one's prefill: measured TTFT 55 vs 29 ms); figures are medians of --runs runs. Per row: decode tok/s (after the first
 token), TTFT, MBU against the measured copy bandwidth (weights one decode step reads + its KV),
 agreement of the greedy tokens with llmc fp32 (leading tokens equal, of 128), and for llmc the
 host ms per decode step outside the graph. Peers are optional (`pip install -e ".[bench]"`); a row
@@ -39,6 +40,11 @@ LLMC_RECIPES = {"llmc fp32": "smollm2-fp32", "llmc int8_sq": "smollm2-int8_sq", 
                 "llmc int4_asym exact (default recipe)": "smollm2-int4_asym"}
 GGUF_TYPES = {"F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 OGA_PRECISIONS = ("fp32", "int4")
+
+
+# Seconds between two systems' runs: ONNX Runtime's spinning workers keep polling for tens of ms
+# after a Run returns, and on 2 cores they halve the next system's first step.
+SETTLE_S = 0.1
 
 
 class Runner:
@@ -338,6 +344,7 @@ def main() -> None:
     for i in range(args.runs):
         for name, r in runners.items():
             console.print(f"run {i + 1}/{args.runs}: {name}    ", end="\r")
+            time.sleep(SETTLE_S)
             runs[name].append(r.run(prompt, args.new_tokens))
     console.print()
     ref = runs["llmc fp32"][0][2]

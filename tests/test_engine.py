@@ -276,6 +276,11 @@ def test_ort_graph_pool_is_a_shared_cache_and_contiguous_decode_is_one_kernel(bu
     # SiLU * up (3), GroupQueryAttention and a reshape each side; per step 4 for its inputs
     assert len(contig.node) == 13 * layers + 4
     (general,) = step_bodies(model)
+    # the paged bodies' per-token RoPE rows and pool write indices are computed in the general
+    # body, not outside the If on every contiguous step
+    step_tables = ("rope_cos_t", "rope_sin_heads", "kv_write_index_0hs")
+    assert not any(n.name.startswith(step_tables) for n in model.graph.node)
+    assert all(any(n.name.startswith(name) for n in general.node) for name in step_tables)
     count = lambda op, part="": sum(1 for n in general.node if n.op_type == op and part in n.name)  # noqa: E731
     assert count("ScatterND") == 2 * layers
     # key and value gathers of the two decode buckets (the prefill bucket is inside its If)

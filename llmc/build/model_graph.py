@@ -142,11 +142,15 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     write_index, buckets, out_index = step_inputs(g, target, num_buckets)
     logits_index = g.input("logits_index", i64, ["num_logits"])
 
-    # Step-level values shared by every layer.
     cos_np, sin_np = rope_tables(cfg, max_positions)
-    cos, sin = emit_rope_tables(g, target, cos_np, sin_np, positions)
-    cos, sin = emit_head_tables(g, target, cos, sin, d.num_heads + d.num_kv_heads, d.num_heads + 2 * d.num_kv_heads)
-    scatter_index = emit_write_index(g, d, write_index, kv_pool_layout(target))
+
+    def paged_tables() -> PagedTables:
+        """The paged bodies' step-level values shared by every layer: per-token RoPE tables and the
+        KV write indices (the contiguous body needs neither: GroupQueryAttention rotates and writes)."""
+        cos, sin = emit_rope_tables(g, target, cos_np, sin_np, positions)
+        cos, sin = emit_head_tables(g, target, cos, sin, d.num_heads + d.num_kv_heads,
+                                    d.num_heads + 2 * d.num_kv_heads)
+        return PagedTables(cos, sin, emit_write_index(g, d, write_index, kv_pool_layout(target)))
 
     emb_t = tensors["transformer.vocab_embedding.weight"]
     lm_lin, tied, lm_kind, tied_blocks = _choose_lm_head(tensors, reader, emb_t, lm_head)
@@ -158,23 +162,23 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     pools = [KVPool(g, target, d, i, kvq or "float", reader.layer(i).kv_cache_scale)
              for i in range(cfg.num_hidden_layers)]
 
-    def layers(active: list[BucketInputs], x: str, out_names: bool, rows_in_order: bool = False,
-               contig: ContiguousStep | None = None) -> tuple[str, list[str]]:
+    def layers(active: list[BucketInputs], x: str, out_names: bool, tables: PagedTables | None,
+               rows_in_order: bool = False, contig: ContiguousStep | None = None) -> tuple[str, list[str]]:
         """The decoder layers over the given attention buckets (or, with `contig`, over one
         sequence's contiguous cache): (hidden, updated pool tensors)."""
         if contig is None:
             emit_step_masks(g, target, d, active)
         updated, skip = [], None
         for i in range(cfg.num_hidden_layers):
-            x, skip, written = _emit_layer(g, target, d, cfg, reader.layer(i), i, x, skip, pools[i], cos, sin,
-                                           scatter_index, active, out_index, out_names, rows_in_order, contig)
+            x, skip, written = _emit_layer(g, target, d, cfg, reader.layer(i), i, x, skip, pools[i], tables,
+                                           active, out_index, out_names, rows_in_order, contig)
             updated += written
         return g.op("Add", [x, skip], name="residual_last_layer"), updated
 
     variants = step_variants(target, buckets)
     contiguous = len(variants) > 1 and contiguous_decode(target, pools[0], cos_np, sin_np, d.sliding_window)
     if len(variants) == 1:
-        x, _ = layers(buckets, x, out_names=True)
+        x, _ = layers(buckets, x, out_names=True, tables=paged_tables())
     else:
         # ONNX Runtime: one If per step picks one of two bodies; weights and step-level tables live
         # in the outer graph, shared. The first body: one token of one sequence whose cache is
@@ -182,20 +186,22 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
         # (`emit_contiguous_attention`), when the pool is a float cache; else steps whose rows all
         # sit in bucket 0 (`step_variants`). The second: any step. (A third body, the one-bucket
         # one inside the first's If or the second's, ran 10x slower: ORT then copied every pool
-        # tensor through the inner If's outputs, measured, ORT 1.32.)
+        # tensor through the inner If's outputs, measured, ORT 1.32.) The paged tables are computed
+        # where they are used: in the general body only when the other is the contiguous one.
         if contiguous:
-            variants = [buckets]
+            variants, shared = [buckets], None
             cond = emit_contiguous_cond(g, buckets, input_ids)
         else:
+            shared = paged_tables()
             cond = emit_variant_cond(g, buckets, variants[0], input_ids)
         with g.branch() as first_nodes:
             if contiguous:
                 step = emit_contiguous_step(g, target, positions, cos_np, sin_np)
-                first_x, first_pools = layers([], x, out_names=False, contig=step)
+                first_x, first_pools = layers([], x, out_names=False, tables=None, contig=step)
             else:
-                first_x, first_pools = layers(variants[0], x, out_names=False, rows_in_order=True)
+                first_x, first_pools = layers(variants[0], x, out_names=False, tables=shared, rows_in_order=True)
         with g.branch() as any_nodes:
-            any_x, any_pools = layers(buckets, x, out_names=False)
+            any_x, any_pools = layers(buckets, x, out_names=False, tables=shared or paged_tables())
         pool_outs = [dst for pool in pools for _, dst in pool.names.values()]
         x = g.if_multi(cond, first_nodes, [first_x, *first_pools], any_nodes, [any_x, *any_pools],
                        [target.dtype] + [pools[0].pool_type] * len(pool_outs),
@@ -249,8 +255,17 @@ def contiguous_body(model: onnx.ModelProto) -> onnx.GraphProto | None:
     return contig[0] if contig else None
 
 
+@dataclass(frozen=True)
+class PagedTables:
+    """Step-level values of a paged body (`build_graph.paged_tables`)."""
+
+    cos: str            # per packed token and head, [T, heads, hd]
+    sin: str
+    write_index: str    # ScatterND indices of the new K/V rows in the pool
+
+
 def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: CheckpointConfig, lw, i: int, x: str,
-                skip: str | None, pool: KVPool, cos: str, sin: str, scatter_index: str, buckets, out_index,
+                skip: str | None, pool: KVPool, tables: PagedTables | None, buckets, out_index,
                 out_names: bool = True, rows_in_order: bool = False,
                 contig: ContiguousStep | None = None) -> tuple[str, str, list[str]]:
     """One decoder layer: pre-norm attention over the paged KV pool, then the gated MLP. Returns
@@ -269,10 +284,10 @@ def _emit_layer(g: GraphBuilder, target: Target, d: AttentionDims, cfg: Checkpoi
     else:
         # Heads first: q, k, v stay [T, heads, hd] (no per-part reshapes), one RoPE for all three.
         qkv3 = g.op("Reshape", [qkv, g.const([0, d.num_heads + kv_heads, d.head_dim])], name=f"l{i}_qkv_heads")
-        qkv3 = emit_rope(g, qkv3, cos, sin, d.head_dim, f"l{i}_rope")
+        qkv3 = emit_rope(g, qkv3, tables.cos, tables.sin, d.head_dim, f"l{i}_rope")
         q3, k3, v3 = g.op("Split", [qkv3, g.const([d.num_heads, d.num_kv_heads, d.num_kv_heads])], n_out=3,
                           name=f"l{i}_qkv_split", axis=1)
-        attn, written = emit_paged_attention(g, target, d, pool, q3, k3, v3, scatter_index, buckets, out_index,
+        attn, written = emit_paged_attention(g, target, d, pool, q3, k3, v3, tables.write_index, buckets, out_index,
                                              out_names, rows_in_order)
     attn = emit_linear(g, target, attn, lw.dense, f"{p}.attention.dense")
     w_post, gate_up = _fold_pre_scale(target, lw.post_layernorm, lw.gate_up)
