@@ -122,6 +122,9 @@ class LlamaCppRunner(Runner):
         self.read_bytes, self.kv_bytes_per_token = gguf_read_bytes(path)
 
     def run(self, prompt, n):
+        # generate(reset=True) still reuses the KV of the longest prefix shared with the previous
+        # call (the whole prompt here: TTFT would be one decode step); reset() forgets it.
+        self.m.reset()
         toks, t0, t1 = [], time.perf_counter(), 0.0
         for tok in self.m.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
             if not toks:

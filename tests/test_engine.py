@@ -341,8 +341,14 @@ def test_step_returns_fresh_arrays_and_validates(built):
     a1 = engine.step(b)
     b2 = StepBatch(np.array([3]), np.array([2]), np.array([2]), [SeqSlice(0, 1, 3, [0])], np.array([0]))
     keep = a1.copy()
-    engine.step(b2)
+    fresh = engine.step(b2)
     assert np.array_equal(a1, keep)
+    # scratch=True (the runtime's): the engine's own buffer, the same object every step, the same
+    # values as a fresh array (b2 again rewrites its slot with the same K/V)
+    s1 = engine.step(b2, scratch=True)
+    assert np.array_equal(s1, fresh) and engine.step(b2, scratch=True) is s1
+    kept = s1.copy()
+    assert engine.step(b2) is not s1 and np.array_equal(s1, kept)  # a fresh call does not write it
     with pytest.raises(ValueError, match="cover"):
         engine.step(StepBatch(np.array([1, 2]), np.array([0, 1]), np.array([0, 1]), [SeqSlice(0, 1, 1, [0])],
                               np.array([0])))
@@ -380,6 +386,37 @@ def test_step_plan_groups_rows_by_context():
     assert empty["attn_kv_blocks_2"].shape == (1, 1)  # fused bucket: ORT's Attention needs a row
     dummy = step_feeds(one, bs, kinds)
     assert dummy["attn_kv_blocks_1"].shape == (1, 1)
+
+
+def test_lone_decode_feeds_equal_the_planned_feeds():
+    """The single-stream decode shortcut of step_feeds gives exactly the planned path's feeds
+    (names, order, shapes, dtypes, values) and steps aside for every other step."""
+    from llmc.engine.step import _lone_decode_feeds, _packed_feeds
+
+    rng = np.random.default_rng(0)
+    for bs in (4, 16, 64):
+        for kinds in (["decode", "decode", "any"], ["decode", "any"], ["decode"]):
+            empty_ok = [True] * len(kinds)
+            for _ in range(20):
+                pos = int(rng.integers(0, 200))
+                table = rng.permutation(64)[: pos // bs + 1 + int(rng.integers(0, 3))].tolist()
+                slot = table[pos // bs] * bs + pos % bs
+                batch = StepBatch(np.array([int(rng.integers(0, 1000))]), np.array([pos]), np.array([slot]),
+                                  [SeqSlice(0, 1, pos + 1, table)], np.array([0]))
+                fast, ref = _lone_decode_feeds(batch, bs, kinds, empty_ok), _packed_feeds(batch, bs, kinds, empty_ok)
+                assert list(fast) == list(ref)
+                for k, v in ref.items():
+                    assert fast[k].dtype == v.dtype and fast[k].shape == v.shape and np.array_equal(fast[k], v), k
+    one = StepBatch(np.array([1]), np.array([5]), np.array([5]), [SeqSlice(0, 1, 6, [0, 1])], np.array([0]))
+    kinds = ["decode", "decode", "any"]
+    assert _lone_decode_feeds(one, 4, kinds, [True, True, False]) is None  # a dummy row: the planned path
+    assert _lone_decode_feeds(one, 4, kinds, None) is None
+    assert _lone_decode_feeds(one, 4, ["any", "decode"], [True, True]) is None
+    short = StepBatch(np.array([1]), np.array([9]), np.array([9]), [SeqSlice(0, 1, 10, [0])], np.array([0]))
+    assert _lone_decode_feeds(short, 4, kinds, [True] * 3) is None  # the planned path raises for it
+    two = StepBatch(np.array([1, 2]), np.array([3, 4]), np.array([3, 4]),
+                    [SeqSlice(0, 1, 4, [0]), SeqSlice(1, 1, 5, [0, 1])], np.array([0, 1]))
+    assert _lone_decode_feeds(two, 4, kinds, [True] * 3) is None
 
 
 @pytest.mark.slow

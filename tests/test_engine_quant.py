@@ -180,7 +180,7 @@ def test_quantized_kv_engines_keep_the_one_bucket_body_when_rows_are_in_order(en
     in_order = run_schedule(load_engine(out), seqs, plan, seed=2)
     engine = load_engine(out)
     run = engine._session.run
-    engine._session.run = lambda feeds, n, run=run: run(_reverse_bucket0_rows(feeds), n)
+    engine._session.run = lambda feeds, n, run=run, **kw: run(_reverse_bucket0_rows(feeds), n, **kw)
     reversed_rows = run_schedule(engine, seqs, plan, seed=2)
     for a, b in zip(in_order, reversed_rows):
         for p in a:

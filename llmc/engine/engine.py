@@ -4,8 +4,10 @@
     pool = engine.allocate_kv_pool(num_blocks) # runtime-owned, bound once
     logits = engine.step(StepBatch(...))       # float32 [len(logits_indices), vocab]
 
-`step()` returns a new float32 array each call (ONNX Runtime writes into it directly). Host work
-per step is the small index arrays of `step_feeds`; the pool and the weights are never copied.
+`step()` returns a new float32 array each call (ONNX Runtime writes into it directly);
+`step(batch, scratch=True)` returns the engine's own buffer instead, overwritten by the next step
+(no per-step output binding: what the runtime uses, sampling at once). Host work per step is the
+small index arrays of `step_feeds`; the pool and the weights are never copied.
 """
 
 from __future__ import annotations
@@ -96,14 +98,14 @@ class Engine:
         self.pool = pool
         return pool
 
-    def step(self, batch: StepBatch) -> np.ndarray:
+    def step(self, batch: StepBatch, scratch: bool = False) -> np.ndarray:
         if self.pool is None:
             raise RuntimeError("call allocate_kv_pool() before step()")
         T = len(batch.input_ids)
         if T > self.config.max_num_tokens:
             raise ValueError(f"step of {T} tokens exceeds max_num_tokens {self.config.max_num_tokens}")
         feeds = step_feeds(batch, self.block_size, self.bucket_kinds, self._empty_buckets)
-        return self._session.run(feeds, len(feeds["logits_index"]))
+        return self._session.run(feeds, len(feeds["logits_index"]), scratch=scratch)
 
 
 def load_engine(engine_dir: str | Path, *, threads: int | None = None, num_threads: int | None = None,

@@ -163,6 +163,49 @@ def step_feeds(batch: StepBatch, block_size: int, kinds: list[str],
     nothing), else one dummy row (token 0 against block 0, never read back): ONNX Runtime's
     Attention kernel and TensorRT's shape profiles need at least one.
     """
+    lone = _lone_decode_feeds(batch, block_size, kinds, empty_ok)
+    return lone if lone is not None else _packed_feeds(batch, block_size, kinds, empty_ok)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False  # shared by every step's feeds (sessions copy them into their bindings)
+    return a
+
+
+_EMPTY_BUCKET = (_frozen(np.zeros(0, I64)), _frozen(np.zeros((0, 1), I64)), _frozen(np.zeros((0, 1), I64)))
+_ROW0 = _frozen(np.zeros(1, I64))
+
+
+def _lone_decode_feeds(batch: StepBatch, block_size: int, kinds: list[str],
+                       empty_ok: list[bool] | None) -> dict[str, np.ndarray] | None:
+    """`_packed_feeds` of the commonest step, one token of one sequence (every single-stream
+    decode step), without the row planning: a dozen array constructions instead of ~80 numpy
+    calls (measured 82 -> 17 us per step, about 1.5% of an int4 SmolLM2 token). None for any
+    other step, or when the general path has something to say (a short block table)."""
+    if (len(batch.seqs) != 1 or len(batch.input_ids) != 1 or batch.seqs[0].query_len != 1
+            or kinds[0] != "decode" or not empty_ok or not all(empty_ok[1:])
+            or len(batch.positions) != 1 or len(batch.slot_mapping) != 1):
+        return None
+    seq = batch.seqs[0]
+    pos = np.ascontiguousarray(batch.positions, I64)
+    nblocks = int(pos[0]) // block_size + 1
+    if seq.query_start != 0 or len(seq.block_table) < nblocks:
+        return None
+    slot = int(batch.slot_mapping[0])
+    feeds = {"input_ids": np.ascontiguousarray(batch.input_ids, I64), "positions": pos,
+             "kv_write_index": np.array([[slot // block_size, slot % block_size]], I64),
+             "logits_index": np.ascontiguousarray(batch.logits_indices, I64),
+             "attn_q_index_0": _ROW0, "attn_kv_blocks_0": np.array([seq.block_table[:nblocks]], I64),
+             "attn_q_pos_0": pos.reshape(1, 1)}
+    for b in range(1, len(kinds)):
+        feeds[f"attn_q_index_{b}"], feeds[f"attn_kv_blocks_{b}"], feeds[f"attn_q_pos_{b}"] = _EMPTY_BUCKET
+    feeds["attn_out_index"] = _ROW0
+    return feeds
+
+
+def _packed_feeds(batch: StepBatch, block_size: int, kinds: list[str],
+                  empty_ok: list[bool] | None = None) -> dict[str, np.ndarray]:
+    """`step_feeds` of any step: rows planned into buckets (`plan_rows`)."""
     T = len(batch.input_ids)
     if T == 0:
         raise ValueError("empty step: no tokens")

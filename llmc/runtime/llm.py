@@ -236,7 +236,7 @@ class LLM:
             batch = sched.step_batch()
             logit_rids = sched.logits_request_ids
             t0 = time.perf_counter()
-            logits = self.engine.step(batch)
+            logits = self.engine.step(batch, scratch=True)  # sampled below, before the next step
             now = time.perf_counter()
             if self.record_step_stats:
                 self.step_stats.append(StepStats(sched.step, batch.num_tokens, len(batch.seqs),

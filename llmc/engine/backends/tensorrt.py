@@ -55,7 +55,7 @@ class TrtSession:
     def bind_pool(self, pool) -> None:
         self.pool = pool
 
-    def run(self, feeds: dict, num_logits: int):
+    def run(self, feeds: dict, num_logits: int, scratch: bool = False):  # always a fresh host array
         import numpy as np
 
         torch = self.torch
