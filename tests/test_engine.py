@@ -104,7 +104,7 @@ def test_single_sequence_matches_reference(family, built, tiny_checkpoints):
     assert max_err(ref, got) < TOL
 
 
-def _profiled_engine(out, tmp_path):
+def _profiled_engine(out, tmp_path, **load_kw):
     from llmc.engine.backends import onnxruntime as ob
 
     orig = ob.session_options
@@ -116,7 +116,7 @@ def _profiled_engine(out, tmp_path):
 
     ob.session_options = profiled
     try:
-        return load_engine(out)
+        return load_engine(out, **load_kw)
     finally:
         ob.session_options = orig
 

@@ -25,7 +25,7 @@ from test_engine import MIXED_PLAN, mixed_seqs, run_schedule
 
 # (qformat, kv_cache_dtype)
 CASES = [("fp8", None), ("fp8_pc_pt", None), ("int8_sq", None), ("int4_awq", None), ("w4a8_awq", None), ("int8_wo", None),
-         ("int4_wo", None), ("int4_asym", None), ("fp8", "fp8"), ("int8_sq", "int8")]
+         ("int4_wo", None), ("int4_asym", None), ("fp8", "fp8"), ("int8_sq", "int8"), ("int4_awq", "int8")]
 IDS = [f"{q}-kv{kv}" if kv else q for q, kv in CASES]
 
 
@@ -159,9 +159,36 @@ def test_int8_sq_uses_integer_gemm_on_ort(engines):
         assert sum(1 for n in body.node if n.op_type == "MatMulInteger") == 4 * layers
 
 
+def test_int8_kv_engines_decode_a_lone_sequence_through_group_query_attention(quantized, engines, tmp_path):
+    """An int8 KV pool is a cache ORT's GroupQueryAttention shares (PER_TENSOR, the layer's one
+    scale): a lone sequence on blocks 0, 1, ... decodes through it, new K/V quantized as the paged
+    body's QuantizeLinear does, and every step still matches the exact simulation; on scattered
+    blocks the same sequence takes the paged body."""
+    from test_engine import _ops_run, _profiled_engine
+
+    from llmc.build.model_graph import contiguous_body
+
+    name = "int4_awq-kvint8"
+    model = onnx.load(str(engines[name] / "model.onnx"), load_external_data=False)
+    gqa = [n for n in contiguous_body(model).node if n.op_type == "GroupQueryAttention"]
+    assert gqa and all(n.input[3].startswith("kv_pool.") for n in gqa)
+    assert all({a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}["k_quant_type"] == b"PER_TENSOR"
+               for n in gqa)
+    assert json.loads((engines[name] / "config.json").read_text())["engine"]["graph"]["contiguous_decode"] is True
+    vocab = load_engine(engines[name]).config.vocab_size
+    seq = np.random.default_rng(7).integers(0, vocab, 14).tolist()
+    ref = _simulate(quantized[name], [seq])
+    plan = [{0: 5}] + [{0: 1}] * 9
+    for in_order, ran in ((True, True), (False, False)):
+        engine = _profiled_engine(engines[name], tmp_path, int4_accuracy_level=0)  # exact int4 matmuls
+        got = run_schedule(engine, [seq], plan, seed=3, in_order=in_order)
+        assert _row_errors(ref, got).max() < 1e-4
+        assert _ops_run(engine).count("GroupQueryAttention") == (9 * engine.config.num_layers if ran else 0)
+
+
 def test_quantized_kv_engines_keep_the_one_bucket_body_when_rows_are_in_order(engines, tmp_path):
-    """A quantized KV cache is not a cache GroupQueryAttention can share, so those engines keep
-    the one-bucket step variant: it skips the row Gathers, so the graph checks (not assumes) that
+    """An fp8 KV cache (uint8 bits in the pool) is not a cache GroupQueryAttention can share, so
+    those engines keep the one-bucket step variant: it skips the row Gathers, so the graph checks (not assumes) that
     bucket 0 holds every token in packed order. The same steps fed with bucket 0's rows reversed
     (valid, but not in order) take the general body and give the same logits; in-order decode-only
     steps take the one-bucket body (ORT profile: no node of bucket 1 or 2 runs)."""
@@ -169,7 +196,7 @@ def test_quantized_kv_engines_keep_the_one_bucket_body_when_rows_are_in_order(en
 
     from llmc.build.model_graph import contiguous_body, step_bodies
 
-    out = engines["int8_sq-kvint8"]
+    out = engines["fp8-kvfp8"]
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert contiguous_body(model) is None and len(step_bodies(model)) == 2
     vocab = load_engine(out).config.vocab_size

@@ -15,6 +15,8 @@ def test_defaults_and_environment(monkeypatch):
     monkeypatch.setenv("LLMC_ORT_SPINNING", "1")
     assert thread_settings() == (3, True)
     assert thread_settings(1, False) == (1, False)  # explicit arguments win
+    with pytest.raises(LlmcError, match=">= 1, got 0"):  # 0 is a bad argument, not "use the default"
+        thread_settings(0)
     so = session_options()
     assert so.intra_op_num_threads == 3
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "1"

@@ -23,10 +23,10 @@ com.microsoft SkipSimplifiedLayerNormalization, and an AWQ / SmoothQuant pre-qua
 and gate_up is folded into the norm weight before it (`_fold_pre_scale`): two kernels fewer per
 layer each, exact to float32 rounding (1.04-1.11x single-stream decode across qformats, measured).
 Logits are computed only for `logits_index` rows. On ONNX Runtime the layers are built twice, as
-the two bodies of one If per step: with a float KV cache, one token of one sequence whose
+the two bodies of one If per step: with a float or int8 KV cache, one token of one sequence whose
 blocks are 0, 1, ... (every single-stream decode step: `llmc.runtime.kv_blocks` hands a lone
 sequence such a table) runs a body whose attention is one GroupQueryAttention per layer on the
-pool itself (`emit_contiguous_attention`); with a quantized cache, steps whose rows all sit in
+pool itself (`emit_contiguous_attention`); with an fp8 cache, steps whose rows all sit in
 bucket 0, in order, run a one-bucket body (`step_variants`). Others run the general body, whose
 prefill bucket's attention runs inside If(rows > 0), so decode-only steps skip it.
 (Measured and not adopted: ORT's RotaryEmbedding contrib op rotates every head of its input, so
@@ -180,10 +180,11 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     if len(variants) == 1:
         x, _ = layers(buckets, x, out_names=True, tables=paged_tables())
     else:
-        # ONNX Runtime: one If per step picks one of two bodies; weights and step-level tables live
-        # in the outer graph, shared. The first body: one token of one sequence whose cache is
+        # ONNX Runtime: one If per step picks one of two bodies; weights live in the outer graph,
+        # shared. The first body: one token of one sequence whose cache is
         # slots [0, position], each layer's attention one GroupQueryAttention on the shared cache
-        # (`emit_contiguous_attention`), when the pool is a float cache; else steps whose rows all
+        # (`emit_contiguous_attention`), when the pool is a cache it can share (`KVPool.as_cache`:
+        # float, or int8); else steps whose rows all
         # sit in bucket 0 (`step_variants`). The second: any step. (A third body, the one-bucket
         # one inside the first's If or the second's, ran 10x slower: ORT then copied every pool
         # tensor through the inner If's outputs, measured, ORT 1.32.) The paged tables are computed

@@ -118,7 +118,7 @@ def load_engine(engine_dir: str | Path, *, threads: int | None = None, num_threa
     (default: the engine's --matmul-accuracy, int8 -> 4: int8 activations inside the kernel, fast;
     fp32 -> 1: float32 compute, exact).
     """
-    threads = threads or num_threads
+    threads = threads if threads is not None else num_threads
     data = read_engine_config(engine_dir)
     check_compatible(data, engine_dir)
     config = validate_engine_config(data, engine_dir)

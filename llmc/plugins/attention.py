@@ -27,7 +27,7 @@ G query heads of a group share their K/V head, so K/V are read once (ORT's Atten
 one GEMV per query head: 1.8x slower at 16 rows x 576 keys, measured).
 
 Single-sequence decode over a contiguous table (`emit_contiguous_attention`, ONNX Runtime, float
-KV): when the step is one token of one sequence whose block table is 0, 1, ..., its cache is
+or int8 KV): when the step is one token of one sequence whose block table is 0, 1, ..., its cache is
 slots [0, position] of the pool, which is exactly the shared past/present buffer that ORT's
 GroupQueryAttention reads and appends to in place, so RoPE, the KV write and grouped attention
 are one kernel per layer instead of ~18 (`llmc.runtime.kv_blocks` hands a lone sequence such a
@@ -346,6 +346,7 @@ class KVPool:
         if self.fp8_bits:
             self.pool_type = TensorProto.UINT8
         if self.quant:
+            self.kv_scale = float(kv_scale)
             self.scale = g.const(np.float32(kv_scale), t.dtype, hint=f"kv_scale_{layer}")
             self.zp = g.const(np.zeros((), np.float32) if self.quant == "fp8" else np.int8(0),
                               KV_ONNX_TYPES[self.quant], hint=f"kv_zp_{self.quant}")
@@ -360,10 +361,15 @@ class KVPool:
 
     @property
     def as_cache(self) -> bool:
-        """The pool tensors are a float BNSH cache that GroupQueryAttention can share in place (its
-        CPU kernel takes float32 and float16, ORT 1.32; not bfloat16)."""
-        return (self.layout == "slots" and self.quant is None
-                and self.pool_type in (TensorProto.FLOAT, TensorProto.FLOAT16))
+        """The pool tensors are a BNSH cache that GroupQueryAttention can share in place: float32 or
+        float16 (its CPU kernel, ORT 1.32; not bfloat16), or int8 under this layer's one scale in a
+        float32 graph (its PER_TENSOR quantized cache, which rounds and saturates new K/V as
+        QuantizeLinear does: a test compares the two bodies)."""
+        if self.layout != "slots":
+            return False
+        if self.quant is None:
+            return self.pool_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
+        return self.quant == "int8" and self.native and self.t.dtype == TensorProto.FLOAT
 
     def write(self, new: dict[str, str], write_index: str, out_names: bool = True) -> dict[str, str]:
         """Store the new rows {"key": [T, kvH, hd], "value": [T, kvH, hd]}; returns the updated pool
@@ -425,9 +431,9 @@ class ContiguousStep:
 
 
 def contiguous_decode(t: Target, pool: KVPool, cos: np.ndarray, sin_signed: np.ndarray, sliding_window) -> bool:
-    """Whether a graph gets the contiguous single-sequence body: ONNX Runtime, a float cache, no
-    sliding window, and rotate-half RoPE tables whose halves repeat (what GroupQueryAttention's
-    cos/sin caches of head_dim / 2 columns express)."""
+    """Whether a graph gets the contiguous single-sequence body: ONNX Runtime, a cache it can share
+    (`KVPool.as_cache`), no sliding window, and rotate-half RoPE tables whose halves repeat (what
+    GroupQueryAttention's cos/sin caches of head_dim / 2 columns express)."""
     half = cos.shape[1] // 2
     return (pool.as_cache and not sliding_window and np.array_equal(cos[:, :half], cos[:, half:])
             and np.array_equal(-sin_signed[:, :half], sin_signed[:, half:]))
@@ -469,11 +475,16 @@ def emit_contiguous_attention(g: GraphBuilder, d: AttentionDims, pool: KVPool, q
     (k_src, k_dst), (v_src, v_dst) = pool.names["key"], pool.names["value"]
     outs = [g.fresh(f"l{layer}_gqa")] + ([k_dst, v_dst] if out_names else
                                           [g.fresh(f"l{layer}_key_present"), g.fresh(f"l{layer}_value_present")])
-    y, k_out, v_out = g.op("GroupQueryAttention", [q3, "", "", k_src, v_src, step.seqlens_k, step.total,
-                                                   step.cos_cache, step.sin_cache],
+    inputs = [q3, "", "", k_src, v_src, step.seqlens_k, step.total, step.cos_cache, step.sin_cache]
+    quant = {}
+    if pool.quant:  # int8 cache (`KVPool.as_cache`): K and V share the layer's scale
+        scale = g.const(np.array([pool.kv_scale], np.float32), TensorProto.FLOAT, hint=f"kv_cache_scale_{layer}")
+        inputs += ["", "", "", scale, scale]        # position_ids, attention_bias, head_sink, k_scale, v_scale
+        quant = dict(k_quant_type="PER_TENSOR", v_quant_type="PER_TENSOR", kv_cache_bit_width=8)
+    y, k_out, v_out = g.op("GroupQueryAttention", inputs,
                            name=f"l{layer}_gqa", outputs=outs, domain="com.microsoft",
                            num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, do_rotary=1, rotary_interleaved=0,
-                           scale=float(1.0 / np.sqrt(d.head_dim)))
+                           scale=float(1.0 / np.sqrt(d.head_dim)), **quant)
     return g.op("Squeeze", [y, g.const([0])], name=f"l{layer}_gqa_rows"), [k_out, v_out]
 
 

@@ -81,7 +81,7 @@ def thread_settings(threads: int | None = None, spinning: bool | None = None) ->
     """(intra-op threads, spinning) from the arguments, else the environment, else the defaults."""
     env_t, env_s = os.environ.get(THREADS_ENV), os.environ.get(SPINNING_ENV)
     try:
-        n = threads or (int(env_t) if env_t else default_threads())
+        n = threads if threads is not None else (int(env_t) if env_t else default_threads())
     except ValueError:
         raise LlmcError(f"{THREADS_ENV} must be a positive integer, got {env_t!r}") from None
     if spinning is None:
