@@ -273,8 +273,11 @@ def test_ort_graph_pool_is_a_shared_cache_and_contiguous_decode_is_one_kernel(bu
         assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0
     assert not any(n.op_type in ("ScatterND", "Softmax", "Where", "Transpose") for n in contig.node)
     # per layer: 2 norms, 4 linears (+ their pre-scale Muls when quantized), the MLP's Split and
-    # SiLU * up (3), GroupQueryAttention and a reshape each side; per step 4 for its inputs
-    assert len(contig.node) == 13 * layers + 4
+    # SiLU * up (3), GroupQueryAttention; per step 4 for its inputs and 2 for the [1, 1, hidden]
+    # stream GroupQueryAttention reads and writes (no reshape per layer)
+    assert len(contig.node) == 11 * layers + 6
+    assert [n.name for n in contig.node if n.op_type in ("Unsqueeze", "Squeeze")] == \
+        ["contig_total_node", "contig_stream_3d_node", "contig_stream_2d_node"]
     (general,) = step_bodies(model)
     # the paged bodies' per-token RoPE rows and pool write indices are computed in the general
     # body, not outside the If on every contiguous step

@@ -75,6 +75,31 @@ def test_quantized_engine_matches_simulation(name, quantized, engines):
         assert errs.max() < 1e-4
 
 
+@pytest.mark.parametrize("name", IDS)
+def test_lone_sequence_decode_matches_simulation(name, quantized, engines):
+    """A lone sequence on blocks 0, 1, ... decodes through the contiguous body (GroupQueryAttention;
+    fp8 KV: the one-bucket body), whose activations are [1, 1, hidden] where every linear takes any
+    rank (`any_rank`) and [1, hidden] with a reshape around attention where one does not (int8_sq's
+    per-row int8 GEMM, int4_asym's zero-point Gemm): both match the simulation as the paged body does."""
+    from llmc.build.model_graph import contiguous_body
+    from llmc.plugins.linear import any_rank  # noqa: F401 (the rule the two graph shapes follow)
+
+    engine = load_engine(engines[name], int4_accuracy_level=0)
+    seq = mixed_seqs(engine.config.vocab_size)[2]
+    ref = _simulate(quantized[name], [seq])
+    errs = _row_errors(ref, run_schedule(engine, [seq], [{0: 6}] + [{0: 1}] * (len(seq) - 6), in_order=True))
+    scale = max(float(np.abs(r).max()) for r in ref)
+    if name.startswith("int8_sq"):
+        assert np.mean(errs < 1e-4) > 0.5 and errs.max() < 0.02 * scale, (errs.max(), np.mean(errs < 1e-4))
+    else:
+        assert errs.max() < 1e-4
+    body = contiguous_body(onnx.load(str(engines[name] / "model.onnx"), load_external_data=False))
+    if body is not None:
+        reshapes = sum(n.name.endswith(("_qkv_bsd_node", "_gqa_rows_node")) for n in body.node)
+        two_d = name.startswith(("int8_sq", "int4_asym"))
+        assert reshapes == (2 * engine.config.num_layers if two_d else 0), reshapes
+
+
 @pytest.mark.parametrize("name", ["int4_awq", "int8_wo", "int4_asym"])
 def test_fast_int_kernels_stay_close(name, quantized, engines):
     engine = load_engine(engines[name])  # default accuracy level: int8 activations inside MatMulNBits

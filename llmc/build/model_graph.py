@@ -60,7 +60,7 @@ from llmc.plugins.attention import (AttentionDims, BucketInputs, ContiguousStep,
 from llmc.plugins.base import Target
 from llmc.plugins.embedding import emit_embedding
 from llmc.plugins.gated_mlp import emit_gated_mlp
-from llmc.plugins.linear import Int8Blocks, emit_linear, exact_int8_blocks
+from llmc.plugins.linear import Int8Blocks, any_rank, emit_linear, exact_int8_blocks
 from llmc.plugins.rmsnorm import emit_add_rmsnorm, emit_rmsnorm
 from llmc.plugins.rope import emit_head_tables, emit_rope, emit_rope_tables, rope_tables
 from llmc.quantize.layout import QLinear
@@ -168,12 +168,17 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
         sequence's contiguous cache): (hidden, updated pool tensors)."""
         if contig is None:
             emit_step_masks(g, target, d, active)
+        elif contig.stream_3d:  # GroupQueryAttention's [batch, seq, hidden]: once per step, not per layer
+            x = g.op("Unsqueeze", [x, g.const([0])], name="contig_stream_3d")
         updated, skip = [], None
         for i in range(cfg.num_hidden_layers):
             x, skip, written = _emit_layer(g, target, d, cfg, reader.layer(i), i, x, skip, pools[i], tables,
                                            active, out_index, out_names, rows_in_order, contig)
             updated += written
-        return g.op("Add", [x, skip], name="residual_last_layer"), updated
+        x = g.op("Add", [x, skip], name="residual_last_layer")
+        if contig is not None and contig.stream_3d:
+            x = g.op("Squeeze", [x, g.const([0])], name="contig_stream_2d")
+        return x, updated
 
     variants = step_variants(target, buckets)
     contiguous = len(variants) > 1 and contiguous_decode(target, pools[0], cos_np, sin_np, d.sliding_window)
@@ -197,7 +202,9 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
             cond = emit_variant_cond(g, buckets, variants[0], input_ids)
         with g.branch() as first_nodes:
             if contiguous:
-                step = emit_contiguous_step(g, target, positions, cos_np, sin_np)
+                step = emit_contiguous_step(g, target, positions, cos_np, sin_np, stream_3d=all(
+                    any_rank(target, lin) for i in range(cfg.num_hidden_layers)
+                    for lin in reader.layer(i).linears()))
                 first_x, first_pools = layers([], x, out_names=False, tables=None, contig=step)
             else:
                 first_x, first_pools = layers(variants[0], x, out_names=False, tables=shared, rows_in_order=True)

@@ -34,6 +34,9 @@ class LayerWeights:
     proj: QLinear
     kv_cache_scale: float | None = None
 
+    def linears(self) -> tuple[QLinear, ...]:
+        return self.qkv, self.dense, self.gate_up, self.proj
+
 
 def quant_kind(cfg: CheckpointConfig) -> str:
     """The checkpoint's weight quantization label (`QuantAlgo.kind`; "float" when unquantized)."""

@@ -428,6 +428,7 @@ class ContiguousStep:
     total: str       # int32 scalar: tokens in the cache after it
     cos_cache: str   # [max_positions, hd / 2]
     sin_cache: str
+    stream_3d: bool = False  # the body's activations are [1, 1, hidden] (GroupQueryAttention's BSD)
 
 
 def contiguous_decode(t: Target, pool: KVPool, cos: np.ndarray, sin_signed: np.ndarray, sliding_window) -> bool:
@@ -453,25 +454,26 @@ def emit_contiguous_cond(g: GraphBuilder, buckets: list[BucketInputs], input_ids
 
 
 def emit_contiguous_step(g: GraphBuilder, t: Target, positions: str, cos: np.ndarray,
-                         sin_signed: np.ndarray) -> ContiguousStep:
+                         sin_signed: np.ndarray, stream_3d: bool = False) -> ContiguousStep:
     """The contiguous body's step inputs (`ContiguousStep`) from the one token's position."""
     half = cos.shape[1] // 2
     pos32 = g.op("Cast", [positions], name="contig_seqlens_k", to=TensorProto.INT32)   # [1]
     total = g.op("Squeeze", [g.op("Add", [pos32, g.const(np.int32(1), TensorProto.INT32)], name="contig_total1")],
                  name="contig_total")
     return ContiguousStep(pos32, total, g.weight("rope.cos_half", np.ascontiguousarray(cos[:, :half]), t.dtype),
-                          g.weight("rope.sin_half", np.ascontiguousarray(sin_signed[:, half:]), t.dtype))
+                          g.weight("rope.sin_half", np.ascontiguousarray(sin_signed[:, half:]), t.dtype), stream_3d)
 
 
 def emit_contiguous_attention(g: GraphBuilder, d: AttentionDims, pool: KVPool, qkv: str, step: ContiguousStep,
                               out_names: bool = True) -> tuple[str, list[str]]:
-    """qkv [1, (H + 2 kvH) * hd] (one token, before RoPE) -> (attention output [1, H * hd], the
-    updated pool tensors): one com.microsoft GroupQueryAttention over the packed QKV with RoPE
+    """qkv [1, (H + 2 kvH) * hd] (one token, before RoPE; [1, 1, ...] with `step.stream_3d`) ->
+    (attention output [1, H * hd], resp. [1, 1, H * hd], the updated pool tensors): one
+    com.microsoft GroupQueryAttention over the packed QKV with RoPE
     (do_rotary), reading slots [0, position] of the pool tensors as its past and writing the new
     K/V at slot `position` of the same buffers (past and present bound to one buffer: ORT appends
     in place instead of copying the past)."""
     layer = pool.layer
-    q3 = g.op("Unsqueeze", [qkv, g.const([0])], name=f"l{layer}_qkv_bsd")                 # [1, 1, D]
+    q3 = qkv if step.stream_3d else g.op("Unsqueeze", [qkv, g.const([0])], name=f"l{layer}_qkv_bsd")  # [1, 1, D]
     (k_src, k_dst), (v_src, v_dst) = pool.names["key"], pool.names["value"]
     outs = [g.fresh(f"l{layer}_gqa")] + ([k_dst, v_dst] if out_names else
                                           [g.fresh(f"l{layer}_key_present"), g.fresh(f"l{layer}_value_present")])
@@ -485,7 +487,7 @@ def emit_contiguous_attention(g: GraphBuilder, d: AttentionDims, pool: KVPool, q
                            name=f"l{layer}_gqa", outputs=outs, domain="com.microsoft",
                            num_heads=d.num_heads, kv_num_heads=d.num_kv_heads, do_rotary=1, rotary_interleaved=0,
                            scale=float(1.0 / np.sqrt(d.head_dim)), **quant)
-    return g.op("Squeeze", [y, g.const([0])], name=f"l{layer}_gqa_rows"), [k_out, v_out]
+    return (y if step.stream_3d else g.op("Squeeze", [y, g.const([0])], name=f"l{layer}_gqa_rows")), [k_out, v_out]
 
 
 def _attend_fused(g: GraphBuilder, d: AttentionDims, q4: str, k: str, v: str, bk: BucketInputs, name: str) -> str:

@@ -291,8 +291,24 @@ def _weight(g: GraphBuilder, t: Target, lin: QLinear, name: str) -> str:
     raise ValueError(f"unknown weight format {w!r}")
 
 
+def any_rank(t: Target, lin: QLinear) -> bool:
+    """Whether `emit_linear`'s nodes for `lin` take activations of any rank, [..., in] (the
+    contiguous decode body's [1, 1, hidden] stream): all but the per-token int8 integer GEMM (one
+    per-row QuantizeLinear), the zero-point term (a 2-D Gemm) and the exact 8-bit compensation
+    (rows stacked along axis 0)."""
+    if lin.weight_scale_2 is not None:
+        lin = lin.as_fp8()
+    act = None if lin.act_dtype is None else (lin.act_dtype, lin.act_granularity)
+    if act == ("int8", "token") and weight_format(lin.kind) == "int8" and not t.is_trt:
+        return False
+    if lin.zero is not None:
+        return False
+    return not (t.exact_nbits and act is None and _int8_block_scales(lin, t) is not None)
+
+
 def emit_linear(g: GraphBuilder, t: Target, x: str, lin: QLinear, name: str) -> str:
-    """x [tokens, in] -> [tokens, out] (+ bias). The MatMul node is named `{name}`."""
+    """x [tokens, in] -> [tokens, out] (+ bias); [..., in] -> [..., out] where `any_rank`. The
+    MatMul node is named `{name}`."""
     if lin.weight_scale_2 is not None:  # W4A8: lowered to FP8 x FP8 (module doc)
         lin = lin.as_fp8()
     if lin.pre_quant_scale is not None:
