@@ -82,7 +82,6 @@ def test_lone_sequence_decode_matches_simulation(name, quantized, engines):
     rank (`any_rank`) and [1, hidden] with a reshape around attention where one does not (int8_sq's
     per-row int8 GEMM, int4_asym's zero-point Gemm): both match the simulation as the paged body does."""
     from llmc.build.model_graph import contiguous_body
-    from llmc.plugins.linear import any_rank  # noqa: F401 (the rule the two graph shapes follow)
 
     engine = load_engine(engines[name], int4_accuracy_level=0)
     seq = mixed_seqs(engine.config.vocab_size)[2]
@@ -213,8 +212,8 @@ def test_int8_kv_engines_decode_a_lone_sequence_through_group_query_attention(qu
 
 def test_quantized_kv_engines_keep_the_one_bucket_body_when_rows_are_in_order(engines, tmp_path):
     """An fp8 KV cache (uint8 bits in the pool) is not a cache GroupQueryAttention can share, so
-    those engines keep the one-bucket step variant: it skips the row Gathers, so the graph checks (not assumes) that
-    bucket 0 holds every token in packed order. The same steps fed with bucket 0's rows reversed
+    those engines keep the one-bucket step variant: it skips the row Gathers, so the graph checks
+    (not assumes) that bucket 0 holds every token in packed order. The same steps fed with bucket 0's rows reversed
     (valid, but not in order) take the general body and give the same logits; in-order decode-only
     steps take the one-bucket body (ORT profile: no node of bucket 1 or 2 runs)."""
     from test_engine import _profiled_engine, _reverse_bucket0_rows

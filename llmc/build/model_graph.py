@@ -186,14 +186,14 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
         x, _ = layers(buckets, x, out_names=True, tables=paged_tables())
     else:
         # ONNX Runtime: one If per step picks one of two bodies; weights live in the outer graph,
-        # shared. The first body: one token of one sequence whose cache is
-        # slots [0, position], each layer's attention one GroupQueryAttention on the shared cache
+        # shared. The first body: one token of one sequence whose cache is slots [0, position],
+        # each layer's attention one GroupQueryAttention on the shared cache
         # (`emit_contiguous_attention`), when the pool is a cache it can share (`KVPool.as_cache`:
-        # float, or int8); else steps whose rows all
-        # sit in bucket 0 (`step_variants`). The second: any step. (A third body, the one-bucket
-        # one inside the first's If or the second's, ran 10x slower: ORT then copied every pool
-        # tensor through the inner If's outputs, measured, ORT 1.32.) The paged tables are computed
-        # where they are used: in the general body only when the other is the contiguous one.
+        # float, or int8); else steps whose rows all sit in bucket 0 (`step_variants`). The
+        # second: any step. (A third body, the one-bucket one inside the first's If or the
+        # second's, ran 10x slower: ORT then copied every pool tensor through the inner If's
+        # outputs, measured, ORT 1.32.) The paged tables are computed where they are used: in the
+        # general body only when the other is the contiguous one.
         if contiguous:
             variants, shared = [buckets], None
             cond = emit_contiguous_cond(g, buckets, input_ids)
