@@ -159,8 +159,14 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
     x, emb = emit_embedding(g, target, np32(emb_t), input_ids, allow_blocks=lm_kind != "float",
                             known_blocks=tied_blocks)
     emb_bytes = g.weight_bytes - before_emb
-    pools = [KVPool(g, target, d, i, kvq or "float", reader.layer(i).kv_cache_scale)
-             for i in range(cfg.num_hidden_layers)]
+    # One pass over the layers for what the graph decides before emitting them: each pool's KV
+    # scale, and whether every linear takes [1, 1, hidden] rows (`any_rank`: the contiguous
+    # body's 3-D stream). Layers are re-read per body, not held: weights stream out as emitted.
+    pools, all_any_rank = [], True
+    for i in range(cfg.num_hidden_layers):
+        lw = reader.layer(i)
+        pools.append(KVPool(g, target, d, i, kvq or "float", lw.kv_cache_scale))
+        all_any_rank = all_any_rank and all(any_rank(target, lin) for lin in lw.linears())
 
     def layers(active: list[BucketInputs], x: str, out_names: bool, tables: PagedTables | None,
                rows_in_order: bool = False, contig: ContiguousStep | None = None) -> tuple[str, list[str]]:
@@ -202,9 +208,7 @@ def build_graph(tensors: dict[str, torch.Tensor], cfg: CheckpointConfig, target:
             cond = emit_variant_cond(g, buckets, variants[0], input_ids)
         with g.branch() as first_nodes:
             if contiguous:
-                step = emit_contiguous_step(g, target, positions, cos_np, sin_np, stream_3d=all(
-                    any_rank(target, lin) for i in range(cfg.num_hidden_layers)
-                    for lin in reader.layer(i).linears()))
+                step = emit_contiguous_step(g, target, positions, cos_np, sin_np, stream_3d=all_any_rank)
                 first_x, first_pools = layers([], x, out_names=False, tables=None, contig=step)
             else:
                 first_x, first_pools = layers(variants[0], x, out_names=False, tables=shared, rows_in_order=True)
