@@ -138,6 +138,19 @@ def test_platform_check_names_the_glibc_floor(monkeypatch):
         env.check_platform()
 
 
+def test_triton_venv_records_the_interpreter_it_was_made_from(tmp_path):
+    """ensure_triton_env remakes its venv when llmc runs on another Python than the one the venv
+    was made from: `venv_base` reads that interpreter from pyvenv.cfg."""
+    from llmc.serve.triton import env
+
+    assert env.venv_base(tmp_path) is None
+    (tmp_path / "pyvenv.cfg").write_text(f"home = /x\nexecutable = {sys.executable}\nversion = 3.11.7\n")
+    assert env.venv_base(tmp_path) == str(Path(sys.executable).resolve())
+    exe, _, _ = env.base_python()
+    real = subprocess.run([str(exe), "-m", "venv", "--without-pip", str(tmp_path / "v")], check=True)
+    assert real.returncode == 0 and env.venv_base(tmp_path / "v") == str(exe)
+
+
 def test_serving_modules_do_not_import_torch():
     """Triton's model venv has no torch: what model.py imports must not need it."""
     code = ("import sys; import llmc.serve.triton.backend, llmc.serve.engine_loop, llmc.runtime.llm, "

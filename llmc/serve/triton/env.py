@@ -200,6 +200,20 @@ def _layout_backend_dir(root: Path, ver: str) -> Path:
     return out.parent
 
 
+def venv_base(root: Path) -> str | None:
+    """The interpreter the venv at `root` was made from (pyvenv.cfg's `executable`, resolved), or
+    None when there is no readable pyvenv.cfg."""
+    try:
+        lines = (root / "pyvenv.cfg").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key.strip() == "executable":
+            return str(Path(value.strip()).resolve())
+    return None
+
+
 def _env_from(root: Path, spec: dict) -> TritonEnv:
     ver = spec["version"]
     return TritonEnv(root=root, python=root / "bin" / "python", libdir=Path(spec["libdir"]),
@@ -233,8 +247,14 @@ def ensure_triton_env(quiet: bool = True) -> TritonEnv:
         env = find_triton_env()
         if env is not None:
             return env
-        if not (root / "bin" / "python").exists():
-            proc = subprocess.run([spec["python"], "-m", "venv", str(root)], capture_output=True, text=True)
+        made = (root / "bin" / "python").exists()
+        # A venv made from another interpreter (the spec changed because llmc now runs on another
+        # Python) is remade: the stub links the libpython of `spec`, and the venv's packages must
+        # be that Python's (measured: a pyenv 3.11.7 venv under a Debian 3.11.2 llmc fails to load
+        # every model). `--clear` empties only this directory, which llmc created.
+        if not made or venv_base(root) != spec["python"]:
+            clear = ["--clear"] if made else []
+            proc = subprocess.run([spec["python"], "-m", "venv", *clear, str(root)], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise UnsupportedError(f"cannot create the Triton venv {root}: {proc.stderr.strip()[-200:]}")
         python = root / "bin" / "python"
